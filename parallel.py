@@ -1,0 +1,87 @@
+"""torch.distributed in five functions: who am I, how many are we, and split-a-list-then-gather-it.
+
+Every phase of eva (sampling, reward scoring, the creator's rewrites) is "do something to each item of a list".
+Under torchrun each rank takes the strided shard items[rank::world], and the results are gathered back to every
+rank in the original order, so the code after a sharded call is the same on all ranks. Without torchrun
+(plain `python`), world size is 1 and everything here is a no-op.
+
+    import parallel
+    parallel.init()                                  # reads torchrun's environment; gloo on CPU, nccl on GPU
+    rewards = parallel.sharded(score_fn, responses)  # every rank gets the full list back
+"""
+import os
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from tqdm.auto import tqdm
+
+
+def init() -> torch.device:
+    """Join the process group when launched by torchrun; return this process's device."""
+    use_cuda = torch.cuda.is_available()
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ and not dist.is_initialized():
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        if use_cuda:
+            torch.cuda.set_device(local_rank)
+        # Generation can keep a rank busy for a long time between collectives: be patient.
+        dist.init_process_group("nccl" if use_cuda else "gloo", timeout=timedelta(hours=2))
+    if use_cuda:
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cpu")
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def print0(*args, **kwargs) -> None:
+    if is_main():
+        print(*args, **kwargs, flush=True)
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def broadcast(obj):
+    """Rank 0's copy of a picklable object, on every rank."""
+    if not dist.is_initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def sharded(fn, items: list, desc: str | None = None) -> list:
+    """fn(items[rank::world]) on each rank, results gathered to every rank in the original order.
+
+    fn takes a list and returns one result per item. `desc` only labels the log line.
+    """
+    items = list(items)
+    world, me = world_size(), rank()
+    local = items[me::world]
+    local_out = list(fn(local)) if local else []
+    assert len(local_out) == len(local), f"{desc or fn}: returned {len(local_out)} results for {len(local)} items"
+    if world == 1:
+        return local_out
+    gathered = [None] * world
+    dist.all_gather_object(gathered, local_out)
+    out = [None] * len(items)
+    for r, part in enumerate(gathered):
+        out[r::world] = part
+    return out
+
+
+def progress(iterable=None, **kwargs):
+    """tqdm on rank 0 only, so eight ranks do not draw eight bars."""
+    return tqdm(iterable, disable=not is_main() or kwargs.pop("disable", False), dynamic_ncols=True, **kwargs)

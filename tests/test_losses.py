@@ -1,0 +1,309 @@
+"""Tests for losses.py: hand-computed values, the pitfalls of each method, and the per-token log-prob function.
+
+Run: python -m pytest tests/test_losses.py -x -q
+"""
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import losses  # noqa: E402
+from losses import (LOSSES, SeqLogps, dpo_loss, ipo_loss, orpo_loss, preference_loss, sequence_logps,  # noqa: E402
+                    simpo_loss, sppo_loss, win_probabilities)
+
+torch.set_num_threads(1)
+T = lambda *v, dtype=torch.float64: torch.tensor(v, dtype=dtype)  # noqa: E731
+
+
+def close(a, b, tol=1e-9):
+    torch.testing.assert_close(torch.as_tensor(a, dtype=torch.float64), torch.as_tensor(b, dtype=torch.float64),
+                               rtol=tol, atol=tol)
+
+
+# ----------------------------------------------------------------------------------------------- hand-computed values
+def test_dpo_hand_value():
+    # chosen log-ratio -10 - (-11) = 1, rejected -12 - (-11) = -1; beta 0.1 -> rewards 0.1, -0.1, margin 0.2
+    # loss = -log sigmoid(0.2) = log(1 + e^-0.2) = log(1.8187307531) = 0.5981388693
+    loss, rc, rr = dpo_loss(T(-10.0), T(-12.0), T(-11.0), T(-11.0), beta=0.1)
+    close(loss, [0.5981388693], 1e-9)
+    close(rc, [0.1]), close(rr, [-0.1])
+
+
+def test_ipo_hand_value():
+    # h = (-1.0 + 1.2) - (-1.5 + 1.2) = 0.2 + 0.3 = 0.5; 1 / (2 * 0.5) = 1; loss = (0.5 - 1)^2 = 0.25
+    loss, rc, rr = ipo_loss(T(-1.0), T(-1.5), T(-1.2), T(-1.2), beta=0.5)
+    close(loss, [0.25])
+    close(rc, [0.5 * 0.2]), close(rr, [0.5 * -0.3])
+
+
+def test_sppo_hand_value():
+    # log-ratios 100 and -50; targets (0.6 - 0.5) / 0.001 = 100 and (0.4 - 0.5) / 0.001 = -100
+    # loss = 1/2 * [(100 - 100)^2 + (-50 + 100)^2] = 1/2 * 2500 = 1250; rewards 0.001 * 100 = 0.1, 0.001 * -50
+    loss, rc, rr = sppo_loss(T(-200.0), T(-350.0), T(-300.0), T(-300.0), T(0.6), T(0.4), beta=0.001)
+    close(loss, [1250.0], 1e-7)
+    close(rc, [0.1], 1e-9), close(rr, [-0.05], 1e-9)
+
+
+def test_simpo_hand_value():
+    # 2 * -1.0 - 2 * -1.5 - 0.25 * 2 = -2 + 3 - 0.5 = 0.5; loss = log(1 + e^-0.5) = 0.4740769842
+    loss, rc, rr = simpo_loss(T(-1.0), T(-1.5), beta=2.0, gamma_beta_ratio=0.25)
+    close(loss, [0.4740769842])
+    close(rc, [-2.0]), close(rr, [-3.0])
+
+
+def test_orpo_hand_value():
+    # chosen avg log-prob log 0.5 -> odds 0.5 / 0.5 = 1 -> log-odds 0
+    # rejected avg log-prob log 0.2 -> odds 0.2 / 0.8 = 1/4 -> log-odds -log 4
+    # loss = nll + 0.1 * -log sigmoid(log 4) = 0.7 + 0.1 * -log(4/5) = 0.7 + 0.1 * 0.2231435513 = 0.7223143551
+    loss, rc, rr = orpo_loss(T(math.log(0.5)), T(math.log(0.2)), T(0.7), lam=0.1)
+    close(loss, [0.7223143551])
+    close(rc, [0.0]), close(rr, [-math.log(4.0)])
+
+
+def test_win_probabilities_hand_value():
+    # rewards 0 and ln 3: sigmoid(ln 3) = 3/4, sigmoid(-ln 3) = 1/4, self = 1/2
+    # P_0 = (1/2 + 1/4) / 2 = 0.375, P_1 = (3/4 + 1/2) / 2 = 0.625
+    close(win_probabilities(T(0.0, math.log(3.0))[None]), [[0.375, 0.625]])
+
+
+# ------------------------------------------------------------------------------------------------------------- DPO/IPO
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_dpo_at_reference_is_ln2_and_pushes_the_right_way(dtype):
+    pc = torch.tensor([-12.3, -40.0], dtype=dtype, requires_grad=True)
+    pr = torch.tensor([-15.1, -3.0], dtype=dtype, requires_grad=True)
+    loss, rc, rr = dpo_loss(pc, pr, pc.detach().clone(), pr.detach().clone(), beta=0.1)
+    assert torch.equal(loss, torch.full_like(loss, math.log(2.0))), loss  # exact, not approximately
+    assert not rc.requires_grad and not rr.requires_grad, "rewards are for logging and must be detached"
+    loss.sum().backward()
+    close(pc.grad, [-0.05, -0.05], 1e-7), close(pr.grad, [0.05, 0.05], 1e-7)  # d/dpc = -beta * sigmoid(0)
+
+
+def test_ipo_at_reference_pushes_the_right_way():
+    pc = T(-1.2, -0.3).requires_grad_()
+    pr = T(-2.0, -0.9).requires_grad_()
+    loss, _, _ = ipo_loss(pc, pr, pc.detach(), pr.detach(), beta=0.1)
+    close(loss, [25.0, 25.0])  # (0 - 1 / 0.2)^2
+    loss.sum().backward()
+    close(pc.grad, [-10.0, -10.0]), close(pr.grad, [10.0, 10.0])  # 2 * (0 - 5) * (+-1)
+
+
+# ---------------------------------------------------------------------------------------------------------------- SPPO
+def test_sppo_at_its_scale_fp32_and_bf16():
+    p = win_probabilities(torch.tensor([[0.9, 0.1, 0.5, 0.3], [1.0, 0.0, 0.0, 0.0]]))  # [2, 4]
+    p_w, p_l = p.max(-1).values, p.min(-1).values  # [2]
+    for dtype in (torch.float32, torch.bfloat16):
+        pc = torch.tensor([-310.0, -95.5], dtype=dtype, requires_grad=True)
+        pr = torch.tensor([-287.0, -120.25], dtype=dtype, requires_grad=True)
+        loss, _, _ = sppo_loss(pc, pr, pc.detach(), pr.detach(), p_w.to(dtype), p_l.to(dtype), beta=0.001)
+        assert loss.dtype == torch.float32, f"SPPO must be computed in fp32, got {loss.dtype}"
+        assert torch.isfinite(loss).all() and (loss > 1e3).all() and (loss < 1e5).all(), loss
+        # must equal the fp32 computation on the same (bf16-rounded) inputs: bf16 arithmetic would be off by ~1%
+        want = 0.5 * ((p_w.to(dtype).float() - 0.5) ** 2 + (p_l.to(dtype).float() - 0.5) ** 2) / 1e-6
+        torch.testing.assert_close(loss, want, rtol=1e-5, atol=0)
+        loss.sum().backward()
+        assert torch.isfinite(pc.grad.float()).all() and (pc.grad < 0).all() and (pr.grad > 0).all()
+
+
+def test_win_probabilities_equal_rewards_and_row_mean():
+    assert torch.equal(win_probabilities(torch.full((3, 6), 0.37)), torch.full((3, 6), 0.5))
+    g = torch.Generator().manual_seed(0)
+    p = win_probabilities(torch.randn(5, 6, generator=g) * 3)
+    close(p.mean(-1), torch.full((5,), 0.5), 1e-6)  # sigmoid(d) + sigmoid(-d) = 1 pairs off
+    assert ((p > 0) & (p < 1)).all()
+    with pytest.raises(ValueError):
+        win_probabilities(torch.tensor([0.1, 0.2]))
+    with pytest.raises(ValueError):
+        win_probabilities(torch.tensor([[0.1, float("nan")]]))
+
+
+# --------------------------------------------------------------------------------------------------------------- SimPO
+def test_simpo_duplicating_tokens_leaves_loss_unchanged():
+    g = torch.Generator().manual_seed(1)
+    V = 11
+    ids = torch.randint(0, V, (2, 5), generator=g)  # [2, 5]: rows are chosen, rejected; 2 prompt + 3 response tokens
+    logits = torch.randn(2, 5, V, generator=g, dtype=torch.float64)  # logits[:, t] scores ids[:, t+1]
+    mask = torch.tensor([[0, 0, 1, 1, 1]] * 2)
+    # every response token twice: token at 2 -> 2, 3; the logits that scored it (position 1) -> positions 1, 2; ...
+    ids2, mask2 = ids[:, [0, 1, 2, 2, 3, 3, 4, 4]], mask[:, [0, 1, 2, 2, 3, 3, 4, 4]]
+    logits2 = logits[:, [0, 1, 1, 2, 2, 3, 3, 4]]
+    a, b = sequence_logps(logits, ids, mask), sequence_logps(logits2, ids2, mask2)
+    close(b.sum, 2 * a.sum), close(b.count, 2 * a.count)  # the construction really doubled every token
+    split = lambda s: (SeqLogps(s.sum[:1], s.count[:1], s.avg[:1]), SeqLogps(s.sum[1:], s.count[1:], s.avg[1:]))
+    close(preference_loss("simpo", *split(a), None, None)[0], preference_loss("simpo", *split(b), None, None)[0])
+    ref = SeqLogps(*(torch.zeros(1, dtype=torch.float64),) * 3)  # a sum-based loss does change: the test has teeth
+    assert not torch.allclose(preference_loss("dpo", *split(a), ref, ref)[0], preference_loss("dpo", *split(b), ref, ref)[0])
+
+
+def test_simpo_gamma_convention():
+    # equal averages: loss = -log sigmoid(-gamma), gamma = ratio * beta = 0.25 * 4 = 1 -> log(1 + e) = 1.3132616875
+    # (gamma = 0.25 as TRL's simpo_gamma would give log(1 + e^0.25) = 0.826; beta * (d - 1) would give log(1 + e^4))
+    loss, _, _ = simpo_loss(T(-0.7), T(-0.7), beta=4.0, gamma_beta_ratio=0.25)
+    close(loss, [1.3132616875])
+
+
+# ---------------------------------------------------------------------------------------------------------------- ORPO
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("a", [-1e-8, 0.0, -1e-30])
+def test_orpo_finite_near_zero(a, dtype):
+    aw = torch.tensor([a, -0.3, a], dtype=dtype, requires_grad=True)
+    al = torch.tensor([-0.9, a, a], dtype=dtype, requires_grad=True)
+    loss, rw, rl = orpo_loss(aw, al, -aw, lam=0.1)
+    loss.sum().backward()
+    for x in (loss, rw, rl, aw.grad, al.grad):
+        assert torch.isfinite(x.float()).all(), (a, dtype, x)
+
+
+def test_log1mexp_matches_float64_everywhere():
+    a = T(-1e-7, -1e-3, -0.1, -0.69, -0.7, -2.0, -20.0, -80.0)
+    want = torch.log(-torch.expm1(a))  # exact enough in float64 for these values
+    got = losses._log1mexp(a.float()).double()
+    torch.testing.assert_close(got, want, rtol=2e-6, atol=1e-30)  # -80: 0 vs -1.8e-35
+
+
+def test_orpo_gradient_matches_naive_formula_away_from_zero():
+    aw, al = T(-0.4, -2.0).requires_grad_(), T(-1.1, -0.05).requires_grad_()
+    orpo_loss(aw, al, -aw, lam=0.3)[0].sum().backward()
+    aw2, al2 = aw.detach().clone().requires_grad_(), al.detach().clone().requires_grad_()
+    odds = lambda a: a - torch.log(1 - torch.exp(a))
+    (-aw2 - 0.3 * F.logsigmoid(odds(aw2) - odds(al2))).sum().backward()
+    close(aw.grad, aw2.grad), close(al.grad, al2.grad)
+
+
+# ----------------------------------------------------------------------------------------------------- sequence_logps
+def test_label_shift_by_hand():
+    logits = torch.zeros(1, 4, 3, dtype=torch.float64)
+    logits[0, 2] = T(0.0, math.log(3.0), 0.0)  # position 2 predicts token 3: softmax = (1/5, 3/5, 1/5)
+    logits[0, 3] = T(5.0, 0.0, 0.0)  # position 3 scores nothing (last); a wrong shift would pick this up
+    ids = torch.tensor([[2, 0, 2, 1]])
+    out = sequence_logps(logits, ids, torch.tensor([[0, 0, 0, 1]]))
+    close(out.sum, [math.log(3 / 5)]), close(out.count, [1.0]), close(out.avg, [math.log(3 / 5)])
+
+
+def bigram_batch(seed: int, V: int = 37, dtype=torch.float32):
+    """Two sequences (prompt, response) as right- and left-padded batches, scored by a bigram table (so logits
+    follow tokens, not positions: both paddings must give identical sums)."""
+    g = torch.Generator().manual_seed(seed)
+    table = torch.randn(V, V, generator=g, dtype=dtype)  # [V, V]: logits of the next token given this one
+    seqs = [(torch.randint(1, V, (3,), generator=g), torch.randint(1, V, (5,), generator=g)),
+            (torch.randint(1, V, (6,), generator=g), torch.randint(1, V, (2,), generator=g))]
+    L = max(len(p) + len(r) for p, r in seqs) + 1
+    batches = {}
+    for side in ("right", "left"):
+        ids, mask = torch.full((2, L), 0), torch.zeros(2, L, dtype=torch.long)  # pad id 0
+        for b, (p, r) in enumerate(seqs):
+            n = len(p) + len(r)
+            s = 0 if side == "right" else L - n
+            ids[b, s:s + n] = torch.cat([p, r])
+            mask[b, s + len(p):s + n] = 1
+        batches[side] = (table[ids], ids, mask)  # logits [2, L, V]
+    return batches, seqs
+
+
+@pytest.mark.parametrize("chunk", [None, 8])
+def test_right_and_left_padding_agree(chunk):
+    batches, seqs = bigram_batch(0)
+    right, left = (sequence_logps(*batches[s], vocab_chunk=chunk) for s in ("right", "left"))
+    torch.testing.assert_close(right.sum, left.sum, rtol=0, atol=1e-6)
+    assert right.count.tolist() == left.count.tolist() == [5.0, 2.0]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("chunk", [1, 7, 16, 1000])
+def test_chunked_and_plain_agree(chunk, dtype):
+    g = torch.Generator().manual_seed(2)
+    B, L, V = 3, 9, 37  # V not a multiple of the chunk
+    logits = (torch.randn(B, L, V, generator=g) * 4).to(dtype)
+    ids = torch.randint(0, V, (B, L), generator=g)
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1, 1, 1, 1], [0, 0, 0, 0, 0, 1, 1, 0, 0], [0, 1, 1, 1, 0, 0, 0, 0, 0]])
+    x1, x2 = logits.clone().requires_grad_(), logits.clone().requires_grad_()
+    plain, chunked = sequence_logps(x1, ids, mask), sequence_logps(x2, ids, mask, vocab_chunk=chunk)
+    assert plain.sum.dtype == chunked.sum.dtype == torch.promote_types(dtype, torch.float32)
+    for a, b in ((plain.sum, chunked.sum), (plain.avg, chunked.avg)):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    w = torch.tensor([0.3, -1.7, 2.0], dtype=plain.sum.dtype)  # arbitrary upstream gradient per sequence
+    ((plain.sum + plain.avg) * w).sum().backward()
+    ((chunked.sum + chunked.avg) * w).sum().backward()
+    assert x2.grad.dtype == dtype
+    tol = 1e-2 if dtype == torch.bfloat16 else 1e-6  # both gradients end in bf16; one bf16 ulp of slack
+    torch.testing.assert_close(x1.grad.float(), x2.grad.float(), rtol=tol, atol=tol)
+
+
+def test_chunked_gradcheck():
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(2, 4, 10, generator=g, dtype=torch.float64, requires_grad=True)
+    targets = torch.randint(0, 10, (2, 4), generator=g)
+    assert torch.autograd.gradcheck(lambda x: losses._ChunkedTokenLogps.apply(x, targets, 3), (logits,))
+
+
+@pytest.mark.parametrize("chunk", [None, 5])
+def test_prompt_and_pad_tokens_never_count(chunk):
+    batches, _ = bigram_batch(4)
+    logits, ids, mask = batches["left"]
+    logits = logits.clone().requires_grad_()
+    base = sequence_logps(logits, ids, mask, vocab_chunk=chunk)
+    base.sum.sum().backward()
+    scoring = F.pad(mask[:, 1:], (0, 1)).bool()  # [B, L]: positions whose logits score a response token
+    assert (logits.grad[~scoring] == 0).all() and (logits.grad[scoring].abs().sum(-1) > 0).all()
+    # anything at non-scoring positions (prompt logits, pad ids, even -100) leaves the result unchanged
+    noisy_logits = torch.where(scoring[..., None], logits.detach(), torch.randn_like(logits) * 50)
+    noisy_ids = torch.where(mask.bool(), ids, -100)  # only response ids are ever looked up (the logits stay put)
+    other = sequence_logps(noisy_logits, noisy_ids, mask, vocab_chunk=chunk)
+    torch.testing.assert_close(other.sum, base.sum.detach(), rtol=0, atol=0)
+    assert base.count.tolist() == mask.sum(-1).float().tolist()
+
+
+# ---------------------------------------------------------------------------------------- empty responses and errors
+@pytest.mark.parametrize("chunk", [None, 4])
+def test_fully_masked_row_is_zero_not_nan(chunk):
+    logits = torch.randn(2, 6, 9, requires_grad=True)
+    ids = torch.randint(0, 9, (2, 6))
+    mask = torch.tensor([[0, 0, 1, 1, 0, 0], [0, 0, 0, 0, 0, 0]])  # row 1: empty or fully truncated response
+    out = sequence_logps(logits, ids, mask, vocab_chunk=chunk)
+    assert out.sum[1] == 0 and out.count[1] == 0 and out.avg[1] == 0
+    assert torch.isfinite(out.avg).all() and out.avg[0] < 0
+    (out.sum + out.avg).sum().backward()
+    assert torch.isfinite(logits.grad).all() and (logits.grad[1] == 0).all()
+    for name in LOSSES:  # every loss stays finite when a response is empty
+        loss, rc, rr = preference_loss(name, out, out, out, out, p_chosen=torch.tensor([0.6, 0.5]),
+                                       p_rejected=torch.tensor([0.4, 0.5]))
+        assert torch.isfinite(loss).all() and torch.isfinite(rc).all() and torch.isfinite(rr).all(), name
+
+
+def test_bad_inputs_raise_clear_errors():
+    logits, ids = torch.randn(1, 4, 5), torch.zeros(1, 4, dtype=torch.long)
+    with pytest.raises(ValueError, match="response_mask\\[:, 0\\]"):
+        sequence_logps(logits, ids, torch.tensor([[1, 1, 0, 0]]))
+    with pytest.raises(ValueError, match="want logits"):
+        sequence_logps(logits, ids[:, :3], torch.zeros(1, 3))
+    with pytest.raises(ValueError, match="vocab_chunk"):
+        sequence_logps(logits, ids, torch.zeros(1, 4), vocab_chunk=0)
+    s = SeqLogps(T(-3.0), T(2.0), T(-1.5))
+    with pytest.raises(ValueError, match="unknown --loss"):
+        preference_loss("kto", s, s, s, s)
+    with pytest.raises(ValueError, match="needs reference"):
+        preference_loss("dpo", s, s, None, None)
+    with pytest.raises(ValueError, match="p_chosen"):
+        preference_loss("sppo", s, s, s, s)
+    with pytest.raises(ValueError, match="no beta"):
+        preference_loss("orpo", s, s, None, None, beta=0.2)
+
+
+# ---------------------------------------------------------------------------------------------- table and dispatcher
+def test_table_and_dispatch_pick_sums_or_averages():
+    assert set(LOSSES) == {"dpo", "ipo", "sppo", "simpo", "orpo"}
+    assert {k for k, v in LOSSES.items() if not v.needs_reference} == {"simpo", "orpo"}
+    assert LOSSES["sppo"].default_beta == 0.001 and LOSSES["simpo"].default_beta == 2.0
+    c, r = SeqLogps(T(-30.0), T(10.0), T(-3.0)), SeqLogps(T(-40.0), T(20.0), T(-2.0))
+    rc, rr = SeqLogps(T(-31.0), T(10.0), T(-3.1)), SeqLogps(T(-39.0), T(20.0), T(-1.95))
+    p_w, p_l = T(0.7), T(0.3)
+    close(preference_loss("dpo", c, r, rc, rr)[0], dpo_loss(c.sum, r.sum, rc.sum, rr.sum, 0.1)[0])
+    close(preference_loss("ipo", c, r, rc, rr, beta=0.2)[0], ipo_loss(c.avg, r.avg, rc.avg, rr.avg, 0.2)[0])
+    close(preference_loss("sppo", c, r, rc, rr, p_w, p_l)[0], sppo_loss(c.sum, r.sum, rc.sum, rr.sum, p_w, p_l)[0])
+    close(preference_loss("simpo", c, r, None, None, gamma_beta_ratio=0.5)[0], simpo_loss(c.avg, r.avg, 2.0, 0.5)[0])
+    close(preference_loss("orpo", c, r, None, None, lam=0.2)[0], orpo_loss(c.avg, r.avg, -c.avg, 0.2)[0])
+    # the dispatcher really uses sums for DPO and averages for IPO: swapping them changes the value
+    assert not torch.allclose(preference_loss("dpo", c, r, rc, rr)[0], dpo_loss(c.avg, r.avg, rc.avg, rr.avg)[0])

@@ -1,0 +1,666 @@
+"""eva: evolving alignment via asymmetric self-play (Ye et al., arXiv 2411.00062), the whole loop in one file.
+
+    python train_eva.py                                   # the CPU demo: SmolLM2-135M, rules reward, ~15 min
+    python train_eva.py --preset smoke --run runs/smoke   # a minute or two, what the tests run
+    torchrun --nproc_per_node=8 train_eva.py --preset paper --run runs/gemma   # the paper's setting
+    python train_eva.py --help                            # every field of Config below is a flag
+
+Iteration 0 is ordinary preference optimisation on the seed prompts: sample N responses per prompt with the
+solver, score them, train on best-vs-worst pairs. Each later iteration t is eva:
+  estimate  sample N responses per prompt of the pool with the current solver; info(x) = reward gap
+  select    draw 25% of the pool, weighted by normalised info, without replacement
+  evolve    the creator rewrites each selected prompt into a chain of children (harder or different prompts)
+  generate  sample + score N responses per child
+  pairs     best-vs-worst pairs: 80% from children, 20% from the pool
+  train     one solver update with the chosen loss; the reference is the solver as the iteration starts
+The children join the pool. Every phase writes its output to runs/<name>/iter_<t>/ and then a marker
+`done_<phase>`; rerunning the same command resumes at the first phase without a marker.
+"""
+import argparse
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import creator
+import generate
+import losses
+import model as modeling
+import parallel
+import reward as rewards
+from parallel import print0
+
+ROOT = Path(__file__).resolve().parent
+
+
+# ------------------------------------------------------------------------------------------------------ config
+@dataclass
+class Config:
+    # --- run
+    run: str = "runs/demo"  # run folder; rerunning with the same folder resumes it
+    preset: str = "demo"  # defaults to start from: smoke | demo | paper (flags given explicitly win)
+    seed: int = 0  # every random choice (sampling, selection, evolution, data order, LoRA init) derives from it
+    allow_config_change: bool = False  # resume even if the config differs from the saved one
+    # --- models and data
+    model: str = "default"  # solver: "default" (bundled SmolLM2-135M-Instruct), a hub id or a local folder
+    creator: str = "self"  # "self" (the solver rewrites prompts), a model id/folder, or endpoint:<url>#<model>
+    reward: str = "rules"  # rules | hf:<id-or-folder> | judge:<base-url> (see reward.py)
+    seed_prompts: str = "data/seed_prompts.jsonl"  # the starting pool (IFEval-style JSON Lines)
+    heldout_prompts: str = "data/heldout_prompts.jsonl"  # evaluated at the start and the end, never trained on ("" = skip)
+    max_seed_prompts: int = 0  # use only the first K seed prompts (0 = all)
+    max_heldout_prompts: int = 0  # evaluate only the first K held-out prompts (0 = all)
+    # --- the loop
+    eva_iterations: int = 1  # eva iterations after iteration 0
+    n_samples: int = 4  # responses per prompt (the paper: 6)
+    temperature: float = 0.7  # sampling temperature of the solver
+    top_p: float = 0.9  # nucleus sampling of the solver
+    max_new_tokens: int = 128  # longest response
+    max_prompt_tokens: int = 512  # longer prompts are skipped and counted
+    gen_batch_size: int = 32  # prompts per sampling batch (each expands to n_samples rows)
+    # --- the creator
+    info_metric: str = "gap"  # informativeness: gap | max_mean | variance | mean | inv_mean | best_second | uniform
+    selection: str = "weighted"  # weighted | greedy | uniform
+    select_fraction: float = 0.25  # share of the pool that is evolved
+    evolve_depth: int = 4  # children per selected prompt (a chain x -> x1 -> ... -> xK)
+    evolve_kinds: str = "all"  # all | depth | breadth
+    evolved_fraction: float = 0.8  # share of training pairs from evolved prompts (the rest from the pool)
+    creator_max_new_tokens: int = 160  # longest rewrite
+    creator_temperature: float = 0.7  # sampling temperature of the creator
+    # --- the solver update
+    loss: str = "dpo"  # dpo | ipo | sppo | simpo | orpo
+    beta: float = -1.0  # loss temperature; < 0 means the loss's own default (see losses.LOSSES)
+    gamma_beta_ratio: float = 0.25  # SimPO's margin gamma / beta
+    orpo_lambda: float = 0.1  # ORPO's weight of the odds-ratio term
+    optimizer: str = "adamw"  # adamw | rmsprop (SPPO's choice)
+    lr: float = 5e-5  # peak learning rate
+    weight_decay: float = 0.0  # AdamW weight decay
+    warmup_ratio: float = 0.1  # share of steps spent warming up, then cosine to zero
+    epochs: int = 2  # passes over the iteration's pairs
+    batch_size: int = 8  # pairs per optimizer step, over all ranks
+    micro_batch_size: int = 4  # pairs per forward on one rank (gradient accumulation makes up the rest)
+    max_grad_norm: float = 1.0  # gradient clipping
+    vocab_chunk: int = 0  # log-softmax over this many vocabulary columns at a time (0 = all at once)
+    save_every: int = 10  # optimizer steps between resumable training checkpoints
+    # --- memory
+    lora: bool = True  # train a LoRA adapter (else full fine-tuning)
+    lora_r: int = 16  # LoRA rank
+    lora_alpha: int = 32  # LoRA scale numerator
+    lora_dropout: float = 0.0  # dropout inside LoRA
+    load_in_4bit: bool = False  # QLoRA: NF4 base weights (needs a CUDA GPU)
+    gradient_checkpointing: bool = False  # recompute activations in backward to save memory
+    # --- evaluation
+    eval_max_new_tokens: int = 128  # longest held-out answer (greedy)
+
+
+PRESETS = {
+    # what the tests run: a handful of prompts, tiny updates; pass --model <folder> to use a tiny random model
+    "smoke": dict(max_seed_prompts=8, max_heldout_prompts=4, n_samples=2, max_new_tokens=16, evolve_depth=2,
+                  select_fraction=0.5, creator_max_new_tokens=32, eval_max_new_tokens=16, epochs=1, batch_size=4,
+                  micro_batch_size=2, save_every=1),
+    # the CPU demo: the bundled SmolLM2-135M-Instruct, rule rewards, about 15 minutes on 2 cores
+    "demo": dict(),
+    # the paper: gemma-2-9b-it solver, ArmoRM reward, N=6, DPO beta 0.05, lr 5e-7, effective batch 64, 8 GPUs
+    "paper": dict(model="google/gemma-2-9b-it", reward="hf:RLHFlow/ArmoRM-Llama3-8B-v0.1", n_samples=6,
+                  temperature=0.7, top_p=0.9, max_new_tokens=2048, max_prompt_tokens=1024, gen_batch_size=64,
+                  select_fraction=0.25, evolve_depth=4, evolved_fraction=0.8, loss="dpo", beta=0.05, lr=5e-7,
+                  epochs=2, batch_size=64, micro_batch_size=1, warmup_ratio=0.1, eval_max_new_tokens=2048,
+                  creator_max_new_tokens=1024, gradient_checkpointing=True, vocab_chunk=32768,
+                  seed_prompts="data/seed_prompts.jsonl"),
+}
+# The paper's per-loss settings (DESIGN.md section 1), applied by --preset paper together with --loss.
+PAPER_LOSS_SETTINGS = {"dpo": dict(beta=0.05, lr=5e-7), "sppo": dict(beta=0.001, lr=5e-7, optimizer="rmsprop"),
+                       "simpo": dict(beta=2.0, lr=5e-7), "orpo": dict(lr=5e-7), "ipo": dict(beta=0.1, lr=5e-7)}
+
+
+def parse_config(argv=None) -> Config:
+    """Flags from the dataclass fields; --preset picks the defaults, explicit flags override them."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
+    for f in dataclasses.fields(Config):
+        if f.type is bool or f.type == "bool":
+            parser.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=None)
+        else:
+            kind = {"int": int, "float": float, "str": str}.get(f.type, f.type) if isinstance(f.type, str) else f.type
+            parser.add_argument(f"--{f.name}", type=kind, default=None, metavar=kind.__name__.upper())
+    args = parser.parse_args(argv)  # unknown flags exit with "unrecognized arguments: ..."
+    given = {k: v for k, v in vars(args).items() if v is not None}
+    preset = given.get("preset", Config.preset)
+    if preset not in PRESETS:
+        parser.error(f"--preset {preset}: choose one of {', '.join(PRESETS)}")
+    values = dict(PRESETS[preset])
+    if preset == "paper":
+        values.update(PAPER_LOSS_SETTINGS.get(given.get("loss", "dpo"), {}))
+    values.update(given)
+    cfg = Config(**values)
+    check_config(cfg, parser)
+    return cfg
+
+
+def check_config(cfg: Config, parser) -> None:
+    """Refuse impossible settings before any model is loaded."""
+    choices = dict(loss=tuple(losses.LOSSES), info_metric=creator.METRICS, selection=("weighted", "greedy", "uniform"),
+                   evolve_kinds=("all", "depth", "breadth"), optimizer=("adamw", "rmsprop"))
+    for name, allowed in choices.items():
+        if getattr(cfg, name) not in allowed:
+            parser.error(f"--{name} {getattr(cfg, name)}: choose one of {', '.join(allowed)}")
+    world = parallel.world_size() if parallel.world_size() > 1 else int(os.environ.get("WORLD_SIZE", 1))
+    if cfg.batch_size % (world * cfg.micro_batch_size) != 0:
+        parser.error(f"--batch_size {cfg.batch_size} must be a multiple of world size {world} x "
+                     f"--micro_batch_size {cfg.micro_batch_size}")
+    if cfg.load_in_4bit and not cfg.lora:
+        parser.error("--load_in_4bit trains LoRA adapters on a frozen 4-bit base: it needs --lora")
+    if cfg.load_in_4bit and not torch.cuda.is_available():
+        parser.error("--load_in_4bit needs a CUDA GPU (bitsandbytes' 4-bit layers are not usable on this CPU)")
+    if not 0 < cfg.select_fraction <= 1 or not 0 < cfg.evolved_fraction <= 1:
+        parser.error("--select_fraction and --evolved_fraction must lie in (0, 1]")
+    for name in ("n_samples", "max_new_tokens", "epochs", "batch_size", "micro_batch_size", "evolve_depth"):
+        if getattr(cfg, name) < 1:
+            parser.error(f"--{name} must be at least 1")
+
+
+# ------------------------------------------------------------------------------------------------- files
+def write_atomic(path: Path, text: str) -> None:
+    """Write to a temporary name, then rename: a killed run never leaves a half file that looks whole."""
+    if not parallel.is_main():
+        return
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def write_jsonl(path: Path, records: list[dict]) -> None:
+    write_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    records = []
+    with open(path) as f:
+        for lineno, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError as err:
+                    raise ValueError(f"{path}:{lineno}: not valid JSON ({err.msg})") from None
+    return records
+
+
+def read_prompts(path: str, reward_spec: str, limit: int = 0) -> list[dict]:
+    """Prompt records from a JSON Lines file; any bad line stops the run before work starts, named by file:line."""
+    file = Path(path) if Path(path).is_absolute() or Path(path).exists() else ROOT / path
+    if not file.is_file():
+        raise FileNotFoundError(f"{path}: prompt file not found")
+    records, seen = [], set()
+    for lineno, record in enumerate(read_jsonl(file), 1):
+        where = f"{path}:{lineno}"
+        if not isinstance(record, dict):
+            raise ValueError(f"{where}: expected a JSON object")
+        record = dict(record)
+        record.setdefault("id", record.pop("key", None))
+        if record["id"] is None:
+            raise ValueError(f"{where}: missing field 'id' (or 'key')")
+        record["id"] = str(record["id"])
+        if not isinstance(record.get("prompt"), str) or not record["prompt"].strip():
+            raise ValueError(f"{where}: missing or empty field 'prompt'")
+        if record["id"] in seen:
+            raise ValueError(f"{where}: duplicate id {record['id']!r}")
+        seen.add(record["id"])
+        record.setdefault("instruction_id_list", [])
+        record.setdefault("kwargs", [{} for _ in record["instruction_id_list"]])
+        if reward_spec == "rules":
+            rewards.validate_record(record, where)
+        record.setdefault("parent", None)
+        record.setdefault("iteration", 0)
+        record.setdefault("method", None)
+        records.append(record)
+    if not records:
+        raise ValueError(f"{path}: no prompts in the file")
+    return records[:limit] if limit else records
+
+
+class Run:
+    """The run folder: iter_<t>/ subfolders, phase markers, metrics.jsonl."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+
+    def iter_dir(self, t: int) -> Path:
+        path = self.folder / f"iter_{t}"
+        if parallel.is_main():
+            path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def done(self, t: int, phase: str) -> bool:
+        return (self.folder / f"iter_{t}" / f"done_{phase}").exists()
+
+    def mark(self, t: int, phase: str, summary: dict) -> None:
+        write_atomic(self.iter_dir(t) / f"done_{phase}", json.dumps(summary) + "\n")
+        self.log({"iteration": t, "phase": phase, **summary})
+        parallel.barrier()
+
+    def log(self, record: dict) -> None:
+        if parallel.is_main():
+            with open(self.folder / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+def open_run(cfg: Config) -> Run:
+    """Create the run folder, or resume it when the config matches the saved one."""
+    folder = Path(cfg.run)
+    saved_path = folder / "config.json"
+    current = dataclasses.asdict(cfg)
+    if saved_path.is_file():
+        saved = json.loads(saved_path.read_text())
+        ignore = {"allow_config_change"}
+        changed = sorted(k for k in set(saved) | set(current) if k not in ignore and saved.get(k) != current.get(k))
+        if changed and not cfg.allow_config_change:
+            diff = ", ".join(f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in changed)
+            raise SystemExit(f"error: {folder} was started with another config ({diff}); "
+                             f"use another --run, or --allow_config_change to resume anyway")
+        print0(f"resuming {folder}" + (f" (accepted changes: {', '.join(changed)})" if changed else ""))
+    elif folder.exists() and any(folder.iterdir()):
+        raise SystemExit(f"error: {folder} exists and is not an eva run folder (no config.json); refusing to touch it")
+    if parallel.is_main():
+        folder.mkdir(parents=True, exist_ok=True)
+    parallel.barrier()
+    write_atomic(saved_path, json.dumps(current, indent=1) + "\n")
+    return Run(folder)
+
+
+# ------------------------------------------------------------------------------------------------- phases
+def stable_seed(*parts) -> int:
+    """A seed from any parts (seed, iteration, phase, prompt id) that is the same on every rank and every run."""
+    return zlib.crc32("|".join(map(str, parts)).encode()) & 0x7FFFFFFF
+
+
+def sample_and_score(solver, tokenizer, scorer, records: list[dict], cfg: Config, t: int, phase: str) -> list[dict]:
+    """N responses per prompt and their rewards: sample records, sharded over ranks."""
+    seeds = [stable_seed(cfg.seed, t, phase, r["id"]) for r in records]
+
+    def work(indices: list[int]) -> list[dict]:
+        batch = [records[i] for i in indices]
+        out = generate.sample(solver, tokenizer, [r["prompt"] for r in batch], n=cfg.n_samples,
+                              max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
+                              seeds=[seeds[i] for i in indices], batch_size=cfg.gen_batch_size,
+                              progress=parallel.is_main())
+        flat_prompts = [r for r in batch for _ in range(cfg.n_samples)]
+        flat_scores = scorer.score(flat_prompts, [text for texts in out.texts for text in texts])
+        return [{"prompt_id": r["id"], "responses": texts,
+                 "rewards": [float(s) for s in flat_scores[k * cfg.n_samples:(k + 1) * cfg.n_samples]]}
+                for k, (r, texts) in enumerate(zip(batch, out.texts))]
+
+    samples = parallel.sharded(work, list(range(len(records))), desc=phase)
+    info = creator.informativeness([s["rewards"] for s in samples], "gap")
+    for s, value in zip(samples, info):
+        s["info"] = float(value)
+    return samples
+
+
+def drop_long_prompts(records: list[dict], tokenizer, cfg: Config, where: str) -> list[dict]:
+    """Prompts whose chat-formatted length exceeds --max_prompt_tokens are skipped, and the skip is reported."""
+    kept = [r for r in records if len(prompt_token_ids(tokenizer, r["prompt"])) <= cfg.max_prompt_tokens]
+    if len(kept) < len(records):
+        skipped = [r["id"] for r in records if r not in kept]
+        print0(f"[{where}] skipped {len(skipped)} prompts longer than --max_prompt_tokens "
+               f"{cfg.max_prompt_tokens}: {', '.join(skipped[:10])}{' ...' if len(skipped) > 10 else ''}")
+    return kept
+
+
+def prompt_token_ids(tokenizer, prompt: str) -> list[int]:
+    text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                         tokenize=False)
+    return tokenizer(text, add_special_tokens=False).input_ids
+
+
+# ------------------------------------------------------------------------------------------------- training
+def encode_pair(tokenizer, pair: dict, cfg: Config) -> dict:
+    """Token ids of prompt, chosen and rejected, tokenised separately (joining strings merges boundary tokens)."""
+    prompt = prompt_token_ids(tokenizer, pair["prompt"])[-cfg.max_prompt_tokens:]
+    eos = [tokenizer.eos_token_id]
+    # +1: the end-of-turn token, so the model also learns where the chosen answer stops
+    chosen = tokenizer(pair["chosen"], add_special_tokens=False).input_ids[:cfg.max_new_tokens] + eos
+    rejected = tokenizer(pair["rejected"], add_special_tokens=False).input_ids[:cfg.max_new_tokens] + eos
+    return dict(prompt=prompt, chosen=chosen, rejected=rejected)
+
+
+def collate(encoded: list[dict], pad_id: int, device) -> dict:
+    """Chosen rows then rejected rows in one right-padded batch, so both go through one forward."""
+    rows = [e["prompt"] + e["chosen"] for e in encoded] + [e["prompt"] + e["rejected"] for e in encoded]
+    n_response = [len(e["chosen"]) for e in encoded] + [len(e["rejected"]) for e in encoded]
+    width = max(map(len, rows))
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)  # [2B, T]
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)  # [2B, T]
+    response_mask = torch.zeros((len(rows), width), dtype=torch.long)  # [2B, T]
+    for i, (row, n) in enumerate(zip(rows, n_response)):
+        input_ids[i, :len(row)] = torch.tensor(row)
+        attention_mask[i, :len(row)] = 1
+        response_mask[i, len(row) - n:len(row)] = 1
+    return dict(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+                response_mask=response_mask.to(device))
+
+
+def forward_logps(policy, batch: dict, cfg: Config) -> tuple[losses.SeqLogps, losses.SeqLogps]:
+    """Per-sequence log-probs of the chosen and rejected halves of a collated batch."""
+    logits = policy(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # [2B, T, V]
+    logps = losses.sequence_logps(logits, batch["input_ids"], batch["response_mask"], cfg.vocab_chunk or None)
+    half = logits.shape[0] // 2
+    split = lambda s, part: losses.SeqLogps(*(getattr(s, k)[part] for k in ("sum", "count", "avg")))
+    return split(logps, slice(0, half)), split(logps, slice(half, None))
+
+
+@torch.no_grad()
+def reference_logps(solver, encoded: list[dict], cfg: Config, device) -> torch.Tensor:
+    """[P, 6] log-probs of every pair under the iteration's starting policy (chosen/rejected sum, count, avg)."""
+    solver.eval()
+
+    def work(indices: list[int]) -> list[list[float]]:
+        out = []
+        for s in range(0, len(indices), cfg.micro_batch_size):
+            batch = collate([encoded[i] for i in indices[s:s + cfg.micro_batch_size]], pad_id(solver), device)
+            chosen, rejected = forward_logps(solver, batch, cfg)
+            out += torch.stack([chosen.sum, chosen.count, chosen.avg, rejected.sum, rejected.count, rejected.avg],
+                               1).tolist()
+        return out
+
+    return torch.tensor(parallel.sharded(work, list(range(len(encoded))), desc="reference"), dtype=torch.float32)
+
+
+def pad_id(solver) -> int:
+    config = solver.config
+    return config.pad_token_id if config.pad_token_id is not None else (config.eos_token_id or 0)
+
+
+def lr_at(step: int, total: int, cfg: Config) -> float:
+    """Linear warmup then cosine decay to zero, as a multiplier of --lr."""
+    warmup = max(1, round(cfg.warmup_ratio * total))
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def train(solver, tokenizer, pairs: list[dict], cfg: Config, run: Run, t: int, device) -> dict:
+    """One solver update on the iteration's pairs; resumable from the last checkpoint inside the phase."""
+    folder = run.iter_dir(t)
+    spec = losses.LOSSES[cfg.loss]
+    encoded = [encode_pair(tokenizer, p, cfg) for p in pairs]
+    ref_path = folder / "reference_logps.pt"
+    ref = None
+    if spec.needs_reference:  # once per iteration, before the first step, from the starting policy
+        if ref_path.exists():
+            ref = torch.load(ref_path)
+        else:
+            ref = reference_logps(solver, encoded, cfg, device)
+            if parallel.is_main():
+                torch.save(ref, str(ref_path) + ".tmp")
+                os.replace(str(ref_path) + ".tmp", ref_path)
+    p_chosen = torch.tensor([p["p_chosen"] for p in pairs], dtype=torch.float32)
+    p_rejected = torch.tensor([p["p_rejected"] for p in pairs], dtype=torch.float32)
+
+    params = [p for p in solver.parameters() if p.requires_grad]
+    if cfg.optimizer == "adamw":
+        optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    else:
+        optimizer = torch.optim.RMSprop(params, lr=cfg.lr)
+    steps_per_epoch = math.ceil(len(pairs) / cfg.batch_size)
+    total_steps = steps_per_epoch * cfg.epochs
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(s, total_steps, cfg))
+    start_step = 0
+    ckpt_path = folder / "train_state.pt"
+    if ckpt_path.exists():
+        state = torch.load(ckpt_path, weights_only=False)
+        trainable = {n: p for n, p in solver.named_parameters() if p.requires_grad}
+        for name, value in state["weights"].items():
+            trainable[name].data.copy_(value)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        start_step = state["step"]
+        print0(f"[iter {t}] train: resuming at step {start_step}/{total_steps}")
+
+    policy = solver
+    if parallel.world_size() > 1:
+        policy = torch.nn.parallel.DistributedDataParallel(solver)
+    world, me = parallel.world_size(), parallel.rank()
+    per_rank = cfg.batch_size // world
+    # The data order of every epoch is fixed by the seed, so a resumed run sees the same batches.
+    orders = [np.random.default_rng(stable_seed(cfg.seed, t, "order", e)).permutation(len(pairs))
+              for e in range(cfg.epochs)]
+    solver.train()
+    stats = []
+    bar = parallel.progress(range(start_step, total_steps), desc=f"iter {t} train", initial=start_step,
+                            total=total_steps)
+    for step in bar:
+        epoch, k = divmod(step, steps_per_epoch)
+        batch_ids = np.resize(orders[epoch], steps_per_epoch * cfg.batch_size)  # wraps to fill the last batch
+        batch_ids = batch_ids[k * cfg.batch_size:(k + 1) * cfg.batch_size]
+        local_ids = batch_ids[me * per_rank:(me + 1) * per_rank]
+        step_loss, step_chosen, step_rejected = [], [], []
+        for s in range(0, per_rank, cfg.micro_batch_size):
+            ids = local_ids[s:s + cfg.micro_batch_size]
+            batch = collate([encoded[i] for i in ids], pad_id(solver), device)
+            chosen, rejected = forward_logps(policy, batch, cfg)
+            ref_chosen = ref_rejected = None
+            if ref is not None:
+                r = ref[torch.as_tensor(ids)].to(device)  # [b, 6]
+                ref_chosen, ref_rejected = losses.SeqLogps(*r[:, 0:3].T), losses.SeqLogps(*r[:, 3:6].T)
+            loss, chosen_reward, rejected_reward = losses.preference_loss(
+                cfg.loss, chosen, rejected, ref_chosen, ref_rejected,
+                p_chosen=p_chosen[ids].to(device), p_rejected=p_rejected[ids].to(device),
+                beta=None if cfg.beta < 0 else cfg.beta, gamma_beta_ratio=cfg.gamma_beta_ratio, lam=cfg.orpo_lambda)
+            if not torch.isfinite(loss).all():
+                bad = [pairs[i]["prompt_id"] for i in ids]
+                write_atomic(folder / "nonfinite_batch.json", json.dumps({"step": step, "prompt_ids": bad}) + "\n")
+                raise SystemExit(f"error: iteration {t} step {step}: the {cfg.loss} loss is not finite for pairs "
+                                 f"{bad}; last good checkpoint kept in {ckpt_path}; batch written to "
+                                 f"{folder / 'nonfinite_batch.json'}")
+            # sum over the global batch / batch size; DDP averages over ranks, hence the * world
+            (loss.sum() * world / cfg.batch_size).backward()
+            step_loss += loss.detach().tolist()
+            step_chosen += chosen_reward.tolist()
+            step_rejected += rejected_reward.tolist()
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        margins = np.array(step_chosen) - np.array(step_rejected)
+        record = dict(iteration=t, step=step + 1, loss=float(np.mean(step_loss)), margin=float(margins.mean()),
+                      accuracy=float((margins > 0).mean()), grad_norm=float(grad_norm),
+                      lr=scheduler.get_last_lr()[0])
+        stats.append(record)
+        run.log(record)
+        bar.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record['accuracy']:.2f}")
+        if (step + 1) % cfg.save_every == 0 and step + 1 < total_steps and parallel.is_main():
+            weights = {n: p.detach().cpu() for n, p in solver.named_parameters() if p.requires_grad}
+            torch.save(dict(weights=weights, optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
+                            step=step + 1), str(ckpt_path) + ".tmp")
+            os.replace(str(ckpt_path) + ".tmp", ckpt_path)
+    solver.eval()
+    return dict(pairs=len(pairs), steps=total_steps,
+                first_loss=stats[0]["loss"] if stats else None, last_loss=stats[-1]["loss"] if stats else None)
+
+
+def save_solver(solver, tokenizer, cfg: Config, folder: Path) -> None:
+    if parallel.is_main():
+        if cfg.lora:
+            modeling.save_adapter(solver, folder / "adapter", cfg.model)
+        else:
+            modeling.save_full(solver, tokenizer, folder / "model")
+    parallel.barrier()
+
+
+def load_solver(cfg: Config, run: Run, device):
+    """The solver as the last finished iteration left it (or fresh), with its LoRA adapter trainable."""
+    last = max((t for t in range(cfg.eva_iterations + 1) if run.done(t, "train")), default=None)
+    source = cfg.model
+    if last is not None and not cfg.lora:
+        source = str(run.folder / f"iter_{last}" / "model")
+    solver, tokenizer = modeling.load_model(source, device=device, load_in_4bit=cfg.load_in_4bit)
+    if cfg.lora:
+        if last is not None:
+            from peft import PeftModel
+            solver = PeftModel.from_pretrained(solver, run.folder / f"iter_{last}" / "adapter", is_trainable=True)
+        else:
+            torch.manual_seed(cfg.seed)  # the LoRA A matrices are random
+            solver = modeling.add_lora(solver, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
+                                       gradient_checkpointing=cfg.gradient_checkpointing)
+    elif cfg.gradient_checkpointing:
+        solver.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    solver.eval()
+    return solver, tokenizer
+
+
+# ------------------------------------------------------------------------------------------------- evaluation
+def evaluate(solver, tokenizer, records: list[dict], cfg: Config) -> dict:
+    """Held-out constraint accuracy with greedy answers (IFEval's strict prompt- and instruction-level)."""
+    def work(indices):
+        out = generate.sample(solver, tokenizer, [records[i]["prompt"] for i in indices], n=1, temperature=0.0,
+                              max_new_tokens=cfg.eval_max_new_tokens, batch_size=cfg.gen_batch_size,
+                              progress=parallel.is_main())
+        return [texts[0] for texts in out.texts]
+
+    answers = parallel.sharded(work, list(range(len(records))), desc="eval")
+    result = rewards.ifeval_accuracy(records, answers)
+    return dict(prompt_level=result["prompt_level"], instruction_level=result["instruction_level"],
+                n_prompts=len(records), answers=[{"prompt_id": r["id"], "answer": a} for r, a in zip(records, answers)])
+
+
+# ------------------------------------------------------------------------------------------------- the loop
+def main(argv=None) -> None:
+    cfg = parse_config(argv)
+    device = parallel.init()
+    torch.manual_seed(cfg.seed)
+    run = open_run(cfg)
+    seeds = read_prompts(cfg.seed_prompts, cfg.reward, cfg.max_seed_prompts)
+    heldout = read_prompts(cfg.heldout_prompts, "rules", cfg.max_heldout_prompts) if cfg.heldout_prompts else []
+    print0(f"eva: {len(seeds)} seed prompts, {len(heldout)} held-out, solver {cfg.model}, reward {cfg.reward}, "
+           f"loss {cfg.loss}, world size {parallel.world_size()}, device {device}")
+
+    solver, tokenizer = load_solver(cfg, run, device)
+    scorer = rewards.load_reward(cfg.reward, device=device)
+    if cfg.creator == "self":
+        complete = creator.local_completer(solver, tokenizer, max_new_tokens=cfg.creator_max_new_tokens,
+                                           temperature=cfg.creator_temperature, top_p=cfg.top_p,
+                                           batch_size=cfg.gen_batch_size)
+    elif cfg.creator.startswith("endpoint:"):
+        url, _, name = cfg.creator[len("endpoint:"):].partition("#")
+        complete = creator.endpoint_completer(url, name)
+    else:
+        creator_model, creator_tok = modeling.load_model(cfg.creator, device=device)
+        complete = creator.local_completer(creator_model, creator_tok, max_new_tokens=cfg.creator_max_new_tokens,
+                                           temperature=cfg.creator_temperature, top_p=cfg.top_p,
+                                           batch_size=cfg.gen_batch_size)
+
+    if heldout and not (run.folder / "eval_start.json").exists():
+        t0 = time.time()
+        result = evaluate(solver, tokenizer, heldout, cfg)
+        write_atomic(run.folder / "eval_start.json", json.dumps(result, indent=1) + "\n")
+        print0(f"[start] held-out: prompt-level {result['prompt_level']:.3f}, instruction-level "
+               f"{result['instruction_level']:.3f} ({time.time() - t0:.0f} s)")
+
+    pool = drop_long_prompts(seeds, tokenizer, cfg, "seed prompts")
+    for t in range(cfg.eva_iterations + 1):
+        folder = run.iter_dir(t)
+        parallel.barrier()
+        if t > 0:
+            pool = read_jsonl(run.folder / f"iter_{t - 1}" / "pool_next.jsonl")
+        if run.done(t, "train"):
+            pool = read_jsonl(folder / "pool_next.jsonl")
+            continue
+        write_jsonl(folder / "pool.jsonl", pool)
+        phase_start = time.time()
+
+        # estimate (t > 0) / generate (t = 0): N responses per pool prompt from the current solver, scored
+        if not run.done(t, "estimate"):
+            samples = sample_and_score(solver, tokenizer, scorer, pool, cfg, t, "estimate")
+            write_jsonl(folder / "samples.jsonl", samples)
+            mean_reward = float(np.mean([np.mean(s["rewards"]) for s in samples]))
+            informative = sum(s["info"] > 0 for s in samples)
+            run.mark(t, "estimate", dict(prompts=len(samples), mean_reward=mean_reward, informative=informative,
+                                         seconds=round(time.time() - phase_start, 1)))
+            print0(f"[iter {t}] estimate: {len(samples)} prompts x {cfg.n_samples}, mean reward {mean_reward:.3f}, "
+                   f"informative {informative}/{len(samples)} ({time.time() - phase_start:.0f} s)")
+        samples = read_jsonl(folder / "samples.jsonl")
+        by_id = {r["id"]: r for r in pool}
+        original_pairs = creator.make_pairs(pool, samples, source="original")
+
+        evolved = []
+        if t > 0:
+            if not run.done(t, "select"):
+                info = creator.informativeness([s["rewards"] for s in samples], cfg.info_metric)
+                chosen = creator.select(info, cfg.select_fraction, cfg.selection, stable_seed(cfg.seed, t, "select"))
+                write_jsonl(folder / "selected.jsonl", [by_id[samples[i]["prompt_id"]] for i in chosen])
+                run.mark(t, "select", dict(selected=len(chosen), pool=len(pool)))
+                print0(f"[iter {t}] select: {len(chosen)} of {len(pool)} prompts ({cfg.selection}, {cfg.info_metric})")
+            selected = read_jsonl(folder / "selected.jsonl")
+
+            if not run.done(t, "evolve"):
+                t1 = time.time()
+                evolved, stats = creator.evolve(selected, complete, depth=cfg.evolve_depth, kinds=cfg.evolve_kinds,
+                                                seed=stable_seed(cfg.seed, t, "evolve"), iteration=t,
+                                                verifiable=cfg.reward == "rules", pool=pool)
+                evolved = drop_long_prompts(evolved, tokenizer, cfg, "evolved prompts")
+                write_jsonl(folder / "evolved.jsonl", evolved)
+                run.mark(t, "evolve", dict(children=len(evolved), **stats, seconds=round(time.time() - t1, 1)))
+                print0(f"[iter {t}] evolve: {len(selected)} parents -> {len(evolved)} children; {stats} "
+                       f"({time.time() - t1:.0f} s)")
+            evolved = read_jsonl(folder / "evolved.jsonl")
+
+            if not run.done(t, "generate"):
+                t1 = time.time()
+                evolved_samples = sample_and_score(solver, tokenizer, scorer, evolved, cfg, t, "generate")
+                write_jsonl(folder / "evolved_samples.jsonl", evolved_samples)
+                mean_reward = float(np.mean([np.mean(s["rewards"]) for s in evolved_samples])) if evolved else 0.0
+                run.mark(t, "generate", dict(prompts=len(evolved), mean_reward=mean_reward,
+                                             seconds=round(time.time() - t1, 1)))
+                print0(f"[iter {t}] generate: {len(evolved)} evolved prompts x {cfg.n_samples}, mean reward "
+                       f"{mean_reward:.3f} ({time.time() - t1:.0f} s)")
+            evolved_samples = read_jsonl(folder / "evolved_samples.jsonl")
+
+        if not run.done(t, "pairs"):
+            if t == 0:
+                pairs = original_pairs
+            else:
+                evolved_pairs = creator.make_pairs(evolved, evolved_samples, source="evolved")
+                pairs = creator.mix(evolved_pairs, original_pairs, evolved_fraction=cfg.evolved_fraction,
+                                    seed=stable_seed(cfg.seed, t, "mix"))
+            write_jsonl(folder / "pairs.jsonl", pairs)
+            n_evolved = sum(p["source"] == "evolved" for p in pairs)
+            run.mark(t, "pairs", dict(pairs=len(pairs), evolved=n_evolved, original=len(pairs) - n_evolved))
+            print0(f"[iter {t}] pairs: {len(pairs)} ({n_evolved} from evolved prompts)")
+        pairs = read_jsonl(folder / "pairs.jsonl")
+
+        t1 = time.time()
+        if not pairs:
+            print0(f"[iter {t}] train: no pairs (every prompt's responses tied); the solver is unchanged")
+            summary = dict(pairs=0, steps=0)
+        else:
+            summary = train(solver, tokenizer, pairs, cfg, run, t, device)
+        save_solver(solver, tokenizer, cfg, folder)
+        write_jsonl(folder / "pool_next.jsonl", pool + evolved)
+        run.mark(t, "train", dict(**summary, seconds=round(time.time() - t1, 1)))
+        print0(f"[iter {t}] train: {summary} ({time.time() - t1:.0f} s)")
+        pool = pool + evolved
+
+    if heldout and not (run.folder / "eval_end.json").exists():
+        t0 = time.time()
+        result = evaluate(solver, tokenizer, heldout, cfg)
+        write_atomic(run.folder / "eval_end.json", json.dumps(result, indent=1) + "\n")
+        print0(f"[end] held-out: prompt-level {result['prompt_level']:.3f}, instruction-level "
+               f"{result['instruction_level']:.3f} ({time.time() - t0:.0f} s)")
+    if parallel.is_main():
+        import report
+        print(report.write_report(run.folder, cfg.eva_iterations))
+    parallel.barrier()
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (FileNotFoundError, ValueError) as err:
+        sys.exit(f"error: {err}")
