@@ -101,6 +101,19 @@ def chat(base_url: str, model: str, messages: list[dict], *, temperature: float 
     raise EndpointError(f"endpoint {url} failed after {retries + 1} tries: {last}")
 
 
+def check_reachable(base_url: str, *, timeout: float = 10) -> None:
+    """Raise EndpointError naming the URL when nothing answers there (any HTTP reply, even 404, counts)."""
+    url = completions_url(base_url).removesuffix("/chat/completions") + "/models"
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, method="GET"), timeout=timeout):
+            pass
+    except urllib.error.HTTPError:
+        pass  # a server answered: it may just not list models, or want a key for it
+    except (urllib.error.URLError, socket.timeout, TimeoutError, ConnectionError) as e:
+        reason = getattr(e, "reason", e)
+        raise EndpointError(f"endpoint {base_url} unreachable ({type(reason).__name__}: {reason})") from None
+
+
 def chat_many(base_url: str, model: str, list_of_messages: list[list[dict]], *, concurrency: int = 8,
               **kwargs) -> list[str | None]:
     """chat() over many conversations in parallel threads, results in input order; None where a call failed.

@@ -87,7 +87,7 @@ class Config:
     batch_size: int = 8  # pairs per optimizer step, over all ranks
     micro_batch_size: int = 4  # pairs per forward on one rank (gradient accumulation makes up the rest)
     max_grad_norm: float = 1.0  # gradient clipping
-    vocab_chunk: int = 0  # log-softmax over this many vocabulary columns at a time (0 = all at once)
+    vocab_chunk: int = 8192  # log-softmax over this many vocabulary columns at a time (0 = all at once)
     save_every: int = 10  # optimizer steps between resumable training checkpoints
     # --- memory
     lora: bool = True  # train a LoRA adapter (else full fine-tuning)
@@ -535,9 +535,13 @@ def main(argv=None) -> None:
     cfg = parse_config(argv)
     device = parallel.init()
     torch.manual_seed(cfg.seed)
-    run = open_run(cfg)
+    # Bad input stops the run here, before a run folder is created or a model is loaded.
     seeds = read_prompts(cfg.seed_prompts, cfg.reward, cfg.max_seed_prompts)
     heldout = read_prompts(cfg.heldout_prompts, "rules", cfg.max_heldout_prompts) if cfg.heldout_prompts else []
+    modeling.resolve(cfg.model)
+    if cfg.creator not in ("self",) and not cfg.creator.startswith("endpoint:"):
+        modeling.resolve(cfg.creator)
+    run = open_run(cfg)
     print0(f"eva: {len(seeds)} seed prompts, {len(heldout)} held-out, solver {cfg.model}, reward {cfg.reward}, "
            f"loss {cfg.loss}, world size {parallel.world_size()}, device {device}")
 

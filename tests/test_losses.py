@@ -135,7 +135,8 @@ def test_simpo_duplicating_tokens_leaves_loss_unchanged():
     split = lambda s: (SeqLogps(s.sum[:1], s.count[:1], s.avg[:1]), SeqLogps(s.sum[1:], s.count[1:], s.avg[1:]))
     close(preference_loss("simpo", *split(a), None, None)[0], preference_loss("simpo", *split(b), None, None)[0])
     ref = SeqLogps(*(torch.zeros(1, dtype=torch.float64),) * 3)  # a sum-based loss does change: the test has teeth
-    assert not torch.allclose(preference_loss("dpo", *split(a), ref, ref)[0], preference_loss("dpo", *split(b), ref, ref)[0])
+    dpo_a, dpo_b = preference_loss("dpo", *split(a), ref, ref)[0], preference_loss("dpo", *split(b), ref, ref)[0]
+    assert not torch.allclose(dpo_a, dpo_b)
 
 
 def test_simpo_gamma_convention():
@@ -250,9 +251,13 @@ def test_prompt_and_pad_tokens_never_count(chunk):
     assert (logits.grad[~scoring] == 0).all() and (logits.grad[scoring].abs().sum(-1) > 0).all()
     # anything at non-scoring positions (prompt logits, pad ids, even -100) leaves the result unchanged
     noisy_logits = torch.where(scoring[..., None], logits.detach(), torch.randn_like(logits) * 50)
+    noisy_logits[..., 0] = torch.where(scoring, noisy_logits[..., 0], -math.inf)  # a banned id (log p = -inf)
     noisy_ids = torch.where(mask.bool(), ids, -100)  # only response ids are ever looked up (the logits stay put)
+    noisy_logits.requires_grad_()
     other = sequence_logps(noisy_logits, noisy_ids, mask, vocab_chunk=chunk)
     torch.testing.assert_close(other.sum, base.sum.detach(), rtol=0, atol=0)
+    other.sum.sum().backward()
+    assert torch.isfinite(noisy_logits.grad).all(), "0 * -inf at a masked position leaked NaN"
     assert base.count.tolist() == mask.sum(-1).float().tolist()
 
 

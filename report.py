@@ -1,0 +1,132 @@
+"""The end-of-run report: a table per iteration, held-out accuracy at the start and end, a plot, example chains.
+
+    python report.py runs/demo          # (re)writes runs/demo/report.md and runs/demo/report.png
+
+It only reads what train_eva.py wrote to the run folder (metrics.jsonl, iter_<t>/*.jsonl, eval_*.json).
+"""
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+
+def _jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+def _phase(folder: Path, phase: str) -> dict:
+    marker = folder / f"done_{phase}"
+    return json.loads(marker.read_text()) if marker.exists() else {}
+
+
+def iteration_rows(run: Path) -> list[dict]:
+    rows = []
+    for t in range(1000):
+        folder = run / f"iter_{t}"
+        if not folder.is_dir():
+            break
+        estimate, train, pairs = _phase(folder, "estimate"), _phase(folder, "train"), _phase(folder, "pairs")
+        evolve = _phase(folder, "evolve")
+        rows.append(dict(iteration=t, pool=len(_jsonl(folder / "pool.jsonl")), mean_reward=estimate.get("mean_reward"),
+                         informative=estimate.get("informative"), evolved=evolve.get("children", 0),
+                         pairs=pairs.get("pairs"), evolved_pairs=pairs.get("evolved"),
+                         first_loss=train.get("first_loss"), last_loss=train.get("last_loss")))
+    return rows
+
+
+def _fmt(value, digits=3) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+
+
+def example_chains(run: Path, limit: int = 3) -> list[list[dict]]:
+    """A few evolved chains, root first: follow each child's parent back through every iteration's files."""
+    records = {}
+    for path in sorted(run.glob("iter_*/pool.jsonl")) + sorted(run.glob("iter_*/evolved.jsonl")):
+        for r in _jsonl(path):
+            records[r["id"]] = r
+    leaves = [r for path in sorted(run.glob("iter_*/evolved.jsonl")) for r in _jsonl(path)]
+    parents = {r.get("parent") for r in records.values()}
+    chains = []
+    for leaf in leaves:
+        if leaf["id"] in parents:
+            continue
+        chain, node = [leaf], leaf
+        while node.get("parent") in records:
+            node = records[node["parent"]]
+            chain.append(node)
+        chains.append(chain[::-1])
+        if len(chains) == limit:
+            break
+    return chains
+
+
+def write_report(run: Path, eva_iterations: int | None = None) -> str:
+    """Write report.md and report.png into the run folder; return the table as text."""
+    run = Path(run)
+    rows = iteration_rows(run)
+    start = json.loads((run / "eval_start.json").read_text()) if (run / "eval_start.json").exists() else None
+    end = json.loads((run / "eval_end.json").read_text()) if (run / "eval_end.json").exists() else None
+    lines = ["| iteration | pool | mean reward | informative | evolved | pairs (evolved) | loss first -> last |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['iteration']} | {r['pool']} | {_fmt(r['mean_reward'])} | {_fmt(r['informative'])} | "
+                     f"{r['evolved']} | {_fmt(r['pairs'])} ({_fmt(r['evolved_pairs'])}) | "
+                     f"{_fmt(r['first_loss'], 4)} -> {_fmt(r['last_loss'], 4)} |")
+    table = "\n".join(lines)
+    accuracy = ""
+    if start and end:
+        accuracy = ("| held-out (greedy) | start | end |\n|---|---|---|\n"
+                    f"| prompt-level accuracy | {start['prompt_level']:.3f} | {end['prompt_level']:.3f} |\n"
+                    f"| instruction-level accuracy | {start['instruction_level']:.3f} | "
+                    f"{end['instruction_level']:.3f} |\n"
+                    f"\n({start['n_prompts']} held-out prompts)")
+    chains = example_chains(run)
+    chain_text = ""
+    for chain in chains:
+        chain_text += "\n" + "\n".join(f"{'  ' * k}- [{c.get('method') or 'seed'}] {c['prompt'][:300]!r}"
+                                       for k, c in enumerate(chain)) + "\n"
+    md = f"# eva run report: {run}\n\n{table}\n\n{accuracy}\n\n![report](report.png)\n"
+    if chain_text:
+        md += f"\n## Example evolved chains (root first)\n{chain_text}"
+    (run / "report.md").write_text(md)
+    plot(run, rows, start, end)
+    return table + ("\n\n" + accuracy if accuracy else "")
+
+
+def plot(run: Path, rows: list[dict], start: dict | None, end: dict | None) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    steps = [m for m in _jsonl(run / "metrics.jsonl") if "step" in m and "loss" in m]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    ax = axes[0]
+    for t in sorted({m["iteration"] for m in steps}):
+        ms = [m for m in steps if m["iteration"] == t]
+        ax.plot([m["step"] for m in ms], [m["loss"] for m in ms], label=f"iteration {t}")
+    ax.set(title="training loss", xlabel="optimizer step", ylabel="loss")
+    if steps:
+        ax.legend()
+    ax = axes[1]
+    its = [r["iteration"] for r in rows if r["mean_reward"] is not None]
+    ax.plot(its, [r["mean_reward"] for r in rows if r["mean_reward"] is not None], "o-")
+    ax.set(title="mean reward of sampled responses", xlabel="iteration", ylabel="reward", xticks=its)
+    ax = axes[2]
+    if start and end:
+        x = np.arange(2)
+        ax.bar(x - 0.18, [start["prompt_level"], start["instruction_level"]], 0.36, label="start")
+        ax.bar(x + 0.18, [end["prompt_level"], end["instruction_level"]], 0.36, label="end")
+        ax.set_xticks(x, ["prompt-level", "instruction-level"])
+        ax.legend()
+    ax.set(title="held-out constraint accuracy", ylim=(0, 1))
+    fig.tight_layout()
+    fig.savefig(run / "report.png", dpi=110)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 2:
+        sys.exit("usage: python report.py <run folder>")
+    print(write_report(Path(sys.argv[1])))
