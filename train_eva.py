@@ -36,6 +36,7 @@ import losses
 import model as modeling
 import parallel
 import reward as rewards
+from eval.ifeval import evaluate_ifeval
 from parallel import print0
 
 ROOT = Path(__file__).resolve().parent
@@ -291,15 +292,21 @@ def sample_and_score(solver, tokenizer, scorer, records: list[dict], cfg: Config
                               progress=parallel.is_main())
         flat_prompts = [r for r in batch for _ in range(cfg.n_samples)]
         flat_scores = scorer.score(flat_prompts, [text for texts in out.texts for text in texts])
+        # A reward that could not be computed (a judge that gave no rating) is NaN in memory and null on disk.
         return [{"prompt_id": r["id"], "responses": texts,
-                 "rewards": [float(s) for s in flat_scores[k * cfg.n_samples:(k + 1) * cfg.n_samples]]}
+                 "rewards": [float(s) if math.isfinite(s) else None
+                             for s in flat_scores[k * cfg.n_samples:(k + 1) * cfg.n_samples]]}
                 for k, (r, texts) in enumerate(zip(batch, out.texts))]
 
     samples = parallel.sharded(work, list(range(len(records))), desc=phase)
-    info = creator.informativeness([s["rewards"] for s in samples], "gap")
+    info = creator.informativeness([as_floats(s["rewards"]) for s in samples], "gap")
     for s, value in zip(samples, info):
-        s["info"] = float(value)
+        s["info"] = float(np.nan_to_num(value))  # all rewards tied: no information, 0
     return samples
+
+
+def as_floats(values: list) -> list[float]:
+    return [math.nan if v is None else float(v) for v in values]
 
 
 def drop_long_prompts(records: list[dict], tokenizer, cfg: Config, where: str) -> list[dict]:
@@ -518,16 +525,10 @@ def load_solver(cfg: Config, run: Run, device):
 # ------------------------------------------------------------------------------------------------- evaluation
 def evaluate(solver, tokenizer, records: list[dict], cfg: Config) -> dict:
     """Held-out constraint accuracy with greedy answers (IFEval's strict prompt- and instruction-level)."""
-    def work(indices):
-        out = generate.sample(solver, tokenizer, [records[i]["prompt"] for i in indices], n=1, temperature=0.0,
-                              max_new_tokens=cfg.eval_max_new_tokens, batch_size=cfg.gen_batch_size,
-                              progress=parallel.is_main())
-        return [texts[0] for texts in out.texts]
-
-    answers = parallel.sharded(work, list(range(len(records))), desc="eval")
-    result = rewards.ifeval_accuracy(records, answers)
-    return dict(prompt_level=result["prompt_level"], instruction_level=result["instruction_level"],
-                n_prompts=len(records), answers=[{"prompt_id": r["id"], "answer": a} for r, a in zip(records, answers)])
+    result = evaluate_ifeval(solver, tokenizer, records, max_new_tokens=cfg.eval_max_new_tokens,
+                             batch_size=cfg.gen_batch_size)
+    result["answers"] = [{"prompt_id": r["id"], "answer": a} for r, a in zip(records, result.pop("responses"))]
+    return result
 
 
 # ------------------------------------------------------------------------------------------------- the loop
@@ -583,7 +584,7 @@ def main(argv=None) -> None:
         if not run.done(t, "estimate"):
             samples = sample_and_score(solver, tokenizer, scorer, pool, cfg, t, "estimate")
             write_jsonl(folder / "samples.jsonl", samples)
-            mean_reward = float(np.mean([np.mean(s["rewards"]) for s in samples]))
+            mean_reward = float(np.nanmean([as_floats(s["rewards"]) for s in samples]))
             informative = sum(s["info"] > 0 for s in samples)
             run.mark(t, "estimate", dict(prompts=len(samples), mean_reward=mean_reward, informative=informative,
                                          seconds=round(time.time() - phase_start, 1)))
@@ -596,7 +597,7 @@ def main(argv=None) -> None:
         evolved = []
         if t > 0:
             if not run.done(t, "select"):
-                info = creator.informativeness([s["rewards"] for s in samples], cfg.info_metric)
+                info = creator.informativeness([as_floats(s["rewards"]) for s in samples], cfg.info_metric)
                 chosen = creator.select(info, cfg.select_fraction, cfg.selection, stable_seed(cfg.seed, t, "select"))
                 write_jsonl(folder / "selected.jsonl", [by_id[samples[i]["prompt_id"]] for i in chosen])
                 run.mark(t, "select", dict(selected=len(chosen), pool=len(pool)))
@@ -619,7 +620,7 @@ def main(argv=None) -> None:
                 t1 = time.time()
                 evolved_samples = sample_and_score(solver, tokenizer, scorer, evolved, cfg, t, "generate")
                 write_jsonl(folder / "evolved_samples.jsonl", evolved_samples)
-                mean_reward = float(np.mean([np.mean(s["rewards"]) for s in evolved_samples])) if evolved else 0.0
+                mean_reward = float(np.nanmean([as_floats(s["rewards"]) for s in evolved_samples])) if evolved else 0.0
                 run.mark(t, "generate", dict(prompts=len(evolved), mean_reward=mean_reward,
                                              seconds=round(time.time() - t1, 1)))
                 print0(f"[iter {t}] generate: {len(evolved)} evolved prompts x {cfg.n_samples}, mean reward "

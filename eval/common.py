@@ -151,13 +151,25 @@ def generate_answers(model, tokenizer, conversations: list, *, seed: int = 0, **
         indices = [i for i, _ in local]
         convs = [c for _, c in local]
         plain = all(isinstance(c, str) for c in convs)
-        prompts = convs if plain else [tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=False)
-                                       for c in convs]
+        prompts = convs if plain else [render_chat(tokenizer, c) for c in convs]
         out = generate.sample(model, tokenizer, prompts, n=1, seeds=[seed * 1_000_003 + i for i in indices],
                               chat=plain, **kwargs)
         return [texts[0] for texts in out.texts]
 
     return parallel.sharded(work, list(enumerate(conversations)), desc="answers")
+
+
+def render_chat(tokenizer, messages: list[dict]) -> str:
+    """A conversation as the text generate.sample(chat=False) should see: the chat template, ready for the answer.
+
+    sample(chat=False) tokenizes with the tokenizer's special tokens, so a BOS the template already wrote (Gemma,
+    Llama-3) is taken off here, or the model would see two.
+    """
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    bos = tokenizer.bos_token
+    if bos and text.startswith(bos) and tokenizer("x")["input_ids"][:1] == [tokenizer.bos_token_id]:
+        text = text[len(bos):]
+    return text
 
 
 def token_count(tokenizer, text: str) -> int:

@@ -359,3 +359,19 @@ def test_bad_input_is_one_line_naming_file_and_line(tmp_path, capsys):
     with pytest.raises(SystemExit):
         common.run(mt_bench.main, ["--show", str(tmp_path / "missing.jsonl")])
     assert "missing.jsonl: no such file" in capsys.readouterr().err
+
+
+def test_render_chat_leaves_one_bos():
+    class Tok:  # a Gemma-like tokenizer: the template writes <bos> and tokenizing adds one too
+        bos_token, bos_token_id = "<bos>", 2
+
+        def apply_chat_template(self, messages, add_generation_prompt, tokenize):
+            return "<bos>" + "".join(f"<{m['role']}>{m['content']}" for m in messages) + "<model>"
+
+        def __call__(self, text, add_special_tokens=True):
+            return {"input_ids": [2, 7] if add_special_tokens else [7]}
+
+    conv = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}, {"role": "user", "content": "?"}]
+    assert common.render_chat(Tok(), conv) == "<user>hi<assistant>yo<user>?<model>"
+    Tok.__call__ = lambda self, text, add_special_tokens=True: {"input_ids": [7]}  # a tokenizer that adds none
+    assert common.render_chat(Tok(), conv).startswith("<bos><user>")

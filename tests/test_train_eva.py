@@ -12,10 +12,10 @@ import train_eva
 
 # Constraints that random text from a tiny random model meets only sometimes, so rewards differ and pairs exist.
 TINY_PROMPTS = [
-    {"id": f"t{i}", "prompt": f"Write about topic number {i}. Use the letter e at least {2 + i % 3} times.",
+    {"id": f"t{i}", "prompt": f"Write about topic number {i}. Use the letter a at least {7 + i % 3} times.",
      "instruction_id_list": ["keywords:letter_frequency", "length_constraints:number_words"],
-     "kwargs": [{"letter": "e", "let_frequency": 2 + i % 3, "let_relation": "at least"},
-                {"relation": "less than", "num_words": 6 + i % 4}]}
+     "kwargs": [{"letter": "a", "let_frequency": 7 + i % 3, "let_relation": "at least"},
+                {"relation": "less than", "num_words": 10 + i % 3}]}
     for i in range(8)
 ]
 

@@ -1,0 +1,957 @@
+"""The creator: which prompts are informative, which to evolve, how to rewrite them, and how to mix the pairs.
+
+eva's creator turns the solver's own rewards into a moving prompt set (Ye et al., arXiv 2411.00062):
+
+  1. informativeness(rewards, metric)   one number per prompt from its N sampled rewards; the paper's default is
+                                        the reward gap max - min. A prompt whose N rewards all tie carries no
+                                        information and gets NaN under every metric.
+  2. select(info, fraction, rule)       weighted (min-max normalised info as weights, drawn without replacement,
+                                        the default), greedy (top fraction) or uniform.
+  3. evolve(parents, complete, ...)     a chain x -> x1 -> ... -> xK (K = depth, default 4) from every selected
+                                        prompt, one method drawn per link from EVOLVE_METHODS (5 in-depth, 5
+                                        in-breadth); the K children are kept, cleaned and de-duplicated.
+  4. make_pairs(prompts, samples)       chosen = best response, rejected = worst, SPPO win probabilities attached.
+  5. mix(evolved, original)             80% of the training pairs from evolved prompts, 20% from the pool.
+
+Verifiable constraints (reward "rules"). A prompt with IFEval constraints is handled as two parts: its *task* (the
+request itself) and its *constraint sentences*. The creator LLM only ever sees and rewrites the task; the constraints
+are kept in code and their sentences (reward.describe_instruction) are appended to the rewritten task, so an LLM
+rewrite can never drop or garble a constraint. A child records its task in the field "task". For a seed prompt that
+has no "task" field, the task is the prompt's sentences that read like no constraint (split_task); the constraint
+sentences are re-written canonically. The "add_constraints" method is done in code: it adds one IFEval constraint
+that conflicts with none already there (up to MAX_CONSTRAINTS) or tightens one (fewer words, more bullets, one more
+keyword, ...). It needs no LLM and always yields a valid record, so a weak creator (the embedded 135M solver, whose
+rewrites are mostly rejected) still grows chains: when an LLM rewrite is rejected, that link of the chain is made by
+the in-code constraint step instead (counted as stats["fallback"], the child's "fallback_from" names the rejected
+method). Without the rules reward (verifiable=False) every method, add_constraints included, is an LLM rewrite of the
+whole prompt, children carry no IFEval constraints, and a rejected link yields no child: the chain goes on from the
+last kept prompt, so it can end up shorter than K.
+
+Back-ends of `complete` (a callable: list of creator instructions -> list of raw outputs, None for a failed call):
+local_completer (the solver itself, "self-play", or any other local model, through generate.sample and sharded over
+ranks) and endpoint_completer (any OpenAI-compatible server: vLLM, LiteLLM, a hosted model, via endpoint.chat_many).
+
+Run `python creator.py runs/<name>` to print the lineage summary of a run's evolved prompts.
+"""
+import json
+import math
+import re
+import sys
+import zlib
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+import reward
+
+# ============================================================================================ informativeness
+
+METRICS: tuple[str, ...] = ("gap", "max_mean", "variance", "mean", "inv_mean", "best_second", "uniform")
+SELECTION_RULES: tuple[str, ...] = ("weighted", "greedy", "uniform")
+
+
+def _finite(row) -> np.ndarray:
+    r = np.asarray(list(row), dtype=np.float64)  # [N]
+    return r[np.isfinite(r)]  # a judge that could not rate a response gives NaN: that response does not count
+
+
+def _ties(r: np.ndarray) -> bool:
+    return r.size < 2 or float(np.ptp(r)) <= 1e-9 * max(1.0, float(np.abs(r).max()))
+
+
+def informativeness(rewards: list[list[float]], metric: str = "gap") -> np.ndarray:
+    """One informativeness value per prompt from its N rewards: [P] floats, NaN where the rewards all tie.
+
+    gap = max - min (the paper's default); max_mean = max - mean; variance; mean; inv_mean = 1 - the mean reward
+    min-max normalised over the pool; best_second = best - second best; uniform = 1 (no signal). Non-finite rewards
+    are ignored; a prompt with fewer than two finite rewards, or whose rewards all tie, gets NaN under every metric,
+    so the informed selection rules never pick it.
+    """
+    if metric not in METRICS:
+        raise ValueError(f"creator: unknown informativeness metric '{metric}' (choose from {', '.join(METRICS)})")
+    rows = [_finite(row) for row in rewards]
+    tied = np.array([_ties(r) for r in rows], dtype=bool)  # [P]
+    means = np.array([r.mean() if r.size else np.nan for r in rows])  # [P]
+    if metric == "gap":
+        info = np.array([r.max() - r.min() if r.size else np.nan for r in rows])
+    elif metric == "max_mean":
+        info = np.array([r.max() - r.mean() if r.size else np.nan for r in rows])
+    elif metric == "variance":
+        info = np.array([r.var() if r.size else np.nan for r in rows])
+    elif metric == "mean":
+        info = means.copy()
+    elif metric == "inv_mean":
+        finite = means[np.isfinite(means)]
+        lo, hi = (finite.min(), finite.max()) if finite.size else (0.0, 0.0)
+        info = 1.0 - ((means - lo) / (hi - lo) if hi > lo else np.zeros_like(means))
+    elif metric == "best_second":
+        info = np.array([np.diff(np.sort(r)[-2:])[0] if r.size >= 2 else np.nan for r in rows])
+    else:
+        info = np.ones(len(rows))
+    info = info.astype(np.float64)
+    info[tied] = np.nan
+    return info
+
+
+def selection_weights(info: np.ndarray) -> np.ndarray:
+    """Min-max normalised informativeness as sampling weights in [0, 1]; NaN (no information) -> 0.
+
+    The floor of the normalisation is min(0, lowest value): 0 is the "no information" level of the spread metrics
+    (where tied prompts sit in the paper's pool-wide min-max), so the prompt with the smallest non-zero gap keeps a
+    weight. Without it, with a rules reward where every one-constraint prompt has gap exactly 1, all weights would
+    be 0/0.
+    """
+    info = np.asarray(info, dtype=np.float64)  # [P]
+    finite = np.isfinite(info)
+    weights = np.zeros_like(info)
+    if not finite.any():
+        return weights
+    lo = min(0.0, float(info[finite].min()))
+    hi = float(info[finite].max())
+    if hi > lo:
+        weights[finite] = (info[finite] - lo) / (hi - lo)
+    return weights
+
+
+def n_selected(n_prompts: int, fraction: float) -> int:
+    """How many prompts a fraction of a pool is: round half up, at least one when fraction > 0 and the pool isn't empty."""
+    if not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"creator: select fraction must be in [0, 1], got {fraction}")
+    if n_prompts == 0 or fraction == 0:
+        return 0
+    return max(1, int(math.floor(fraction * n_prompts + 0.5)))
+
+
+def select(info: np.ndarray, fraction: float = 0.25, rule: str = "weighted", seed: int = 0) -> list[int]:
+    """Indices (sorted) of the prompts to evolve: n_selected(len(info), fraction) of them, fewer only when too few
+    prompts are eligible.
+
+    weighted: drawn without replacement with probability proportional to selection_weights(info) at every draw
+              (Efraimidis-Spirakis keys u ** (1 / w), top k); zero-weight and NaN prompts are never drawn.
+    greedy:   the k most informative (ties broken by a seeded shuffle); NaN prompts never.
+    uniform:  k prompts uniformly at random from the whole pool, tied ones included (the no-signal ablation).
+    """
+    if rule not in SELECTION_RULES:
+        raise ValueError(f"creator: unknown selection rule '{rule}' (choose from {', '.join(SELECTION_RULES)})")
+    info = np.asarray(info, dtype=np.float64)  # [P]
+    k = n_selected(len(info), fraction)
+    rng = np.random.default_rng(seed)
+    if rule == "uniform":
+        return sorted(int(i) for i in rng.choice(len(info), size=k, replace=False)) if k else []
+    if rule == "greedy":
+        order = rng.permutation(len(info))  # a seeded tie-break, so equal values are not always the first lines
+        eligible = order[np.isfinite(info[order])]
+        ranked = eligible[np.argsort(-info[eligible], kind="stable")]
+        return sorted(int(i) for i in ranked[:k])
+    weights = selection_weights(info)  # [P]
+    positive = np.flatnonzero(weights > 0)
+    keys = np.log(rng.random(positive.size)) / weights[positive]  # log(u ** (1/w)): larger is earlier drawn
+    chosen = positive[np.argsort(-keys, kind="stable")[:k]]
+    return sorted(int(i) for i in chosen)
+
+
+def summarize_info(info) -> dict:
+    """The distribution of a pool's informativeness for the report: count, share informative, mean and quantiles."""
+    info = np.asarray(list(info), dtype=np.float64)  # [P]
+    finite = info[np.isfinite(info)]
+    positive = finite[finite > 0]
+    quantiles = np.quantile(finite, [0.1, 0.25, 0.5, 0.75, 0.9]).tolist() if finite.size else [None] * 5
+    return dict(n=int(info.size), informative=int(positive.size),
+                informative_share=float(positive.size / info.size) if info.size else 0.0,
+                mean=float(finite.mean()) if finite.size else None,
+                p10=quantiles[0], p25=quantiles[1], median=quantiles[2], p75=quantiles[3], p90=quantiles[4],
+                max=float(finite.max()) if finite.size else None)
+
+
+# ============================================================================================ evolve methods
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    kind: str  # "depth" (harder) or "breadth" (a new prompt in the same spirit)
+    instruction: str  # what this method asks of the creator, one or two sentences
+    template: str  # the whole creator message, with {prompt} where the prompt to rewrite goes
+
+
+# The frame every method shares. Its last sentences are the paper's three guard rails: answerable by a person,
+# sounds like a real user, about the same length.
+_FRAME = ("Here is a request that someone sent to an AI assistant:\n\n<request>\n{prompt}\n</request>\n\n"
+          "{instruction} The result must still be a request a person could really answer, worded the way a real "
+          "user would write it, and about as long as the original. Reply with the new request only: do not answer "
+          "it and do not explain what you changed.")
+_ECHO_MARKERS = ("reply with the new request only", "worded the way a real user would write it",
+                 "here is a request that someone sent")
+
+_INSTRUCTIONS = {
+    # in-depth: the same request made harder
+    "add_constraints": ("depth", "Rewrite it so that it adds one more concrete requirement the answer has to meet, "
+                                 "such as a limit, a format or a condition."),
+    "deepen": ("depth", "Rewrite it so that it asks about the same subject in more depth, going after a harder or "
+                        "less obvious side of it."),
+    "concretise": ("depth", "Rewrite it so that its general ideas become specific: name the people, places, numbers "
+                            "or situation involved."),
+    "reasoning": ("depth", "Rewrite it so that a good answer needs several steps of thinking instead of one quick "
+                           "reply."),
+    "expand": ("depth", "Rewrite it so that it also asks for one closely related part that the answer has to "
+                        "cover."),
+    # in-breadth: a different request in the same spirit
+    "persona": ("breadth", "Write a new request in the same spirit, as a very different person would ask it (for "
+                           "example a nurse, a child, a farmer or a retired sailor)."),
+    "shift_in_domain": ("breadth", "Write a new request of the same kind about a different topic from the same "
+                                   "field."),
+    "shift_out_domain": ("breadth", "Write a new request of the same kind and difficulty about a topic from an "
+                                    "entirely different field."),
+    "mix_domains": ("breadth", "Write a new request that joins its topic with an unrelated field, so the answer "
+                               "has to draw on both."),
+    "abstract": ("breadth", "Write a new request that asks about the general idea behind it rather than this "
+                            "particular case."),
+}
+EVOLVE_METHODS: dict[str, Method] = {
+    name: Method(name, kind, text, _FRAME.replace("{instruction}", text)) for name, (kind, text) in _INSTRUCTIONS.items()
+}
+KINDS = ("all", "depth", "breadth")
+
+
+def render(method: str, prompt: str) -> str:
+    """The creator message asking for `method` applied to `prompt`."""
+    if method not in EVOLVE_METHODS:
+        raise ValueError(f"creator: unknown evolve method '{method}' (choose from {', '.join(EVOLVE_METHODS)})")
+    return EVOLVE_METHODS[method].template.format(prompt=prompt.strip())
+
+
+def methods_for(kinds: str = "all") -> list[str]:
+    if kinds not in KINDS:
+        raise ValueError(f"creator: evolve kinds must be one of {', '.join(KINDS)}, got '{kinds}'")
+    return [name for name, m in EVOLVE_METHODS.items() if kinds == "all" or m.kind == kinds]
+
+
+# ============================================================================================ cleaning rewrites
+
+REJECT_REASONS = ("failed", "empty", "too_short", "echo", "copy", "too_long", "answer", "duplicate",
+                  "near_duplicate", "no_constraint_step")
+
+_TAG = re.compile(r"(?<!<)</?\s*(?:request|prompt|new[ _]?request|new[ _]?prompt|rewritten(?:[ _]?\w+)?|original"
+                  r"(?:[ _]?\w+)?|instruction|task|output|answer|response|s|/s|im_start|im_end)\s*>(?!>)", re.I)
+_SPECIAL = re.compile(r"\[/?INST\]|<\|[^|>]{1,30}\|>|</?s>|^\s*(?:assistant|user)\s*:?\s*\n", re.I | re.M)
+_LABEL = re.compile(r"(?:^|\n)[ \t>#*_]*(?:the |your |my |here is |here's )?(?:new|rewritten|evolved|revised|modified"
+                    r"|updated|improved|harder|resulting|final)?[ \t]*(?:user[ \t]+)?(?:prompt|request|instruction|"
+                    r"question|task|version)[ \t]*\d*[ \t]*[*_]*[ \t]*:[ \t]*[*_]*[ \t]*", re.I)
+_LEAD_IN = re.compile(r"^\s*(?:sure|certainly|of course|okay|ok|absolutely|great|here(?:'s| is| are)|below is|"
+                      r"i(?:'ve| have) (?:rewritten|written|created))\b[^\n]{0,160}?:\s*(?:\n|$)", re.I)
+_TRAILER = re.compile(r"\n\s*\n\s*[(*_]*(?:note|explanation|changes?|this (?:new |rewritten |revised )?(?:request|"
+                      r"prompt|version|rewrite)|in this (?:version|rewrite)|i (?:have |'ve )?(?:added|changed|made|"
+                      r"kept|rewrote)|the (?:new|rewritten) (?:request|prompt))\b.*$", re.I | re.S)
+_ANSWER_OPENER = re.compile(r"^\W*(?:sure|certainly|of course|absolutely|okay|ok|here(?:'s| is| are)|as an ai|"
+                            r"i(?:'m| am) sorry|i can(?:'t|not)|i'd be happy|i would be happy|great question|"
+                            r"once upon a time|dear\b|title\s*:|<<)", re.I)
+_REQUEST_VERBS = ("write compose create describe explain tell give list draft summarize summarise suggest imagine "
+                  "design plan compare discuss outline provide generate share name recommend translate rewrite make "
+                  "help find calculate solve propose invent develop argue analyze analyse evaluate identify prepare "
+                  "craft pretend define brainstorm teach show walk guide convince persuade pitch come imagine "
+                  "what why how when where who which whose can could would should is are do does will may "
+                  "please let consider assume choose decide picture think sketch produce put turn draw build").split()
+_REQUEST = re.compile(r"(?:^|[.!?:;,\n]\s*|\b(?:and|then|to)\s+)(?:" + "|".join(_REQUEST_VERBS) + r")\b"
+                      r"|\?|\b(?:you|your|yourself|i need|i want|i'd like|i would like|help me|i'm looking|"
+                      r"i am looking)\b", re.I)
+_QUOTE_PAIRS = (('"', '"'), ("'", "'"), ("\u201c", "\u201d"), ("\u2018", "\u2019"), ("`", "`"), ("**", "**"),
+                ("*", "*"))
+
+
+def normalize(text: str) -> str:
+    """Lower case, every run of punctuation and white space made one space: the key of exact de-duplication."""
+    return " ".join(re.sub(r"[\W_]+", " ", text.lower()).split())
+
+
+def _strip_quotes(text: str) -> str:
+    while True:
+        text = text.strip()
+        for left, right in _QUOTE_PAIRS:
+            if len(text) > len(left) + len(right) and text.startswith(left) and text.endswith(right):
+                inner = text[len(left):len(text) - len(right)]
+                if left == right and inner.count(left) % 2:  # '"a" or "b"': two quoted parts, not one quoted whole
+                    continue
+                text = inner
+                break
+        else:
+            return text
+
+
+def parse_rewrite(raw: str | None) -> str:
+    """The rewritten prompt inside a creator's raw output: echoed tags, lead-ins, labels, quotes and trailing
+    commentary removed. Returns "" when nothing is left."""
+    if raw is None:
+        return ""
+    text = raw.replace("\r\n", "\n").strip()
+    fence = re.search(r"```[a-z]*\n(.*?)```", text, re.S)
+    if fence and fence.group(1).strip():
+        text = fence.group(1)
+    text = _SPECIAL.sub("", text)
+    # When the output labels its rewrite ("New request: ..."), only what follows the last label counts: anything
+    # before it is a lead-in or the echoed original.
+    labels = list(_LABEL.finditer(text))
+    if labels and text[labels[-1].end():].strip():
+        text = text[labels[-1].end():]
+    text = _TAG.sub("\n", text).strip()
+    text = _LEAD_IN.sub("", text, count=1)
+    text = _TRAILER.sub("", text)
+    text = re.sub(r"[ \t]+", " ", text)
+    text = re.sub(r"\n\s*\n\s*\n+", "\n\n", text)
+    return _strip_quotes(text).strip()
+
+
+def looks_like_answer(text: str, parent: str = "") -> bool:
+    """True when `text` reads as an answer (a poem, a story, an essay, "Sure! ...") rather than a request."""
+    if _ANSWER_OPENER.match(text):
+        return True
+    lines = [line for line in text.splitlines() if line.strip()]
+    if len(lines) > max(6, len([line for line in parent.splitlines() if line.strip()]) + 4):
+        return True
+    return _REQUEST.search(text) is None
+
+
+def clean_rewrite(parent_text: str, raw: str | None, *, max_ratio: float = 2.0, slack_chars: int = 60,
+                  min_words: int = 3) -> tuple[str | None, str]:
+    """(the cleaned rewrite, "ok") or (None, the reason it is rejected: one of REJECT_REASONS).
+
+    Rejected: a failed call (None), nothing left after parsing, fewer than min_words words, an echo of the creator
+    instruction, a copy of the parent (same normalized text), more than max_ratio times the parent's length (plus
+    slack_chars, so short parents may gain a clause), and text that answers instead of asking.
+    """
+    if raw is None:
+        return None, "failed"
+    text = parse_rewrite(raw)
+    if not text:
+        return None, "empty"
+    if len(re.findall(r"\w+", text)) < min_words:
+        return None, "too_short"
+    if any(marker in text.lower() for marker in _ECHO_MARKERS):
+        return None, "echo"
+    if normalize(text) == normalize(parent_text):
+        return None, "copy"
+    if len(text) > max_ratio * len(parent_text.strip()) + slack_chars:
+        return None, "too_long"
+    if looks_like_answer(text, parent_text):
+        return None, "answer"
+    return text, "ok"
+
+
+# ============================================================================================ de-duplication
+
+def shingles(text: str, n: int = 3) -> frozenset:
+    """Character n-grams of the normalized text."""
+    norm = normalize(text)
+    return frozenset(norm[i:i + n] for i in range(max(1, len(norm) - n + 1)))
+
+
+def similarity(a: str, b: str, n: int = 3) -> float:
+    """Jaccard similarity of the normalized texts' character n-grams, in [0, 1]."""
+    sa, sb = shingles(a, n), shingles(b, n)
+    return len(sa & sb) / len(sa | sb) if sa | sb else 1.0
+
+
+def _signature(record: dict) -> str:
+    # Two prompts whose texts are near-identical but ask for different constraints (80 -> 60 words) are different
+    # tasks under the rules reward: near-duplicates must also share their constraints.
+    ids = record.get("instruction_id_list") or []
+    kwargs = record.get("kwargs") or [{}] * len(ids)
+    return json.dumps(sorted(zip(ids, [json.dumps(k, sort_keys=True) for k in kwargs])))
+
+
+def _near_text(record: dict) -> str:
+    # Near-duplicates are judged on the task: the constraint sentences two prompts share would otherwise make a
+    # wholly new request look like a copy of its parent (and the constraints themselves are in the signature).
+    task = record.get("task")
+    return task if isinstance(task, str) and task.strip() else (split_task(record) or record["prompt"])
+
+
+def _new_index() -> dict:
+    return {"exact": set(), "near": {}}  # near: signature -> list of (shingle count, shingles)
+
+
+def _index_add(index: dict, record: dict) -> None:
+    index["exact"].add(normalize(record["prompt"]))
+    grams = shingles(_near_text(record))
+    index["near"].setdefault(_signature(record), []).append((len(grams), grams))
+
+
+def _index_find(index: dict, record: dict, threshold: float) -> str | None:
+    """"duplicate", "near_duplicate" or None."""
+    if normalize(record["prompt"]) in index["exact"]:
+        return "duplicate"
+    grams = shingles(_near_text(record))
+    for size, other in index["near"].get(_signature(record), ()):
+        # Jaccard >= t needs the smaller set to be at least t times the larger one: skip the rest unseen.
+        if min(size, len(grams)) < threshold * max(size, len(grams)):
+            continue
+        if len(grams & other) / len(grams | other) >= threshold:
+            return "near_duplicate"
+    return None
+
+
+def deduplicate(records: list[dict], pool: list[dict] = (), threshold: float = 0.85) -> tuple[list[dict], Counter]:
+    """records without exact or near duplicates of the pool or of an earlier record; and the counts dropped."""
+    index, kept, dropped = _new_index(), [], Counter()
+    for r in pool:
+        _index_add(index, r)
+    for r in records:
+        reason = _index_find(index, r, threshold)
+        if reason:
+            dropped[reason] += 1
+            continue
+        _index_add(index, r)
+        kept.append(r)
+    return kept, dropped
+
+
+# ============================================================================================ verifiable constraints
+
+MAX_CONSTRAINTS = 4
+# Never added in code and, when a prompt already has one, nothing is added beside it: each of them fixes the whole
+# shape of the answer (a JSON object, one of three fixed sentences, two answers, the prompt repeated first).
+EXCLUSIVE_IDS = frozenset({"detectable_format:json_format", "detectable_format:constrained_response",
+                           "combination:two_responses", "combination:repeat_prompt"})
+_CONFLICT_GROUPS = (
+    {"change_case:english_lowercase", "change_case:english_capital", "change_case:capital_word_frequency"},
+    {"length_constraints:number_paragraphs", "length_constraints:nth_paragraph_first_word",
+     "detectable_format:multiple_sections"},
+    {"length_constraints:number_words", "length_constraints:number_sentences"},
+    {"startend:end_checker", "detectable_content:postscript"},
+)
+_END_PHRASES = ("Hope this helps.", "That is all for now.", "Thanks for reading.", "Let me know if you have questions.")
+_LETTERS = "eatonsr"
+_GENERIC_WORDS = ("light", "journey", "window", "garden", "promise", "quiet", "river", "morning")
+_STOPWORDS = frozenset(
+    "about above after again against also among and another answer any are around because been before being below "
+    "between both but can could does doing down during each even every explain few for from give have having her "
+    "here hers him his how into its itself just like little make many more most much must need only other our out "
+    "over own please reply response same she short should some such tell than that the their them then there these "
+    "they this those through too under until very want what when where which while who whom why will with within "
+    "would write your yours describe story poem haiku limerick something someone things thing using used".split())
+
+
+def content_words(text: str) -> list[str]:
+    """Lower-case words of four or more letters that are not stop words, unique, in order of appearance."""
+    seen = []
+    for w in re.findall(r"[A-Za-z]{4,}", text):
+        w = w.lower()
+        if w not in _STOPWORDS and w not in seen:
+            seen.append(w)
+    return seen
+
+
+def _required_strings(ids: list[str], kwargs: list[dict]) -> list[str]:
+    out = []
+    for iid, kw in zip(ids, kwargs):
+        out += list(kw.get("keywords") or []) + [kw[k] for k in ("keyword", "end_phrase", "first_word") if k in kw]
+    return out
+
+
+def compatible(ids: list[str], kwargs: list[dict]) -> bool:
+    """True when a set of constraints can all be met by one answer (as far as these rules know)."""
+    if len(set(ids)) != len(ids):
+        return False
+    if len(ids) > 1 and EXCLUSIVE_IDS & set(ids):
+        return False
+    if any(len(group & set(ids)) > 1 for group in _CONFLICT_GROUPS):
+        return False
+    required = _required_strings(ids, kwargs)
+    if "punctuation:no_comma" in ids and any("," in s for s in required):
+        return False
+    forbidden = {w.lower() for kw in kwargs for w in kw.get("forbidden_words") or []}
+    required_words = {w.lower() for s in required for w in re.findall(r"\w+", s)}
+    return not forbidden & required_words
+
+
+def _tightened(iid: str, kw: dict, task: str, ids: list[str], kwargs: list[dict]) -> dict | None:
+    """A strictly harder version of one constraint's kwargs, or None when it has none (or is at its bound)."""
+    kw = dict(kw)
+    less = kw.get("relation", kw.get("let_relation", kw.get("capital_relation"))) == "less than"
+    if iid == "length_constraints:number_words":
+        n = kw["num_words"]
+        new = max(20, int(n * 0.75)) if less else n + max(10, n // 4)
+        ok = new < n if less else new <= 400
+        return {**kw, "num_words": new} if ok else None
+    if iid == "length_constraints:number_sentences":
+        n = kw["num_sentences"]
+        return ({**kw, "num_sentences": n - 1} if n - 1 >= 2 else None) if less else (
+            {**kw, "num_sentences": n + 1} if n + 1 <= 12 else None)
+    bumps = {"length_constraints:number_paragraphs": ("num_paragraphs", 5),
+             "detectable_format:number_bullet_lists": ("num_bullets", 7),
+             "detectable_format:number_highlighted_sections": ("num_highlights", 5),
+             "detectable_content:number_placeholders": ("num_placeholders", 5),
+             "detectable_format:multiple_sections": ("num_sections", 5)}
+    if iid in bumps:
+        key, top = bumps[iid]
+        return {**kw, key: kw[key] + 1} if kw[key] + 1 <= top else None
+    if iid == "keywords:frequency":
+        n = kw["frequency"]
+        return ({**kw, "frequency": n - 1} if n - 1 >= 2 else None) if less else (
+            {**kw, "frequency": n + 1} if n + 1 <= 6 else None)
+    if iid == "keywords:letter_frequency":
+        n = kw["let_frequency"]
+        return ({**kw, "let_frequency": n - 2} if n - 2 >= 3 else None) if less else (
+            {**kw, "let_frequency": n + 3} if n + 3 <= 30 else None)
+    if iid == "change_case:capital_word_frequency":
+        n = kw["capital_frequency"]
+        return ({**kw, "capital_frequency": n - 1} if n - 1 >= 2 else None) if less else (
+            {**kw, "capital_frequency": n + 1} if n + 1 <= 10 else None)
+    if iid in ("keywords:existence", "keywords:forbidden_words"):
+        key = "keywords" if iid == "keywords:existence" else "forbidden_words"
+        if len(kw[key]) >= 4:
+            return None
+        taken = {w.lower() for s in _required_strings(ids, kwargs) for w in re.findall(r"\w+", s)}
+        taken |= {w.lower() for k in kwargs for w in k.get("forbidden_words") or []}
+        words = [w for w in content_words(task) + list(_GENERIC_WORDS) if w not in taken]
+        # A forbidden word should be one the answer would naturally use: only the task's own words qualify.
+        if key == "forbidden_words":
+            words = [w for w in content_words(task) if w not in taken]
+        return {**kw, key: kw[key] + [words[0]]} if words else None
+    return None
+
+
+def _addable(task: str, ids: list[str], kwargs: list[dict], rng: np.random.Generator) -> list[tuple[str, dict]]:
+    """New constraints that suit a short answer and conflict with none of (ids, kwargs); parameters drawn by rng."""
+    words = [w for w in content_words(task)
+             if w not in {x.lower() for s in _required_strings(ids, kwargs) for x in re.findall(r"\w+", s)}]
+    pick = lambda options: options[int(rng.integers(len(options)))]  # noqa: E731 (a one-line helper)
+    candidates = [
+        ("punctuation:no_comma", {}),
+        ("change_case:english_lowercase", {}),
+        ("change_case:english_capital", {}),
+        ("detectable_format:title", {}),
+        ("startend:quotation", {}),
+        ("startend:end_checker", {"end_phrase": pick(_END_PHRASES)}),
+        ("detectable_content:postscript", {"postscript_marker": pick(("P.S.", "P.P.S"))}),
+        ("length_constraints:number_words", {"relation": "less than", "num_words": int(pick((60, 80, 100, 120)))}),
+        ("length_constraints:number_sentences", {"relation": "less than", "num_sentences": int(pick((4, 5, 6)))}),
+        ("length_constraints:number_paragraphs", {"num_paragraphs": int(pick((2, 3)))}),
+        ("detectable_format:number_bullet_lists", {"num_bullets": int(pick((2, 3, 4)))}),
+        ("detectable_format:number_highlighted_sections", {"num_highlights": int(pick((1, 2, 3)))}),
+        ("detectable_content:number_placeholders", {"num_placeholders": int(pick((1, 2)))}),
+        ("keywords:existence", {"keywords": [pick(words or list(_GENERIC_WORDS))]}),
+        ("keywords:frequency", {"keyword": pick(words or list(_GENERIC_WORDS)), "relation": "at least",
+                                "frequency": 2}),
+        ("keywords:letter_frequency", {"letter": pick(_LETTERS), "let_relation": "at least",
+                                       "let_frequency": int(pick((3, 5, 8)))}),
+    ]
+    if words:
+        candidates.append(("keywords:forbidden_words", {"forbidden_words": [pick(words)]}))
+    return [(i, k) for i, k in candidates if i not in ids and compatible(ids + [i], kwargs + [k])]
+
+
+def constraint_step(task: str, ids: list[str], kwargs: list[dict], rng: np.random.Generator,
+                    max_constraints: int = MAX_CONSTRAINTS, tighten: bool = True
+                    ) -> tuple[list[str], list[dict], str] | None:
+    """Add one verifiable constraint or tighten one: (new ids, new kwargs, "added <id>" / "tightened <id>"),
+    or None when neither is possible. Adding and tightening are equally likely when both are possible; the new
+    set is always compatible(), never longer than max_constraints, and a full set keeps a tightenable constraint."""
+    tightenings = []
+    for j, (iid, kw) in enumerate(zip(ids, kwargs) if tighten else ()):
+        new = _tightened(iid, kw, task, ids, kwargs)
+        if new is not None and compatible(ids, kwargs[:j] + [new] + kwargs[j + 1:]):
+            tightenings.append((j, new))
+    additions = _addable(task, ids, kwargs, rng) if len(ids) < max_constraints else []
+    if len(ids) + 1 >= max_constraints and not tightenings:
+        # The set is about to be full: keep something in it that can still be tightened, so later links of the
+        # chain (and later iterations) still have a constraint step to take.
+        additions = [(i, k) for i, k in additions if _tightened(i, k, task, ids + [i], kwargs + [k]) is not None]
+    if not tightenings and not additions:
+        return None
+    if additions and (not tightenings or rng.random() < 0.5):
+        iid, kw = additions[int(rng.integers(len(additions)))]
+        return ids + [iid], kwargs + [kw], f"added {iid}"
+    j, new = tightenings[int(rng.integers(len(tightenings)))]
+    return ids, kwargs[:j] + [new] + kwargs[j + 1:], f"tightened {ids[j]}"
+
+
+# Sentences that read like an answer-format rule rather than the task itself (used to split seed prompts and to drop
+# rules a creator LLM slipped into a rewritten task: the constraints are owned by code).
+_NUM = r"(?:\d+|one|a single|two|three|four|five|six|seven|eight|nine|ten|twelve|fifteen|twenty|thirty|fifty)"
+_RULE_CUES = re.compile(
+    r"\byour (?:entire |whole |full )?(?:response|answer|reply|output)\b"
+    rf"|\b(?:less|fewer|more) than {_NUM}\b|\bat (?:least|most) {_NUM}\b|\bexactly {_NUM}\b|\b{_NUM} or (?:more|fewer|less)\b"
+    rf"|\b{_NUM} (?:words|sentences?|paragraphs?|bullet|bullets|sections|placeholders?|times)\b|\bunder {_NUM} words\b"
+    r"|\b(?:lower ?case|upper ?case|capital letters|capitali[sz]ed|all caps|capitals)\b|\bcommas?\b|<<|>>"
+    r"|\bjson\b|\bbullet|\bhighlight|\bplaceholders?\b|\bp\.\s?p?\.?\s?s\b|\bpostscript\b|\*{3,}|\basterisks?\b"
+    r"|\bquotation marks?\b|\bdouble quotes?\b|\b(?:word|words|letter|keyword|keywords)\s+[\"\u201c]"
+    r"|\bkeywords?\b|\bword for word\b|\brestat|\brepeat (?:the|my) request\b|\bmarkdown\b|\bsquare brackets\b"
+    r"|\btitle\b|\b(?:two|2) different (?:responses|versions|answers)\b|\bemphasis\b|\bmy answer is\b"
+    r"|\b(?:first|second|third|last|\d+(?:st|nd|rd|th)) paragraph\b"
+    r"|\b(?:end|finish|close|start|begin) (?:your|with|by)\b|\bexact (?:phrases?|words)\b", re.I)
+
+
+def _sentences(text: str) -> list[str]:
+    return reward.split_sentences(text) if hasattr(reward, "split_sentences") else \
+        [s for s in re.split(r"(?<=[.!?])\s+", text.strip()) if s]
+
+
+def split_task(record: dict, verifiable: bool = True) -> str | None:
+    """The task part of a prompt (the request without its constraint sentences), or None when none can be found.
+
+    A record's own "task" field wins. Without verifiable constraints the task is the whole prompt. Otherwise the
+    task is the prompt's sentences that match none of the rule cues, in order (constraint sentences may come before,
+    between or after the task sentences, as in IFEval).
+    """
+    if isinstance(record.get("task"), str) and record["task"].strip():
+        return record["task"].strip()
+    text = record["prompt"].strip()
+    if not verifiable or not record.get("instruction_id_list"):
+        return text
+    task = [s for s in _sentences(text) if not _RULE_CUES.search(s)]
+    return " ".join(task) if task else None
+
+
+def drop_rule_sentences(text: str) -> str:
+    """text without the sentences that read like answer-format rules."""
+    return " ".join(s for s in _sentences(text) if not _RULE_CUES.search(s)).strip()
+
+
+def compose_prompt(task: str, ids: list[str], kwargs: list[dict]) -> str:
+    """The prompt a user would send: the task, then one sentence per constraint."""
+    task = task.strip()
+    if task and task[-1] not in ".!?:;\"')]":
+        task += "."
+    return " ".join([task] + [reward.describe_instruction(i, k) for i, k in zip(ids, kwargs)])
+
+
+# ============================================================================================ evolve
+
+def _constraints(record: dict, where: str) -> tuple[list[str], list[dict]]:
+    ids = list(record.get("instruction_id_list") or [])
+    raw = record.get("kwargs") or [{}] * len(ids)
+    if len(raw) != len(ids):
+        raise ValueError(f"creator: {where}: 'kwargs' must have one dict per instruction id ({len(ids)})")
+    return ids, [reward.clean_kwargs(i, k, where) for i, k in zip(ids, raw)]
+
+
+def _child(node: dict, *, task: str, ids: list[str], kwargs: list[dict], method: str, iteration: int, step: int,
+           root: str, fallback_from: str | None, verifiable: bool) -> dict:
+    return {"id": None, "prompt": compose_prompt(task, ids, kwargs) if verifiable else task,
+            "instruction_id_list": ids, "kwargs": kwargs, "parent": node["id"], "iteration": iteration,
+            "method": method, "task": task, "root": root, "step": step, "fallback_from": fallback_from}
+
+
+def _constraint_child(node: dict, task: str | None, ids: list[str], kwargs: list[dict], rng: np.random.Generator,
+                      max_constraints: int) -> tuple[dict, str] | None:
+    """(child record without id/lineage, action) from the in-code constraint step, or None when none is possible.
+
+    With a task the child's prompt is re-composed (task + every constraint's sentence). Without one (a prompt whose
+    task could not be split off) a constraint can only be added: its sentence goes after the unchanged old text.
+    """
+    stepped = constraint_step(task if task is not None else node["prompt"], ids, kwargs, rng, max_constraints,
+                              tighten=task is not None)
+    if stepped is None:
+        return None
+    new_ids, new_kwargs, action = stepped
+    prompt = compose_prompt(task, new_ids, new_kwargs) if task is not None else \
+        node["prompt"].strip() + " " + reward.describe_instruction(new_ids[-1], new_kwargs[-1])
+    return ({"id": None, "prompt": prompt, "instruction_id_list": new_ids, "kwargs": new_kwargs,
+             "parent": node["id"], "method": "add_constraints", "task": task}, action)
+
+
+def evolve(parents: list[dict], complete: Callable[[list[str]], list[str | None]], *, depth: int = 4,
+           kinds: str = "all", seed: int = 0, iteration: int = 1, verifiable: bool = True, pool: list[dict] = (),
+           fallback: bool = True, near_duplicate: float = 0.85, max_ratio: float = 2.0,
+           max_constraints: int = MAX_CONSTRAINTS) -> tuple[list[dict], dict]:
+    """Evolve every parent into a chain of up to `depth` children; returns (children, stats).
+
+    One link per step for all chains at once, so `complete` is called once per step with every chain's creator
+    message (it shards them over ranks). Each chain draws its methods from its own generator, seeded by (seed, chain
+    index): the children depend only on the parents, the seed and what `complete` returns, never on the rank.
+    kinds: "all", "depth" (in-depth methods only) or "breadth". verifiable: the reward is the rules back-end, so
+    add_constraints is done in code and LLM rewrites touch only the task (module docstring). fallback: a rejected
+    LLM link is made by the in-code constraint step instead, when verifiable and add_constraints is among the
+    allowed methods (a breadth-only ablation gets no constraint steps). Children are de-duplicated against the
+    pool, the parents and each other: exactly (normalized prompt text) and near-exactly (character-3-gram Jaccard of
+    the tasks >= near_duplicate, with the same constraints). stats: kept, calls to the creator, rejected rewrites by reason, fallbacks, kept per method and per kind,
+    constraints added / tightened in code.
+    """
+    if depth < 1:
+        raise ValueError(f"creator: evolve depth must be >= 1, got {depth}")
+    methods = methods_for(kinds)
+    ids_seen = [p["id"] for p in parents]
+    if len(set(ids_seen)) != len(ids_seen):
+        raise ValueError("creator: evolve got the same parent id twice")
+    index = _new_index()
+    for r in list(pool) + list(parents):
+        _index_add(index, r)
+    taken_ids = {r.get("id") for r in pool} | set(ids_seen)
+    rejected = Counter({reason: 0 for reason in REJECT_REASONS})
+    stats = dict(parents=len(parents), kept=0, creator_calls=0, rejected=rejected, fallback=0, unsplittable=0,
+                 per_method=Counter(), per_kind=Counter(), constraints_added=0, constraints_tightened=0,
+                 rule_sentences_dropped=0)
+    can_fallback = verifiable and fallback and "add_constraints" in methods
+
+    nodes, tasks, cons = [], [], []
+    for p in parents:
+        where = f"parent {p.get('id')}"
+        ids, kwargs = _constraints(p, where) if verifiable else ([], [])
+        nodes.append(p)
+        tasks.append(split_task(p, verifiable))
+        cons.append((ids, kwargs))
+    rngs = [np.random.default_rng([seed & 0x7FFFFFFFFFFFFFFF, c]) for c in range(len(parents))]
+    children = []
+    for step in range(1, depth + 1):
+        plan = [methods[int(rng.integers(len(methods)))] for rng in rngs]  # drawn first: the same on every rank
+        ask = [c for c, m in enumerate(plan) if tasks[c] is not None and not (verifiable and m == "add_constraints")]
+        outputs = {}
+        if ask:
+            raw = complete([render(plan[c], tasks[c]) for c in ask])
+            stats["creator_calls"] += len(ask)
+            if len(raw) != len(ask):
+                raise ValueError(f"creator: the completer returned {len(raw)} outputs for {len(ask)} messages")
+            outputs = dict(zip(ask, raw))
+        for c, method in enumerate(plan):
+            node, (ids, kwargs) = nodes[c], cons[c]
+            root = parents[c]["id"]
+            child, fallback_from = None, None
+            if c in outputs:
+                text, reason = clean_rewrite(tasks[c], outputs[c], max_ratio=max_ratio)
+                if text is not None and verifiable and ids:
+                    kept_text = drop_rule_sentences(text)
+                    stats["rule_sentences_dropped"] += int(kept_text != text.strip())
+                    text, reason = (kept_text, "ok") if kept_text else (None, "empty")
+                if text is None:
+                    rejected[reason] += 1
+                else:
+                    child = _child(node, task=text, ids=ids, kwargs=kwargs, method=method, iteration=iteration,
+                                   step=step, root=root, fallback_from=None, verifiable=verifiable)
+                    dup = _index_find(index, child, near_duplicate)
+                    if dup:
+                        rejected[dup] += 1
+                        child = None
+                if child is None:
+                    if not can_fallback:
+                        continue
+                    fallback_from = method
+            elif tasks[c] is None:
+                stats["unsplittable"] += 1
+                if not can_fallback:
+                    continue
+                fallback_from = method if method != "add_constraints" else None
+            if child is None:  # the in-code constraint step (drawn, or a fallback)
+                made = _constraint_child(node, tasks[c], ids, kwargs, rngs[c], max_constraints)
+                if made is None:
+                    rejected["no_constraint_step"] += 1
+                    continue
+                child, action = made
+                child.update(iteration=iteration, step=step, root=root, fallback_from=fallback_from)
+                dup = _index_find(index, child, near_duplicate)
+                if dup:
+                    rejected[dup] += 1
+                    continue
+                stats["fallback"] += int(fallback_from is not None)
+                stats["constraints_added" if action.startswith("added") else "constraints_tightened"] += 1
+            child["id"] = _unique_id(f"{root}.i{iteration}.{step}", taken_ids)
+            taken_ids.add(child["id"])
+            _index_add(index, child)
+            children.append(child)
+            nodes[c], tasks[c], cons[c] = child, child["task"], (child["instruction_id_list"], child["kwargs"])
+            stats["per_method"][child["method"]] += 1
+            stats["per_kind"][EVOLVE_METHODS[child["method"]].kind] += 1
+    stats["kept"] = len(children)
+    stats = {k: dict(v) if isinstance(v, Counter) else v for k, v in stats.items()}
+    return children, stats
+
+
+def _unique_id(base: str, taken: set) -> str:
+    candidate, n = base, 1
+    while candidate in taken:
+        n += 1
+        candidate = f"{base}-{n}"
+    return candidate
+
+
+# ============================================================================================ creator back-ends
+
+def _call_seed(seed: int, call: int, index: int) -> int:
+    return zlib.crc32(f"{seed}|{call}|{index}".encode()) & 0x7FFFFFFF
+
+
+def local_completer(model, tokenizer, *, seed: int = 0, **sample_kwargs) -> Callable[[list[str]], list[str]]:
+    """A `complete` that asks a local model (the solver itself, or any loaded model) through generate.sample.
+
+    The messages are sharded over ranks (parallel.sharded); message i of the c-th call samples with a seed made of
+    (seed, c, i), so the outputs do not depend on the number of ranks or on the batch. sample_kwargs go to
+    generate.sample (max_new_tokens, temperature, top_p, batch_size, ...).
+    """
+    import generate
+    import parallel
+    calls = [0]
+
+    def complete(messages: list[str]) -> list[str]:
+        call = calls[0]
+        calls[0] += 1
+
+        def run(local: list[tuple[int, str]]) -> list[str]:
+            out = generate.sample(model, tokenizer, [m for _, m in local], n=1,
+                                  seeds=[_call_seed(seed, call, i) for i, _ in local], **sample_kwargs)
+            return [texts[0] if texts else "" for texts in out.texts]
+
+        return parallel.sharded(run, list(enumerate(messages)), desc="creator")
+
+    return complete
+
+
+def endpoint_completer(base_url: str, model: str, *, temperature: float = 0.7, max_tokens: int = 512,
+                       concurrency: int = 8, **kwargs) -> Callable[[list[str]], list[str | None]]:
+    """A `complete` that asks an OpenAI-compatible server (vLLM, LiteLLM, a hosted model) via endpoint.chat_many.
+
+    The messages are sharded over ranks; a call that failed after its retries gives None (rejected as "failed");
+    when every call of a batch fails the endpoint itself is down and EndpointError is raised on every rank.
+    kwargs go to endpoint.chat (timeout, retries, api_key_env, extra).
+    """
+    import endpoint
+    import parallel
+
+    def run(local: list[str]) -> list[str | None]:
+        try:
+            return endpoint.chat_many(base_url, model, [[{"role": "user", "content": m}] for m in local],
+                                      concurrency=concurrency, temperature=temperature, max_tokens=max_tokens, **kwargs)
+        except endpoint.EndpointError as err:
+            print(f"creator: {err}", file=sys.stderr)
+            return [None] * len(local)  # raising on one rank only would leave the others waiting in the gather
+
+    def complete(messages: list[str]) -> list[str | None]:
+        out = parallel.sharded(run, messages, desc="creator endpoint")
+        if out and all(o is None for o in out):
+            raise endpoint.EndpointError(f"creator endpoint {base_url} ({model}): all {len(out)} calls failed")
+        return out
+
+    return complete
+
+
+# ============================================================================================ pairs and the mix
+
+def win_probabilities(rewards) -> np.ndarray:
+    """SPPO's P_i = mean_j sigmoid(r_i - r_j) over all N samples of a prompt (self included): [N] -> [N]."""
+    r = np.asarray(rewards, dtype=np.float64)  # [N]
+    return (1.0 / (1.0 + np.exp(-(r[:, None] - r[None, :])))).mean(axis=1)  # [N, N] -> [N]
+
+
+def make_pairs(prompts: list[dict], samples: list[dict], source: str) -> list[dict]:
+    """One pair per sample record: chosen = highest reward, rejected = lowest (first of equals), none when the
+    rewards all tie or the two texts are identical. Responses with a non-finite reward are left out. p_chosen and
+    p_rejected are the SPPO win probabilities of those two among the prompt's scored samples."""
+    by_id = {p.get("id", p.get("key")): p for p in prompts}
+    pairs = []
+    for s in samples:
+        if s["prompt_id"] not in by_id:
+            raise ValueError(f"creator: sample for prompt '{s['prompt_id']}' has no prompt record")
+        if len(s["responses"]) != len(s["rewards"]):
+            raise ValueError(f"creator: prompt '{s['prompt_id']}' has {len(s['responses'])} responses but "
+                             f"{len(s['rewards'])} rewards")
+        keep = [i for i, r in enumerate(s["rewards"]) if r is not None and math.isfinite(r)]
+        r = np.array([s["rewards"][i] for i in keep], dtype=np.float64)  # [n]
+        if _ties(r):
+            continue
+        best, worst = int(np.argmax(r)), int(np.argmin(r))
+        chosen, rejected = s["responses"][keep[best]], s["responses"][keep[worst]]
+        if chosen == rejected:
+            continue
+        p = win_probabilities(r)  # [n]
+        pairs.append(dict(prompt_id=s["prompt_id"], prompt=by_id[s["prompt_id"]]["prompt"], chosen=chosen,
+                          rejected=rejected, chosen_reward=float(r[best]), rejected_reward=float(r[worst]),
+                          p_chosen=float(p[best]), p_rejected=float(p[worst]), source=source))
+    return pairs
+
+
+def mix(evolved_pairs: list[dict], original_pairs: list[dict], *, evolved_fraction: float = 0.8,
+        total: int | None = None, seed: int = 0) -> list[dict]:
+    """The training pairs: a fraction from evolved prompts, the rest from the original pool, shuffled (seeded).
+
+    total None: every evolved pair plus round(E * (1 - f) / f) original pairs (as many as exist); with no evolved
+    pairs at all, every original pair (an iteration whose children all tied still trains). total given:
+    round(total * f) evolved and the rest original; a side that runs short is topped up from the other. Each pair's
+    "source" is set to "evolved" or "original".
+    """
+    if not 0.0 <= evolved_fraction <= 1.0:
+        raise ValueError(f"creator: evolved_fraction must be in [0, 1], got {evolved_fraction}")
+    rng = np.random.default_rng(seed)
+    n_e, n_o = len(evolved_pairs), len(original_pairs)
+    if total is None:
+        if n_e == 0 or evolved_fraction == 0:
+            want_e, want_o = (0, n_o) if n_e == 0 or evolved_fraction == 0 else (n_e, 0)
+        else:
+            want_e = n_e
+            want_o = min(n_o, int(math.floor(n_e * (1 - evolved_fraction) / evolved_fraction + 0.5)))
+    else:
+        if total < 0:
+            raise ValueError(f"creator: mix total must be >= 0, got {total}")
+        total = min(total, n_e + n_o)
+        want_e = min(n_e, int(math.floor(total * evolved_fraction + 0.5)))
+        want_o = min(n_o, total - want_e)
+        want_e = min(n_e, total - want_o)  # top up the evolved side when the original side ran short
+    pick_e = rng.choice(n_e, size=want_e, replace=False) if want_e else []
+    pick_o = rng.choice(n_o, size=want_o, replace=False) if want_o else []
+    out = [{**evolved_pairs[int(i)], "source": "evolved"} for i in pick_e]
+    out += [{**original_pairs[int(i)], "source": "original"} for i in pick_o]
+    return [out[int(i)] for i in rng.permutation(len(out))]
+
+
+# ============================================================================================ lineage
+
+def report_lineage(pool: list[dict], *, examples: int = 3) -> dict:
+    """How a pool grew: evolved prompts per method, per kind, per iteration (and method), fallbacks, and a few of
+    the longest chains, root first (each link: id, iteration, method, prompt)."""
+    by_id = {r["id"]: r for r in pool}
+    evolved = [r for r in pool if r.get("parent") is not None]
+    per_iteration: dict[int, Counter] = {}
+    for r in evolved:
+        per_iteration.setdefault(int(r.get("iteration", 0)), Counter())[r.get("method")] += 1
+
+    def chain(r: dict) -> list[dict]:
+        links, seen = [r], {r["id"]}
+        while links[-1].get("parent") in by_id and links[-1]["parent"] not in seen:
+            links.append(by_id[links[-1]["parent"]])
+            seen.add(links[-1]["id"])
+        return links[::-1]
+
+    parents = {r.get("parent") for r in evolved}
+    leaves = sorted((r for r in evolved if r["id"] not in parents), key=lambda r: (-len(chain(r)), str(r["id"])))
+    chosen_roots, shown = set(), []
+    for leaf in leaves:  # one chain per root, so the examples show different seeds
+        links = chain(leaf)
+        if links[0]["id"] in chosen_roots:
+            continue
+        chosen_roots.add(links[0]["id"])
+        shown.append([dict(id=x["id"], iteration=x.get("iteration", 0), method=x.get("method"),
+                           prompt=x["prompt"]) for x in links])
+        if len(shown) == examples:
+            break
+    per_method = Counter(r.get("method") for r in evolved)
+    return dict(
+        pool=len(pool), original=len(pool) - len(evolved), evolved=len(evolved),
+        per_method=dict(per_method),
+        per_kind=dict(Counter(EVOLVE_METHODS[m].kind for m in per_method.elements() if m in EVOLVE_METHODS)),
+        per_iteration={t: sum(c.values()) for t, c in sorted(per_iteration.items())},
+        per_iteration_method={t: dict(c) for t, c in sorted(per_iteration.items())},
+        fallbacks=sum(1 for r in evolved if r.get("fallback_from")),
+        roots=len({chain(r)[0]["id"] for r in evolved}),
+        examples=shown)
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1:
+        sys.exit("usage: python creator.py runs/<name>")
+    run = Path(argv[0])
+    records = {}
+    for path in sorted(run.glob("iter_*/pool.jsonl")) + sorted(run.glob("iter_*/evolved.jsonl")):
+        for line in path.read_text().splitlines():
+            if line.strip():
+                r = json.loads(line)
+                records[r["id"]] = r
+    if not records:
+        raise FileNotFoundError(f"creator: no iter_*/pool.jsonl or evolved.jsonl under {run}")
+    print(json.dumps(report_lineage(list(records.values())), indent=1))
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (FileNotFoundError, ValueError) as err:
+        sys.exit(f"error: {err}")
