@@ -20,12 +20,18 @@ rewrite can never drop or garble a constraint. A child records its task in the f
 has no "task" field, the task is the prompt's sentences that read like no constraint (split_task); the constraint
 sentences are re-written canonically. The "add_constraints" method is done in code: it adds one IFEval constraint
 that conflicts with none already there (up to MAX_CONSTRAINTS) or tightens one (fewer words, more bullets, one more
-keyword, ...). It needs no LLM and always yields a valid record, so a weak creator (the embedded 135M solver, whose
-rewrites are mostly rejected) still grows chains: when an LLM rewrite is rejected, that link of the chain is made by
-the in-code constraint step instead (counted as stats["fallback"], the child's "fallback_from" names the rejected
-method). Without the rules reward (verifiable=False) every method, add_constraints included, is an LLM rewrite of the
-whole prompt, children carry no IFEval constraints, and a rejected link yields no child: the chain goes on from the
-last kept prompt, so it can end up shorter than K.
+keyword, ...). It needs no LLM and yields a valid record whenever a step is left (none is left only for a full
+set of constraints all at their bounds, or beside a shape-fixing one such as JSON), so a weak creator (the embedded
+135M solver, whose rewrites are mostly rejected) still grows chains: when an LLM rewrite is rejected, that link of
+the chain is made by the in-code constraint step instead (counted as stats["fallback"]; the child's "fallback_from"
+names the rejected method). Without the rules reward (verifiable=False) every method, add_constraints included, is
+an LLM rewrite of the whole prompt, children carry no IFEval constraints, and a rejected link yields no child: the
+chain goes on from the last kept prompt, so it can end up shorter than K.
+
+Children are prompt records (DESIGN.md s3: id, prompt, instruction_id_list, kwargs, parent, iteration, method) plus
+"task" (the request without its constraint sentences; None for a prompt whose task could not be split off), "root"
+(the selected pool prompt the chain grew from), "step" (1..K along the chain) and "fallback_from" (the LLM method
+whose rejected rewrite the in-code constraint step replaced, else None). Ids are "<root>.i<iteration>.<step>".
 
 Back-ends of `complete` (a callable: list of creator instructions -> list of raw outputs, None for a failed call):
 local_completer (the solver itself, "self-play", or any other local model, through generate.sample and sharded over
@@ -117,7 +123,8 @@ def selection_weights(info: np.ndarray) -> np.ndarray:
 
 
 def n_selected(n_prompts: int, fraction: float) -> int:
-    """How many prompts a fraction of a pool is: round half up, at least one when fraction > 0 and the pool isn't empty."""
+    """How many prompts a fraction of a pool is: round half up, and at least one when fraction > 0 and the pool
+    is not empty."""
     if not 0.0 <= fraction <= 1.0:
         raise ValueError(f"creator: select fraction must be in [0, 1], got {fraction}")
     if n_prompts == 0 or fraction == 0:
@@ -210,7 +217,8 @@ _INSTRUCTIONS = {
                             "particular case."),
 }
 EVOLVE_METHODS: dict[str, Method] = {
-    name: Method(name, kind, text, _FRAME.replace("{instruction}", text)) for name, (kind, text) in _INSTRUCTIONS.items()
+    name: Method(name, kind, text, _FRAME.replace("{instruction}", text))
+    for name, (kind, text) in _INSTRUCTIONS.items()
 }
 KINDS = ("all", "depth", "breadth")
 
@@ -230,7 +238,7 @@ def methods_for(kinds: str = "all") -> list[str]:
 
 # ============================================================================================ cleaning rewrites
 
-REJECT_REASONS = ("failed", "empty", "too_short", "echo", "copy", "too_long", "answer", "duplicate",
+REJECT_REASONS = ("failed", "empty", "too_short", "echo", "copy", "too_long", "meta", "answer", "duplicate",
                   "near_duplicate", "no_constraint_step")
 
 _TAG = re.compile(r"(?<!<)</?\s*(?:request|prompt|new[ _]?request|new[ _]?prompt|rewritten(?:[ _]?\w+)?|original"
@@ -247,15 +255,24 @@ _TRAILER = re.compile(r"\n\s*\n\s*[(*_]*(?:note|explanation|changes?|this (?:new
 _ANSWER_OPENER = re.compile(r"^\W*(?:sure|certainly|of course|absolutely|okay|ok|here(?:'s| is| are)|as an ai|"
                             r"i(?:'m| am) sorry|i can(?:'t|not)|i'd be happy|i would be happy|great question|"
                             r"once upon a time|dear\b|title\s*:|<<)", re.I)
-_REQUEST_VERBS = ("write compose create describe explain tell give list draft summarize summarise suggest imagine "
-                  "design plan compare discuss outline provide generate share name recommend translate rewrite make "
-                  "help find calculate solve propose invent develop argue analyze analyse evaluate identify prepare "
-                  "craft pretend define brainstorm teach show walk guide convince persuade pitch come imagine "
-                  "what why how when where who which whose can could would should is are do does will may "
-                  "please let consider assume choose decide picture think sketch produce put turn draw build").split()
-_REQUEST = re.compile(r"(?:^|[.!?:;,\n]\s*|\b(?:and|then|to)\s+)(?:" + "|".join(_REQUEST_VERBS) + r")\b"
-                      r"|\?|\b(?:you|your|yourself|i need|i want|i'd like|i would like|help me|i'm looking|"
+_IMPERATIVES = ("write compose create describe explain tell give list draft summarize summarise suggest imagine design "
+                "plan compare discuss outline provide generate share name recommend translate rewrite make help find "
+                "calculate solve propose invent develop argue analyze analyse evaluate identify prepare craft pretend "
+                "define brainstorm teach show walk guide convince persuade pitch come please let consider assume "
+                "choose decide picture sketch produce put turn draw build").split()
+_QUESTION_WORDS = "what why how when where who which whose can could would should is are do does will may".split()
+# A request: an imperative at the start of a clause, a question word at the start of a sentence, a question mark,
+# or someone speaking to the assistant ("you", "I need ...").
+_REQUEST = re.compile(r"(?:^|[.!?\n]\s*|[,;:]\s*|\b(?:and|then)\s+)(?:" + "|".join(_IMPERATIVES) + r")\b"
+                      r"|(?:^|[.!?\n]\s*)(?:" + "|".join(_QUESTION_WORDS) + r")\b|\?"
+                      r"|\b(?:you|your|yourself|i need|i want|i'd like|i would like|help me|i'm looking|"
                       r"i am looking)\b", re.I)
+# Talk about the request or about the assistant itself, instead of a request.
+_META = re.compile(r"\b(?:the|this|that|my|your) (?:original |new |above |rewritten |given )?(?:request|prompt)\b"
+                   r"|\brewritten version\b|\bi(?:'m| am) (?:unable|not able|sorry|here to|ready to)\b"
+                   r"|\bi can(?:'t|not) (?:help|assist)\b|\bi(?:'d| would) be (?:happy|glad)\b|\bas an ai\b"
+                   r"|\bi was (?:designed|trained|created)\b|\bhow can i (?:help|assist)\b"
+                   r"|\bwhat(?:'s| is) (?:the|your) question\b", re.I)
 _QUOTE_PAIRS = (('"', '"'), ("'", "'"), ("\u201c", "\u201d"), ("\u2018", "\u2019"), ("`", "`"), ("**", "**"),
                 ("*", "*"))
 
@@ -318,7 +335,8 @@ def clean_rewrite(parent_text: str, raw: str | None, *, max_ratio: float = 2.0, 
 
     Rejected: a failed call (None), nothing left after parsing, fewer than min_words words, an echo of the creator
     instruction, a copy of the parent (same normalized text), more than max_ratio times the parent's length (plus
-    slack_chars, so short parents may gain a clause), and text that answers instead of asking.
+    slack_chars, so short parents may gain a clause), text that talks about the request or the assistant ("I'd be
+    happy to ...", "the original request ...") instead of being one, and text that answers instead of asking.
     """
     if raw is None:
         return None, "failed"
@@ -333,6 +351,8 @@ def clean_rewrite(parent_text: str, raw: str | None, *, max_ratio: float = 2.0, 
         return None, "copy"
     if len(text) > max_ratio * len(parent_text.strip()) + slack_chars:
         return None, "too_long"
+    if _META.search(text) and not _META.search(parent_text):
+        return None, "meta"
     if looks_like_answer(text, parent_text):
         return None, "answer"
     return text, "ok"
@@ -516,7 +536,10 @@ def _addable(task: str, ids: list[str], kwargs: list[dict], rng: np.random.Gener
     """New constraints that suit a short answer and conflict with none of (ids, kwargs); parameters drawn by rng."""
     words = [w for w in content_words(task)
              if w not in {x.lower() for s in _required_strings(ids, kwargs) for x in re.findall(r"\w+", s)}]
-    pick = lambda options: options[int(rng.integers(len(options)))]  # noqa: E731 (a one-line helper)
+
+    def pick(options):
+        return options[int(rng.integers(len(options)))]
+
     candidates = [
         ("punctuation:no_comma", {}),
         ("change_case:english_lowercase", {}),
@@ -572,7 +595,8 @@ def constraint_step(task: str, ids: list[str], kwargs: list[dict], rng: np.rando
 _NUM = r"(?:\d+|one|a single|two|three|four|five|six|seven|eight|nine|ten|twelve|fifteen|twenty|thirty|fifty)"
 _RULE_CUES = re.compile(
     r"\byour (?:entire |whole |full )?(?:response|answer|reply|output)\b"
-    rf"|\b(?:less|fewer|more) than {_NUM}\b|\bat (?:least|most) {_NUM}\b|\bexactly {_NUM}\b|\b{_NUM} or (?:more|fewer|less)\b"
+    rf"|\b(?:less|fewer|more) than {_NUM}\b|\bat (?:least|most) {_NUM}\b|\bexactly {_NUM}\b"
+    rf"|\b{_NUM} or (?:more|fewer|less)\b"
     rf"|\b{_NUM} (?:words|sentences?|paragraphs?|bullet|bullets|sections|placeholders?|times)\b|\bunder {_NUM} words\b"
     r"|\b(?:lower ?case|upper ?case|capital letters|capitali[sz]ed|all caps|capitals)\b|\bcommas?\b|<<|>>"
     r"|\bjson\b|\bbullet|\bhighlight|\bplaceholders?\b|\bp\.\s?p?\.?\s?s\b|\bpostscript\b|\*{3,}|\basterisks?\b"
@@ -666,8 +690,12 @@ def evolve(parents: list[dict], complete: Callable[[list[str]], list[str | None]
     LLM link is made by the in-code constraint step instead, when verifiable and add_constraints is among the
     allowed methods (a breadth-only ablation gets no constraint steps). Children are de-duplicated against the
     pool, the parents and each other: exactly (normalized prompt text) and near-exactly (character-3-gram Jaccard of
-    the tasks >= near_duplicate, with the same constraints). stats: kept, calls to the creator, rejected rewrites by reason, fallbacks, kept per method and per kind,
-    constraints added / tightened in code.
+    the tasks >= near_duplicate, with the same constraints). A rejected link without a fallback yields no child and
+    the chain goes on from its last kept prompt. max_ratio: the longest rewrite, relative to the parent's task.
+
+    stats (JSON-ready): parents, kept, creator_calls, rejected (count per REJECT_REASONS), fallback, unsplittable
+    (links whose prompt had no separable task: constraint steps only), per_method and per_kind (kept children),
+    constraints_added / constraints_tightened (in-code steps), rule_sentences_dropped (from LLM rewrites).
     """
     if depth < 1:
         raise ValueError(f"creator: evolve depth must be >= 1, got {depth}")

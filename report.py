@@ -41,26 +41,39 @@ def _fmt(value, digits=3) -> str:
     return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
 
 
-def example_chains(run: Path, limit: int = 3) -> list[list[dict]]:
-    """A few evolved chains, root first: follow each child's parent back through every iteration's files."""
-    records = {}
-    for path in sorted(run.glob("iter_*/pool.jsonl")) + sorted(run.glob("iter_*/evolved.jsonl")):
-        for r in _jsonl(path):
-            records[r["id"]] = r
-    leaves = [r for path in sorted(run.glob("iter_*/evolved.jsonl")) for r in _jsonl(path)]
-    parents = {r.get("parent") for r in records.values()}
-    chains = []
-    for leaf in leaves:
-        if leaf["id"] in parents:
-            continue
-        chain, node = [leaf], leaf
-        while node.get("parent") in records:
-            node = records[node["parent"]]
-            chain.append(node)
-        chains.append(chain[::-1])
-        if len(chains) == limit:
+def evolution_section(run: Path) -> str:
+    """How the pool grew (per method, per iteration), informativeness before and after, a few example chains."""
+    import creator
+    final_pool = []
+    for t in range(1000):
+        folder = run / f"iter_{t}"
+        if not folder.is_dir():
             break
-    return chains
+        final_pool = _jsonl(folder / "pool_next.jsonl") or _jsonl(folder / "pool.jsonl") + _jsonl(
+            folder / "evolved.jsonl")
+    lineage = creator.report_lineage(final_pool)
+    if not lineage["evolved"]:
+        return ""
+    text = ["", "## How the pool grew", "",
+            f"{lineage['original']} seed prompts + {lineage['evolved']} evolved = {lineage['pool']}.", "",
+            "| iteration | " + " | ".join(sorted(lineage["per_method"])) + " |",
+            "|---|" + "---|" * len(lineage["per_method"])]
+    for t, counts in sorted(lineage["per_iteration_method"].items()):
+        text.append(f"| {t} | " + " | ".join(str(counts.get(m, 0)) for m in sorted(lineage["per_method"])) + " |")
+    text += ["", "Informativeness (reward gap of the solver's samples) of the pool the creator read, and of the "
+             "prompts it wrote:", "", "| iteration | prompts | informative share | mean gap |", "|---|---|---|---|"]
+    for folder in sorted(run.glob("iter_*"), key=lambda p: int(p.name.split("_")[1])):
+        for name, label in (("samples.jsonl", "pool"), ("evolved_samples.jsonl", "evolved")):
+            infos = [s["info"] for s in _jsonl(folder / name)]
+            if infos and (label == "evolved" or folder.name != "iter_0"):
+                summary = creator.summarize_info(infos)
+                text.append(f"| {folder.name.split('_')[1]} ({label}) | {summary['n']} | "
+                            f"{summary['informative_share']:.2f} | {_fmt(summary['mean'])} |")
+    text += ["", "## Example evolved chains (root first)", ""]
+    for chain in lineage["examples"]:
+        text += [f"{'  ' * k}- [{c.get('method') or 'seed'}] {c['prompt'][:400]!r}" for k, c in enumerate(chain)]
+        text.append("")
+    return "\n".join(text) + "\n"
 
 
 def write_report(run: Path, eva_iterations: int | None = None) -> str:
@@ -83,14 +96,7 @@ def write_report(run: Path, eva_iterations: int | None = None) -> str:
                     f"| instruction-level accuracy | {start['instruction_level']:.3f} | "
                     f"{end['instruction_level']:.3f} |\n"
                     f"\n({start['n_prompts']} held-out prompts)")
-    chains = example_chains(run)
-    chain_text = ""
-    for chain in chains:
-        chain_text += "\n" + "\n".join(f"{'  ' * k}- [{c.get('method') or 'seed'}] {c['prompt'][:300]!r}"
-                                       for k, c in enumerate(chain)) + "\n"
-    md = f"# eva run report: {run}\n\n{table}\n\n{accuracy}\n\n![report](report.png)\n"
-    if chain_text:
-        md += f"\n## Example evolved chains (root first)\n{chain_text}"
+    md = f"# eva run report: {run}\n\n{table}\n\n{accuracy}\n\n![report](report.png)\n" + evolution_section(run)
     (run / "report.md").write_text(md)
     plot(run, rows, start, end)
     return table + ("\n\n" + accuracy if accuracy else "")

@@ -60,6 +60,8 @@ class Config:
     max_heldout_prompts: int = 0  # evaluate only the first K held-out prompts (0 = all)
     # --- the loop
     eva_iterations: int = 1  # eva iterations after iteration 0
+    evolve: bool = True  # --no-evolve: later iterations are ordinary ones on the same pool (the baseline arm)
+    pairs_per_iteration: int = 0  # train on exactly this many pairs each iteration (0 = every pair the phase made)
     n_samples: int = 4  # responses per prompt (the paper: 6)
     temperature: float = 0.7  # sampling temperature of the solver
     top_p: float = 0.9  # nucleus sampling of the solver
@@ -75,6 +77,8 @@ class Config:
     evolved_fraction: float = 0.8  # share of training pairs from evolved prompts (the rest from the pool)
     creator_max_new_tokens: int = 160  # longest rewrite
     creator_temperature: float = 0.7  # sampling temperature of the creator
+    endpoint_timeout: float = 120.0  # seconds per socket operation of a creator endpoint or judge call
+    endpoint_retries: int = 4  # retries (exponential backoff) of a failed endpoint call before it counts as failed
     # --- the solver update
     loss: str = "dpo"  # dpo | ipo | sppo | simpo | orpo
     beta: float = -1.0  # loss temperature; < 0 means the loss's own default (see losses.LOSSES)
@@ -172,7 +176,10 @@ def write_atomic(path: Path, text: str) -> None:
     if not parallel.is_main():
         return
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())  # on disk before the rename, so a node that loses power keeps no empty "finished" file
     os.replace(tmp, path)
 
 
@@ -181,12 +188,17 @@ def write_jsonl(path: Path, records: list[dict]) -> None:
 
 
 def read_jsonl(path: Path) -> list[dict]:
+    return [record for _, record in numbered_jsonl(path)]
+
+
+def numbered_jsonl(path: Path) -> list[tuple[int, object]]:
+    """(line number, record) for every non-blank line, so errors name the file's own line numbers."""
     records = []
     with open(path) as f:
         for lineno, line in enumerate(f, 1):
             if line.strip():
                 try:
-                    records.append(json.loads(line))
+                    records.append((lineno, json.loads(line)))
                 except json.JSONDecodeError as err:
                     raise ValueError(f"{path}:{lineno}: not valid JSON ({err.msg})") from None
     return records
@@ -198,7 +210,7 @@ def read_prompts(path: str, reward_spec: str, limit: int = 0) -> list[dict]:
     if not file.is_file():
         raise FileNotFoundError(f"{path}: prompt file not found")
     records, seen = [], set()
-    for lineno, record in enumerate(read_jsonl(file), 1):
+    for lineno, record in numbered_jsonl(file):
         where = f"{path}:{lineno}"
         if not isinstance(record, dict):
             raise ValueError(f"{where}: expected a JSON object")
@@ -225,6 +237,22 @@ def read_prompts(path: str, reward_spec: str, limit: int = 0) -> list[dict]:
     return records[:limit] if limit else records
 
 
+def kill_point(t: int, phase: str, step: int | None = None) -> None:
+    """Test hook: EVA_KILL_AT="<t>:<phase>[:<step>]" makes this process SIGKILL itself here.
+
+    Run.mark calls it after a phase's outputs are written and before its marker; train calls it after each
+    checkpoint (with the checkpoint's step). "1:train" dies at the first matching point, "1:train:2" only after
+    the step-2 checkpoint. tests/test_resume.py uses it to kill a run inside every phase and check that the
+    resumed run ends exactly where an uninterrupted one does. Unset (always, outside tests) it does nothing.
+    """
+    spec = os.environ.get("EVA_KILL_AT")
+    if not spec:
+        return
+    want_t, want_phase, *want_step = spec.split(":")
+    if int(want_t) == t and want_phase == phase and (not want_step or int(want_step[0]) == step):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 class Run:
     """The run folder: iter_<t>/ subfolders, phase markers, metrics.jsonl."""
 
@@ -241,6 +269,7 @@ class Run:
         return (self.folder / f"iter_{t}" / f"done_{phase}").exists()
 
     def mark(self, t: int, phase: str, summary: dict) -> None:
+        kill_point(t, phase)  # test hook: outputs written, marker not yet
         write_atomic(self.iter_dir(t) / f"done_{phase}", json.dumps(summary) + "\n")
         self.log({"iteration": t, "phase": phase, **summary})
         parallel.barrier()
@@ -307,6 +336,14 @@ def sample_and_score(solver, tokenizer, scorer, records: list[dict], cfg: Config
 
 def as_floats(values: list) -> list[float]:
     return [math.nan if v is None else float(v) for v in values]
+
+
+def fixed_count(pairs: list[dict], total: int | None, seed: int) -> list[dict]:
+    """Exactly `total` pairs (a seeded subset, or every pair repeated in turn when there are too few)."""
+    if not total or not pairs or len(pairs) == total:
+        return pairs
+    order = np.random.default_rng(seed).permutation(len(pairs))
+    return [pairs[i] for i in np.resize(order, total)]
 
 
 def drop_long_prompts(records: list[dict], tokenizer, cfg: Config, where: str) -> list[dict]:
@@ -532,6 +569,18 @@ def evaluate(solver, tokenizer, records: list[dict], cfg: Config) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------- the loop
+def make_completer(cfg: Config, t: int, solver, tokenizer, creator_model=None, creator_tokenizer=None):
+    """The creator's `complete(messages) -> texts`: the solver itself (self-play), another local model, or an endpoint."""
+    if cfg.creator.startswith("endpoint:"):
+        url, _, name = cfg.creator[len("endpoint:"):].partition("#")
+        return creator.endpoint_completer(url, name, temperature=cfg.creator_temperature,
+                                          max_tokens=cfg.creator_max_new_tokens)
+    model, tok = (solver, tokenizer) if cfg.creator == "self" else (creator_model, creator_tokenizer)
+    return creator.local_completer(model, tok, seed=stable_seed(cfg.seed, t, "creator"),
+                                   max_new_tokens=cfg.creator_max_new_tokens, temperature=cfg.creator_temperature,
+                                   top_p=cfg.top_p, batch_size=cfg.gen_batch_size)
+
+
 def main(argv=None) -> None:
     cfg = parse_config(argv)
     device = parallel.init()
@@ -548,18 +597,9 @@ def main(argv=None) -> None:
 
     solver, tokenizer = load_solver(cfg, run, device)
     scorer = rewards.load_reward(cfg.reward, device=device)
-    if cfg.creator == "self":
-        complete = creator.local_completer(solver, tokenizer, max_new_tokens=cfg.creator_max_new_tokens,
-                                           temperature=cfg.creator_temperature, top_p=cfg.top_p,
-                                           batch_size=cfg.gen_batch_size)
-    elif cfg.creator.startswith("endpoint:"):
-        url, _, name = cfg.creator[len("endpoint:"):].partition("#")
-        complete = creator.endpoint_completer(url, name)
-    else:
-        creator_model, creator_tok = modeling.load_model(cfg.creator, device=device)
-        complete = creator.local_completer(creator_model, creator_tok, max_new_tokens=cfg.creator_max_new_tokens,
-                                           temperature=cfg.creator_temperature, top_p=cfg.top_p,
-                                           batch_size=cfg.gen_batch_size)
+    creator_model = creator_tokenizer = None
+    if cfg.creator != "self" and not cfg.creator.startswith("endpoint:"):
+        creator_model, creator_tokenizer = modeling.load_model(cfg.creator, device=device)
 
     if heldout and not (run.folder / "eval_start.json").exists():
         t0 = time.time()
@@ -595,7 +635,7 @@ def main(argv=None) -> None:
         original_pairs = creator.make_pairs(pool, samples, source="original")
 
         evolved = []
-        if t > 0:
+        if t > 0 and cfg.evolve:
             if not run.done(t, "select"):
                 info = creator.informativeness([as_floats(s["rewards"]) for s in samples], cfg.info_metric)
                 chosen = creator.select(info, cfg.select_fraction, cfg.selection, stable_seed(cfg.seed, t, "select"))
@@ -606,6 +646,7 @@ def main(argv=None) -> None:
 
             if not run.done(t, "evolve"):
                 t1 = time.time()
+                complete = make_completer(cfg, t, solver, tokenizer, creator_model, creator_tokenizer)
                 evolved, stats = creator.evolve(selected, complete, depth=cfg.evolve_depth, kinds=cfg.evolve_kinds,
                                                 seed=stable_seed(cfg.seed, t, "evolve"), iteration=t,
                                                 verifiable=cfg.reward == "rules", pool=pool)
@@ -628,12 +669,14 @@ def main(argv=None) -> None:
             evolved_samples = read_jsonl(folder / "evolved_samples.jsonl")
 
         if not run.done(t, "pairs"):
-            if t == 0:
-                pairs = original_pairs
+            total = cfg.pairs_per_iteration or None
+            if t == 0 or not cfg.evolve:
+                pairs = fixed_count(original_pairs, total, stable_seed(cfg.seed, t, "mix"))
             else:
                 evolved_pairs = creator.make_pairs(evolved, evolved_samples, source="evolved")
                 pairs = creator.mix(evolved_pairs, original_pairs, evolved_fraction=cfg.evolved_fraction,
-                                    seed=stable_seed(cfg.seed, t, "mix"))
+                                    total=total, seed=stable_seed(cfg.seed, t, "mix"))
+                pairs = fixed_count(pairs, total, stable_seed(cfg.seed, t, "mix"))
             write_jsonl(folder / "pairs.jsonl", pairs)
             n_evolved = sum(p["source"] == "evolved" for p in pairs)
             run.mark(t, "pairs", dict(pairs=len(pairs), evolved=n_evolved, original=len(pairs) - n_evolved))

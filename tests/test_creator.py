@@ -171,6 +171,9 @@ def test_parse_messy_creator_outputs(raw):
     ("Write a poem about a lighthouse " + "and the sea and the wind " * 20, "too_long"),
     ("Sure! The lighthouse stood tall against the night sky, its beam sweeping the waves.", "answer"),
     ("The lighthouse stood tall against the night sky.\nIts beam swept the waves.", "answer"),
+    ("The ocean is a land of endless beauty, where stars shine bright and the sea is magic.", "answer"),
+    ("That was a request to write a poem. I'd be happy to explain the process of writing one.", "meta"),
+    ("I'm ready to assist. What's the question you'd like to discuss?", "meta"),
     ("Write a poem about a lighthouse keeper's last night on duty.", "ok"),
     ("As a fisherman, what would you want a lighthouse to do in a storm?", "ok"),
 ])
@@ -184,7 +187,7 @@ def test_clean_rewrite_reasons(raw, reason):
 
 def test_dedup_catches_respaced_recased_copy_and_near_copies():
     pool = [{"id": "a", "prompt": "Write a short poem about the first snowfall of the year."}]
-    cands = [{"id": "b", "prompt": "  WRITE a short   poem about the first\nsnowfall of the YEAR"},  # exact (normalised)
+    cands = [{"id": "b", "prompt": "  WRITE a short   poem about the first\nsnowfall of the YEAR"},  # re-spaced
              {"id": "c", "prompt": "Write a short poem about the first snowfalls of the year."},  # near
              {"id": "d", "prompt": "Describe a busy train station at rush hour."},
              {"id": "e", "prompt": "describe a busy train station at rush hour"}]  # copy of an earlier candidate
@@ -231,8 +234,9 @@ def test_constraint_steps_stay_valid_compatible_and_bounded():
     task = "Write a short poem about the first snowfall of the year."
     for s in range(200):
         rng = np.random.default_rng(s)
-        ids, kwargs = [["change_case:english_lowercase"], [], ["punctuation:no_comma", "detectable_format:title"]][s % 3], \
-            [[{}], [], [{}, {}]][s % 3]
+        starts = [(["change_case:english_lowercase"], [{}]), ([], []),
+                  (["punctuation:no_comma", "detectable_format:title"], [{}, {}])]
+        ids, kwargs = starts[s % 3]
         for step in range(12):
             out = creator.constraint_step(task, ids, kwargs, rng)
             if out is None:  # only once the set is full and every constraint is at its bound
@@ -375,6 +379,10 @@ def test_make_pairs_best_worst_and_sppo_win_probabilities():
     assert p["p_rejected"] == pytest.approx((sig(-0.5) + sig(-1.0) + 0.5) / 3)
     assert p["prompt"] == prompts[0]["prompt"] and p["source"] == "original"
     assert pairs[1]["p_chosen"] == pytest.approx((0.5 + sig(1.0)) / 2), "NaN-rewarded responses do not count"
+    losses = pytest.importorskip("losses")
+    rewards = np.array([[0.5, 1.0, 0.0], [0.2, 0.2, 0.9]])
+    np.testing.assert_allclose(np.stack([creator.win_probabilities(r) for r in rewards]),
+                               losses.win_probabilities(rewards).numpy(), atol=1e-6)
     with pytest.raises(ValueError, match="no prompt record"):
         creator.make_pairs(prompts, [{"prompt_id": "zz", "responses": ["a"], "rewards": [1.0]}], "original")
 
@@ -466,3 +474,16 @@ def test_local_completer_with_a_tiny_model(tiny_llama_dir):
     assert len(first) == 2 and all(isinstance(t, str) for t in first)
     again = creator.local_completer(mdl, tok, max_new_tokens=6, temperature=1.0, seed=3)
     assert again(messages) == first, "same seed, same call number: same rewrites"
+
+
+def test_cli_prints_the_lineage_of_a_run(tmp_path, capsys):
+    parents = seed_records()
+    kids, _ = creator.evolve(parents, numbered_completer(), depth=2, seed=0, iteration=1, pool=parents)
+    for folder, name, records in (("iter_0", "pool.jsonl", parents), ("iter_1", "evolved.jsonl", kids)):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / name).write_text("".join(json.dumps(r) + "\n" for r in records))
+    creator.main([str(tmp_path)])
+    report = json.loads(capsys.readouterr().out)
+    assert report["evolved"] == 6 and report["per_iteration"] == {"1": 6}
+    with pytest.raises(FileNotFoundError, match="no iter_"):
+        creator.main([str(tmp_path / "missing")])

@@ -1,0 +1,151 @@
+"""Benchmark (not a test): generate.sample against transformers' generate, same model, prompts, settings and batch.
+
+    python bench/bench_generate.py                     # bundled SmolLM2-135M, 32 prompts x 4 samples x 128 tokens, CPU
+    python bench/bench_generate.py --model google/gemma-2-2b-it --device cuda --prompts 64 --compile
+
+Both samplers answer the same prompts (the first --prompts of IFEval's input file when the shared data folder is
+there, a fixed list otherwise) with temperature 0.7, top-p 0.9, no top-k, n samples each, one batch of all rows.
+Tokens counted: response tokens before EOS, the same rule for both. Each side runs once untimed (a short warm-up)
+and then --repeats timed runs; the best run counts. The machine's limit is its measured matmul rate (best of 5
+fp32 2048^3 matmuls on CPU, bf16 4096^3 on GPU) divided by the model's FLOPs per generated token:
+    2 * (parameters of every Linear in the blocks + the LM head) + 4 * layers * heads * head_dim * mean context
+(the second term is attention's QK^T and AV over the average context the decode steps see). Absolute numbers on a
+shared machine are noise: read the ratio, and the load average printed beside it.
+"""
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+FALLBACK_PROMPTS = ["Write a short poem about the sea.", "Explain photosynthesis to a ten-year-old.",
+                    "Give three tips for learning a new language.", "What is the difference between a list and a tuple "
+                    "in Python?", "Describe your ideal weekend in one paragraph.", "Summarise the plot of Hamlet."]
+
+
+def load_prompts(count: int) -> list[str]:
+    path = ROOT.parent / "shared" / "data" / "ifeval_input_data.jsonl"
+    if path.is_file():
+        prompts = [json.loads(line)["prompt"] for line in path.open()]
+    else:
+        prompts = FALLBACK_PROMPTS
+    return [prompts[i % len(prompts)] for i in range(count)]
+
+
+def matmul_rate(device: torch.device) -> float:
+    """Best-of-5 FLOP/s of one large square matmul (fp32 on CPU, bf16 on GPU)."""
+    size, dtype = (2048, torch.float32) if device.type == "cpu" else (4096, torch.bfloat16)
+    a, b = torch.randn(size, size, device=device, dtype=dtype), torch.randn(size, size, device=device, dtype=dtype)
+    best = float("inf")
+    for _ in range(6):
+        sync(device)
+        start = time.perf_counter()
+        a @ b
+        sync(device)
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best
+
+
+def flops_per_token(model, mean_context: float) -> float:
+    config = model.config.get_text_config()
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    linear = sum(m.weight.numel() for name, m in base.named_modules()
+                 if isinstance(m, torch.nn.Linear) and "lm_head" not in name)
+    head = config.vocab_size * config.hidden_size
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    attention = 4 * config.num_hidden_layers * config.num_attention_heads * head_dim * mean_context
+    return 2 * (linear + head) + attention
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def run_ours(model, tok, prompts, args) -> tuple[float, int]:
+    from generate import sample
+    sync(model.device)
+    start = time.perf_counter()
+    out = sample(model, tok, prompts, n=args.n, max_new_tokens=args.max_new_tokens, temperature=0.7, top_p=0.9,
+                 batch_size=len(prompts), seed=0, compile=args.compile)
+    sync(model.device)
+    return time.perf_counter() - start, sum(len(s) for row in out.token_ids for s in row)
+
+
+def run_hf(model, tok, prompts, args) -> tuple[float, int]:
+    from generate import _encode, _eos_ids
+    ids = [_encode(tok, p, True) for p in prompts]
+    L = max(map(len, ids))
+    inp = torch.tensor([[tok.pad_token_id] * (L - len(x)) + x for x in ids], device=model.device)  # [P, L]
+    first = torch.tensor([L - len(x) for x in ids], device=model.device)  # [P] first real token of each row
+    attn = torch.arange(L, device=model.device)[None] >= first[:, None]  # [P, L]
+    eos = _eos_ids(model, tok)
+    sync(model.device)
+    start = time.perf_counter()
+    with torch.inference_mode():
+        out = model.generate(input_ids=inp, attention_mask=attn.long(), do_sample=True, temperature=0.7, top_p=0.9,
+                             top_k=0, num_return_sequences=args.n, max_new_tokens=args.max_new_tokens,
+                             eos_token_id=eos, pad_token_id=tok.pad_token_id)
+    sync(model.device)
+    seconds = time.perf_counter() - start
+    count = 0
+    for row in out[:, L:].tolist():
+        count += next((k for k, x in enumerate(row) if x in eos), len(row))
+    return seconds, count
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="default")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--prompts", type=int, default=32)
+    ap.add_argument("-n", type=int, default=4)
+    ap.add_argument("--max_new_tokens", type=int, default=128)
+    ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    ap.add_argument("--compile", action="store_true", help="torch.compile our decode step (GPU)")
+    ap.add_argument("--skip_hf", action="store_true", help="time ours only")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    import model as model_lib
+    device = torch.device(args.device)
+    model, tok = model_lib.load_model(args.model, device=device)
+    prompts = load_prompts(args.prompts)
+    from generate import _encode
+    prompt_len = sum(len(_encode(tok, p, True)) for p in prompts) / len(prompts)
+    print(f"model {args.model} on {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}), "
+          f"{torch.get_num_threads()} threads, {args.prompts} prompts (mean {prompt_len:.0f} tokens) x {args.n} "
+          f"samples x {args.max_new_tokens} new tokens, temperature 0.7, top-p 0.9, dtype {model.dtype}")
+    print(f"load average before: {os.getloadavg()[0]:.2f}")
+    rate = matmul_rate(device)
+    sides = {"ours": run_ours} if args.skip_hf else {"ours": run_ours, "hf generate": run_hf}
+    results = {}
+    for name, fn in sides.items():
+        warm = argparse.Namespace(**{**vars(args), "max_new_tokens": 4})
+        fn(model, tok, prompts[:2], warm)
+        best = min((fn(model, tok, prompts, args) for _ in range(args.repeats)), key=lambda r: r[0])
+        results[name] = best
+        print(f"{name:>12}: {best[1]:6d} tokens in {best[0]:7.2f} s = {best[1] / best[0]:8.1f} tokens/s")
+    tokens = results["ours"][1]
+    mean_context = prompt_len + tokens / (args.prompts * args.n) / 2
+    flops = flops_per_token(model, mean_context)
+    limit = rate / flops
+    ours = results["ours"][1] / results["ours"][0]
+    print(f"matmul rate {rate / 1e9:.1f} GFLOP/s; model {flops / 1e6:.1f} MFLOP/token "
+          f"(mean context {mean_context:.0f}) -> limit {limit:.1f} tokens/s")
+    line = f"ours / limit = {ours / limit:.2f}"
+    if "hf generate" in results:
+        hf = results["hf generate"][1] / results["hf generate"][0]
+        line = f"ours / hf generate = {ours / hf:.2f}x   " + line
+    print(line)
+    print(f"load average after: {os.getloadavg()[0]:.2f}")
+
+
+if __name__ == "__main__":
+    main()
