@@ -7,17 +7,17 @@
     python generate.py --model default --prompt "Write a haiku about rain." -n 4 --temperature 0.7 --top_p 0.9
     python bench/bench_generate.py        # ours vs transformers' generate, same settings, ratio printed
 
-One batch of P prompts (R = P * n sample rows) goes like this:
-1. prefill: the prompts, left-padded to L, run once each through the model's own forward; their keys/values are
-   written n times into a KV cache preallocated for all R rows and L + max_new_tokens positions.
-2. decode: one token per row per step, with explicit position ids (0 at each row's first real token) and a 4-D
-   additive mask we build (left padding, Gemma-2 / Mistral / Qwen2 sliding windows); logits of the last position
-   only. Sampling and EOS checks stay on the device.
-3. every `sync_every` steps one host sync: stop strings are checked on the decoded text, and the rows that ended
-   leave the batch (their cache rows are dropped), so finished rows stop costing compute.
-Attention is whatever the model was loaded with (model.py picks flash-attn's kernels on a GPU that runs them, SDPA
-otherwise; Gemma-2 needs eager or flash for its soft-capping). `compile=True` compiles the decode step (GPU only,
-untested on this CPU-only machine).
+One batch of P prompts (R = P * n sample rows):
+1. prefill: the prompts, longest first, in groups padded to the group's longest, through the model's own forward
+   and attention (flash-attn's kernels where model.py picked them, else SDPA / eager) with a 4-D mask we build
+   (left padding, sliding windows). Their keys/values are kept ONCE per prompt, [P, H_kv, L, D] per layer.
+2. decode: one token per row per step through the model's forward, with explicit position ids (0 at each row's
+   first real token), logits for the last position only, and our attention function (registered with
+   transformers as "eva_shared"): the n samples of a prompt read its prompt keys in one matmul, their own tokens
+   from a preallocated [R, H_kv, max_new, D] buffer, one exact softmax over both. Sampling and EOS stay on device.
+3. every `sync_every` steps one host sync: stop strings are checked on the decoded text, and finished rows leave
+   the batch (their buffers are dropped, and a prompt's keys once all its rows are done).
+`compile=True` wraps the decode step in torch.compile (meant for GPUs; untested here, this machine has none).
 
 Randomness: every row owns a 32-bit key made from (seeds[i], sample index j); the uniform for step t is a hash of
 (key, t) computed on the device with integer ops, and the token is drawn by inverse CDF from the filtered
@@ -34,6 +34,7 @@ import inspect
 from dataclasses import dataclass
 
 import torch
+from transformers import AttentionInterface
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 
@@ -88,8 +89,9 @@ def _sample_from_logits(logits: torch.Tensor, temperature: float, top_p: float, 
     The distribution is transformers' (warpers in this order): logits / temperature; keep the top_k tokens (0 = all);
     keep the most likely tokens while the mass ranked above them is below top_p (the first one always); renormalise.
     The draw is an inverse CDF over the kept tokens in descending order. A full sort of a [128, 49152] row block
-    costs ~0.4 s on a CPU core pair, so without top_k the CPU path takes the top `candidates` (64) tokens and sorts
-    the whole vocabulary only for the rows whose nucleus reaches past them (exact, not an approximation).
+    costs ~0.4 s on a CPU core pair, so without top_k the CPU path takes the top `candidates` (64) tokens, and only
+    for the rows whose nucleus reaches past them 16x more, and so on up to the whole vocabulary: exact, since a row's
+    nucleus is known to lie inside its candidates once their mass reaches top_p.
     """
     R, V = logits.shape
     if temperature == 0 or top_k == 1:
@@ -104,71 +106,73 @@ def _sample_from_logits(logits: torch.Tensor, temperature: float, top_p: float, 
     log_z = (vals if top_k > 0 else scaled).logsumexp(-1, keepdim=True)  # [R, 1]
     probs = (vals - log_z).exp()  # [R, k]
     tokens = _pick_nucleus(probs, idx, top_p, u)  # [R]
-    if top_k == 0 and k < V:
-        short = probs.sum(-1) < top_p  # [R] the nucleus reaches past the candidates
-        if short.any():  # one host sync per step, only on the CPU path (free there)
-            rows = short.nonzero().squeeze(1)
-            vals, idx = scaled[rows].sort(-1, descending=True)  # [r, V]
-            tokens[rows] = _pick_nucleus((vals - log_z[rows]).exp(), idx, top_p, u[rows])
+    rows = torch.arange(R, device=logits.device)  # [r] rows still being resolved
+    while top_k == 0 and k < V:  # rows whose nucleus reaches past the k candidates: 16x more, then all
+        short = probs.sum(-1) < top_p  # [r]
+        if not short.any():  # one host sync, on the CPU path only (free there)
+            break
+        rows, k = rows[short], min(16 * k, V)
+        vals, idx = scaled[rows].topk(k, dim=-1)  # [r, k]
+        probs = (vals - log_z[rows]).exp()
+        tokens[rows] = _pick_nucleus(probs, idx, top_p, u[rows])
     return tokens
 
 
-# ----------------------------------------------------------------------------- KV cache and masks
+# ----------------------------------------------------------------------------- KV cache, masks, attention
 
 class _Layer(CacheLayerMixin):
-    """One layer's keys/values, [R, H_kv, S, D] each, allocated at the first write and filled left to right.
+    """One layer's keys/values: the prompt part once per prompt, [P, H_kv, L, D], and each row's own generated
+    part, [R, H_kv, max_new, D]; both allocated once and filled in place.
 
-    The prefill writes P = R / n prompt rows; each is copied into its n sample rows. In `static` mode (compiled
-    decode) the whole buffer is returned so shapes never change, and writes go to the tensor position `write_at`."""
+    While `group` = (first prompt, first slot) is set, update() stores a prefill group of prompts (left-padded to
+    its own length, right-aligned to slot L); afterwards each call appends one decode token per row and returns
+    the rows' generated keys/values, which _shared_prefix_attention joins with the prompt part."""
 
-    def __init__(self, rows: int, max_len: int, expand: int, static: bool):
+    def __init__(self, prompts: int, prompt_len: int, max_new: int):
         super().__init__()
-        self.rows, self.max_len, self.expand, self.static, self.length = rows, max_len, expand, static, 0
-        self.write_at = None
+        self.prompts, self.prompt_len, self.max_new, self.generated = prompts, prompt_len, max_new, 0
+        self.group: tuple[int, int] | None = None
+        self.new_keys = self.new_values = None
 
     def lazy_initialization(self, key_states, value_states):
-        _, h, _, d = key_states.shape
-        self.keys = key_states.new_zeros(self.rows, h, self.max_len, d)  # [R, H_kv, S, D]
-        self.values = value_states.new_zeros(self.rows, h, self.max_len, value_states.shape[-1])
+        p, h, _, d = key_states.shape
+        self.keys = key_states.new_zeros(self.prompts, h, self.prompt_len, d)  # [P, H_kv, L, D]
+        self.values = value_states.new_zeros(self.prompts, h, self.prompt_len, value_states.shape[-1])
         self.is_initialized = True
 
     def update(self, key_states, value_states, *args, **kwargs):
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-        q = key_states.shape[2]
-        if self.length == 0:  # prefill: [P, H, L, D] -> every sample row of its prompt
-            p, h, _, d = key_states.shape
-            self.keys.view(p, self.expand, h, self.max_len, d)[:, :, :, :q] = key_states[:, None]
-            self.values.view(p, self.expand, h, self.max_len, -1)[:, :, :, :q] = value_states[:, None]
-            self.length = q
+        if self.group is not None:  # prefill: [p, H_kv, L_g, D] for prompts p0.. at slots off..L
+            if not self.is_initialized:
+                self.lazy_initialization(key_states, value_states)
+            (p0, off), p = self.group, key_states.shape[0]
+            self.keys[p0:p0 + p, :, off:] = key_states
+            self.values[p0:p0 + p, :, off:] = value_states
             return key_states, value_states
-        if self.static:
-            self.keys.index_copy_(2, self.write_at, key_states)
-            self.values.index_copy_(2, self.write_at, value_states)
-            self.length += q
-            return self.keys, self.values
-        self.keys[:, :, self.length:self.length + q] = key_states
-        self.values[:, :, self.length:self.length + q] = value_states
-        self.length += q
-        return self.keys[:, :, :self.length], self.values[:, :, :self.length]
+        if self.new_keys is None:
+            r, h, _, d = key_states.shape
+            self.new_keys = key_states.new_zeros(r, h, self.max_new, d)  # [R, H_kv, max_new, D]
+            self.new_values = value_states.new_zeros(r, h, self.max_new, value_states.shape[-1])
+        t = self.generated
+        self.new_keys[:, :, t:t + 1] = key_states  # [R, H_kv, 1, D]
+        self.new_values[:, :, t:t + 1] = value_states
+        self.generated += 1
+        return self.new_keys[:, :, :t + 1], self.new_values[:, :, :t + 1]
 
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return (self.max_len if self.static else self.length + query_length), 0
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:  # asked by flash-attn's prefill only
+        return query_length, 0
 
     def get_seq_length(self) -> int:
-        return self.length
+        return 0 if self.group is not None else self.prompt_len + self.generated
 
     def get_max_length(self) -> int:
-        return self.max_len
+        return self.prompt_len + self.max_new
 
-    def keep_rows(self, rows: torch.Tensor) -> None:
-        self.keys, self.values = self.keys.index_select(0, rows), self.values.index_select(0, rows)
-        self.rows = len(rows)
-
-
-def _new_cache(model, rows: int, max_len: int, expand: int, static: bool) -> Cache:
-    n_layers = model.config.get_text_config().num_hidden_layers
-    return Cache(layers=[_Layer(rows, max_len, expand, static) for _ in range(n_layers)])
+    def keep(self, rows: torch.Tensor, prompts: torch.Tensor | None) -> None:
+        """Drop finished rows (and prompts with no row left)."""
+        if self.new_keys is not None:  # None when rows leave before the first decode step
+            self.new_keys, self.new_values = self.new_keys.index_select(0, rows), self.new_values.index_select(0, rows)
+        if prompts is not None:
+            self.keys, self.values = self.keys.index_select(0, prompts), self.values.index_select(0, prompts)
 
 
 def _masks(config, first: torch.Tensor, q_slots: torch.Tensor, kv_len: int, dtype: torch.dtype):
@@ -194,12 +198,55 @@ def _masks(config, first: torch.Tensor, q_slots: torch.Tensor, kv_len: int, dtyp
     return additive(ok)
 
 
+def _shared_prefix_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """A decode step's attention; the model calls it in place of sdpa/eager/flash (registered as `eva_shared`).
+
+    query [R, H, 1, D]; key/value [R, H_kv, t, D]: each row's generated tokens; the prompt keys sit once per prompt
+    in the cache layer, [P, H_kv, L, D], and attention_mask [P, 1, 1, L] masks their padding (and what a sliding
+    window has passed). The n samples of a prompt read its keys in one matmul; one softmax spans both parts, so the
+    result equals attention over the concatenated keys. Soft-capping (Gemma-2) and sliding windows included."""
+    ctx = kwargs["eva_shared"]
+    layer, n, slot = ctx["layers"][module.layer_idx], ctx["n"], ctx["slot"]  # slot [R]: p * n + j of each row
+    R, H, _, D = query.shape
+    P, Hk, L, _ = layer.keys.shape
+    g = H // Hk
+    window, cap = kwargs.get("sliding_window"), kwargs.get("softcap")
+    if window:  # the row's own tokens older than the window drop out (the prompt part is masked by the caller)
+        key, value = key[:, :, -window:], value[:, :, -window:]
+
+    def to_prompts(x):  # [R, H_kv, g, X] -> [P, H_kv, n * g, X]; rows that left the batch become zeros
+        full = x.new_zeros(P * n, *x.shape[1:]).index_copy_(0, slot, x)
+        return full.view(P, n, Hk, g, -1).transpose(1, 2).reshape(P, Hk, n * g, -1)
+
+    def to_rows(x):  # [P, H_kv, n * g, X] -> [R, H_kv, g, X]
+        return x.view(P, Hk, n, g, -1).transpose(1, 2).reshape(P * n, Hk, g, -1).index_select(0, slot)
+
+    def scores(q, k):
+        s = torch.matmul(q, k.transpose(-1, -2)).float() * (scaling if scaling is not None else D**-0.5)
+        return torch.tanh(s / cap) * cap if cap else s
+
+    q = query.reshape(R, Hk, g, D)  # [R, H_kv, g, D]
+    s_prompt = scores(to_prompts(q), layer.keys) + attention_mask.float()  # [P, H_kv, n * g, L]
+    s_own = to_prompts(scores(q, key))  # [P, H_kv, n * g, t]
+    top = torch.maximum(s_prompt.amax(-1, keepdim=True), s_own.amax(-1, keepdim=True))  # [P, H_kv, n * g, 1]
+    # exp() of a very negative float is ~20x slower on CPUs (denormals); below -80 the weight is < 2e-35 anyway
+    e_prompt = (s_prompt - top).clamp_(min=-80).exp_() * (attention_mask == 0)  # masked keys: exactly 0
+    e_own = (s_own - top).clamp_(min=-80).exp_()
+    total = e_prompt.sum(-1, keepdim=True) + e_own.sum(-1, keepdim=True)  # [P, H_kv, n * g, 1]
+    out = to_rows(torch.matmul(e_prompt.to(value.dtype), layer.values))  # [R, H_kv, g, D]
+    out = (out + torch.matmul(to_rows(e_own).to(value.dtype), value)) / to_rows(total).to(value.dtype)
+    return out.reshape(R, 1, H, D), None
+
+
+AttentionInterface.register("eva_shared", _shared_prefix_attention)
+
+
 # ----------------------------------------------------------------------------- the sampler
 
-def _forward(model, ids, positions, mask, cache, cache_kw: str) -> torch.Tensor:
+def _forward(model, ids, positions, mask, cache, cache_kw: str, **extra) -> torch.Tensor:
     """Logits [B, V] (fp32) of the last position of ids [B, T]."""
     out = model(input_ids=ids, position_ids=positions, attention_mask=mask, use_cache=True, logits_to_keep=1,
-                **{cache_kw: cache})
+                **{cache_kw: cache}, **extra)
     return out.logits[:, -1].float()
 
 
@@ -229,30 +276,47 @@ def _cut_at_stop(tokenizer, tokens: list[int], stop: list[str]) -> tuple[str, li
     return text[:cut], tokens[:lo]
 
 
+def _prefill(model, cache, ids: list[list[int]], L: int, cfg: dict) -> torch.Tensor:
+    """Run the prompts (sorted longest first) through the model in groups, each padded to its own longest prompt;
+    their keys/values land right-aligned at slots < L of the cache. Returns last-position logits [P, V]."""
+    device, config = cfg["device"], model.config.get_text_config()
+    flash = config._attn_implementation.startswith("flash")  # flash-attn wants a 2-D padding mask
+    logits, p0 = [], 0
+    while p0 < len(ids):
+        Lg = len(ids[p0])
+        p = max(1, min(cfg["prefill_prompts"], cfg["prefill_tokens"] // Lg, len(ids) - p0))
+        group = ids[p0:p0 + p]
+        tokens = torch.tensor([[cfg["pad"]] * (Lg - len(x)) + x for x in group], device=device)  # [p, Lg]
+        first = torch.tensor([Lg - len(x) for x in group], device=device)  # [p]
+        slots = torch.arange(Lg, device=device)  # [Lg]
+        mask = (slots >= first[:, None]).long() if flash else _masks(config, first, slots, Lg, cfg["dtype"])
+        for layer in cache.layers:
+            layer.group = (p0, L - Lg)
+        logits.append(_forward(model, tokens, (slots - first[:, None]).clamp(min=0), mask, cache, cfg["cache_kw"]))
+        p0 += p
+    for layer in cache.layers:
+        layer.group = None
+    return torch.cat(logits)  # [P, V]
+
+
 @torch.inference_mode()
 def _sample_batch(model, tokenizer, ids: list[list[int]], keys: list[int], n: int, cfg: dict) -> list[list[int]]:
-    """Token ids for the R = len(ids) * n rows (row i * n + j = sample j of prompt i), EOS and stop not cut yet."""
-    device = model.get_input_embeddings().weight.device
-    dtype = model.get_input_embeddings().weight.dtype
-    config, max_new, stop = model.config.get_text_config(), cfg["max_new_tokens"], cfg["stop"]
-    P, L = len(ids), max(len(x) for x in ids)
-    R, S = P * n, L + max_new
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    flash = config._attn_implementation.startswith("flash")  # flash-attn wants a 2-D padding mask
-    prompt = torch.tensor([[pad] * (L - len(x)) + x for x in ids], device=device)  # [P, L]
-    first = torch.tensor([L - len(x) for x in ids], device=device)  # [P] slot of each prompt's first token
-    slots = torch.arange(L, device=device)  # [L]
-    cache = _new_cache(model, R, S, n, static=cfg["compile"])
-    mask = (slots >= first[:, None]).long() if flash else _masks(config, first, slots, L, dtype)
-    logits = _forward(model, prompt, (slots - first[:, None]).clamp(min=0), mask, cache, cfg["cache_kw"])  # [P, V]
-    logits = logits.repeat_interleave(n, 0)  # [R, V]
-    first = first.repeat_interleave(n)  # [R]
-    keys_t = torch.tensor(keys, dtype=torch.int64, device=device)  # [R]
+    """Token ids for the R = len(ids) * n rows (row i * n + j = sample j of prompt i), EOS and stop not cut yet.
+    ids must be sorted longest first."""
+    device, config = cfg["device"], model.config.get_text_config()
+    max_new, stop, pad = cfg["max_new_tokens"], cfg["stop"], cfg["pad"]
+    P, L = len(ids), len(ids[0])
+    R = P * n
+    cache = Cache(layers=[_Layer(P, L, max_new) for _ in range(config.num_hidden_layers)])
+    logits = _prefill(model, cache, ids, L, cfg).repeat_interleave(n, 0)  # [R, V]
+    first = torch.tensor([L - len(x) for x in ids], device=device)  # [P'] slot of each prompt's first token
+    keys_t = torch.tensor(keys, dtype=torch.int64, device=device)  # [R']
     eos = torch.tensor(cfg["eos"], device=device)
     out = torch.full((R, max_new), pad, dtype=torch.long, device=device)  # [R, T] tokens, original row order
     alive = torch.arange(R, device=device)  # [R'] original row of each batch row
+    slot = alive.clone()  # [R'] (position of its prompt among the prompts left) * n + sample index
     done = torch.zeros(R, dtype=torch.bool, device=device)  # [R']
-    decode = cfg["step"]
+    attention = config._attn_implementation
     for t in range(max_new):
         tok = _sample_from_logits(logits, cfg["temperature"], cfg["top_p"], cfg["top_k"], _uniforms(keys_t, t))
         tok = torch.where(done, pad, tok)  # [R']
@@ -269,20 +333,23 @@ def _sample_batch(model, tokenizer, ids: list[list[int]], keys: list[int], n: in
             n_done = int(done.sum())
             if n_done == len(done):
                 break
-            if n_done >= max(1, len(done) // 8):  # drop finished rows when enough have piled up to pay the copy
-                keep = (~done).nonzero().squeeze(1)  # [R'']
+            if n_done >= max(1, len(done) // 8):  # drop finished rows once enough have piled up to pay the copy
+                rows = (~done).nonzero().squeeze(1)  # [R'']
+                kept, where = torch.unique(slot[rows] // n, return_inverse=True)  # prompts left; each row's among them
+                kept = kept if len(kept) < len(first) else None
+                slot = where * n + slot[rows] % n
+                alive, keys_t, done, tok = alive[rows], keys_t[rows], done[rows], tok[rows]
+                first = first if kept is None else first[kept]
                 for layer in cache.layers:
-                    layer.keep_rows(keep)
-                alive, keys_t, first, done, tok = alive[keep], keys_t[keep], first[keep], done[keep], tok[keep]
-        q_slot = torch.tensor([L + t], device=device)
-        if flash:
-            mask = (torch.arange(L + t + 1, device=device) >= first[:, None]).long()  # [R', L + t + 1]
-        else:
-            mask = _masks(config, first, q_slot, S if cfg["compile"] else L + t + 1, dtype)
-        if cfg["compile"]:
-            for layer in cache.layers:
-                layer.write_at = q_slot
-        logits = decode(model, tok[:, None], (L + t - first)[:, None], mask, cache, cfg["cache_kw"])  # [R', V]
+                    layer.keep(rows, kept)
+        mask = _masks(config, first, torch.tensor([L + t], device=device), L, cfg["dtype"])  # prompt part only
+        ctx = dict(layers=cache.layers, n=n, slot=slot)
+        config._attn_implementation = "eva_shared"
+        try:
+            positions = (L + t - first[slot // n])[:, None]  # [R', 1]
+            logits = cfg["step"](model, tok[:, None], positions, mask, cache, cfg["cache_kw"], eva_shared=ctx)
+        finally:
+            config._attn_implementation = attention
     return out.tolist()
 
 
@@ -309,12 +376,13 @@ def sample(model, tokenizer, prompts: list[str], n: int = 1, *, max_new_tokens: 
         raise ValueError(f"sample: {len(seeds)} seeds for {len(prompts)} prompts")
     if any(s == "" for s in stop or []):
         raise ValueError("sample: an empty stop string would stop every row at once")
-    step = _forward
-    if compile:
-        step = torch.compile(_forward, mode="reduce-overhead", dynamic=False)
+    embed = model.get_input_embeddings().weight
     cfg = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, stop=list(stop or []),
-               eos=_eos_ids(model, tokenizer), cache_kw=_cache_kwarg(model), sync_every=sync_every, compile=compile,
-               step=step)
+               eos=_eos_ids(model, tokenizer), cache_kw=_cache_kwarg(model), sync_every=sync_every,
+               device=embed.device, dtype=embed.dtype, prefill_prompts=8, prefill_tokens=8192,
+               pad=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0,
+               # the decode step changes shape every step (keys grow, rows leave), hence dynamic shapes, no CUDA graphs
+               step=torch.compile(_forward, dynamic=True) if compile else _forward)
     ids = [_encode(tokenizer, p, chat) for p in prompts]
     order = sorted(range(len(prompts)), key=lambda i: -len(ids[i]))  # similar lengths together: less padding
     texts, tokens = [None] * len(prompts), [None] * len(prompts)

@@ -159,6 +159,13 @@ def load_model(spec: str, *, device="cpu", dtype=None, load_in_4bit: bool = Fals
         raise FileNotFoundError(f"model '{spec}': cannot load it ({str(err).splitlines()[0]})") from None
     if not load_in_4bit:
         model.to(device)
+    elif device.type == "cpu":
+        # bitsandbytes 0.50 repacks 4-bit weights for its AVX512-bf16 kernel on the first no-grad forward in eval
+        # mode (sampling), and that kernel has no backward: training afterwards silently drops the gradient through
+        # every frozen 4-bit layer (measured: LoRA gradients off by 80%). Keep the plain layout, which is exact.
+        for module in model.modules():
+            if hasattr(module, "support_avx512bf16_for_cpu"):
+                module.support_avx512bf16_for_cpu = False
     if adapter is not None:
         from peft import PeftModel
         model = PeftModel.from_pretrained(model, adapter, is_trainable=trainable_adapter)
@@ -175,23 +182,34 @@ def attention_implementation(device: torch.device) -> str:
 
 
 def four_bit_config(device: torch.device):
-    """QLoRA's quantisation: NF4 weights, double-quantised constants, bf16 compute."""
-    if device.type != "cuda":
-        raise ValueError("--load_in_4bit needs a CUDA GPU: bitsandbytes' 4-bit kernels are not usable on this CPU")
+    """QLoRA's quantisation: NF4 weights, double-quantised constants; bf16 compute on a GPU, fp32 on the CPU.
+
+    bitsandbytes >= 0.48 has a CPU back-end (plain torch ops: de-quantise, then matmul), slow but exact enough
+    that the QLoRA path is tested here without a GPU; see load_model for the one CPU pitfall."""
+    if device.type not in ("cuda", "cpu"):
+        raise ValueError(f"--load_in_4bit: bitsandbytes has no back-end for device {device.type!r} (cuda or cpu)")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ValueError("--load_in_4bit needs bitsandbytes: run `pip install bitsandbytes`")
     from transformers import BitsAndBytesConfig
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                              bnb_4bit_compute_dtype=torch.bfloat16)
+                              bnb_4bit_compute_dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
 
 
 def add_lora(model, *, r: int = 16, alpha: int = 32, dropout: float = 0.0, target_modules="all-linear",
-             gradient_checkpointing: bool = False):
-    """Wrap a model with a fresh LoRA adapter (B = 0, so the wrapped model starts equal to the base)."""
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+             gradient_checkpointing: bool = False, adapter: str | Path | None = None):
+    """Wrap a model with a fresh LoRA adapter (B = 0, so the wrapped model starts equal to the base), or with the
+    saved `adapter` folder, trainable. Either way the base gets the same preparation (4-bit, checkpointing)."""
+    from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
+    # Non-reentrant checkpointing: the reentrant kind breaks under DDP and with frozen inputs.
+    checkpointing = {"use_reentrant": False}
     if getattr(model, "is_loaded_in_4bit", False):
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing,
+                                                gradient_checkpointing_kwargs=checkpointing)
     elif gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing)
         model.enable_input_require_grads()
+    if adapter is not None:
+        return PeftModel.from_pretrained(model, adapter, is_trainable=True)
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules,
                         task_type="CAUSAL_LM")
     return get_peft_model(model, config)

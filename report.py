@@ -106,7 +106,9 @@ def plot(run: Path, rows: list[dict], start: dict | None, end: dict | None) -> N
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    steps = [m for m in _jsonl(run / "metrics.jsonl") if "step" in m and "loss" in m]
+    # A run killed between checkpoints logs the redone steps twice: keep the last record of each step.
+    steps = list({(m["iteration"], m["step"]): m for m in _jsonl(run / "metrics.jsonl")
+                  if "step" in m and "loss" in m}.values())
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
     ax = axes[0]
     for t in sorted({m["iteration"] for m in steps}):

@@ -21,6 +21,7 @@ import dataclasses
 import json
 import math
 import os
+import signal
 import sys
 import time
 import zlib
@@ -31,6 +32,7 @@ import numpy as np
 import torch
 
 import creator
+import endpoint
 import generate
 import losses
 import model as modeling
@@ -99,7 +101,8 @@ class Config:
     lora_r: int = 16  # LoRA rank
     lora_alpha: int = 32  # LoRA scale numerator
     lora_dropout: float = 0.0  # dropout inside LoRA
-    load_in_4bit: bool = False  # QLoRA: NF4 base weights (needs a CUDA GPU)
+    load_in_4bit: bool = False  # QLoRA: NF4 base weights (bitsandbytes; CUDA, or its slow CPU back-end)
+    fsdp: bool = False  # full fine-tuning under torchrun: shard weights, gradients, optimizer with FSDP2 (else DDP)
     gradient_checkpointing: bool = False  # recompute activations in backward to save memory
     # --- evaluation
     eval_max_new_tokens: int = 128  # longest held-out answer (greedy)
@@ -112,9 +115,12 @@ PRESETS = {
                   micro_batch_size=2, save_every=1),
     # the CPU demo: the bundled SmolLM2-135M-Instruct, rule rewards, about 15 minutes on 2 cores
     "demo": dict(),
-    # the paper: gemma-2-9b-it solver, ArmoRM reward, N=6, DPO beta 0.05, lr 5e-7, effective batch 64, 8 GPUs
+    # the paper: gemma-2-9b-it solver, ArmoRM reward, N=6, DPO beta 0.05, lr 5e-7, effective batch 64, 8 GPUs.
+    # Full fine-tuning sharded with FSDP2, as the paper's code did (lr 5e-7 is a full fine-tuning rate; LoRA needs
+    # ~100x more). gen_batch_size 4: 24 rows of KV cache at 1024 + 2048 positions = 25 GB (README's memory table).
     "paper": dict(model="google/gemma-2-9b-it", reward="hf:RLHFlow/ArmoRM-Llama3-8B-v0.1", n_samples=6,
-                  temperature=0.7, top_p=0.9, max_new_tokens=2048, max_prompt_tokens=1024, gen_batch_size=64,
+                  lora=False, fsdp=True,
+                  temperature=0.7, top_p=0.9, max_new_tokens=2048, max_prompt_tokens=1024, gen_batch_size=4,
                   select_fraction=0.25, evolve_depth=4, evolved_fraction=0.8, loss="dpo", beta=0.05, lr=5e-7,
                   epochs=2, batch_size=64, micro_batch_size=1, warmup_ratio=0.1, eval_max_new_tokens=2048,
                   creator_max_new_tokens=1024, gradient_checkpointing=True, vocab_chunk=32768,
@@ -161,8 +167,13 @@ def check_config(cfg: Config, parser) -> None:
                      f"--micro_batch_size {cfg.micro_batch_size}")
     if cfg.load_in_4bit and not cfg.lora:
         parser.error("--load_in_4bit trains LoRA adapters on a frozen 4-bit base: it needs --lora")
-    if cfg.load_in_4bit and not torch.cuda.is_available():
-        parser.error("--load_in_4bit needs a CUDA GPU (bitsandbytes' 4-bit layers are not usable on this CPU)")
+    if cfg.load_in_4bit:
+        try:  # the same checks model.load_model makes, here so that they come before any model is loaded
+            modeling.four_bit_config(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+        except ValueError as err:
+            parser.error(str(err))
+    if cfg.fsdp and cfg.lora:
+        parser.error("--fsdp shards full fine-tuning; LoRA and QLoRA train with DDP: add --no-lora or --no-fsdp")
     if not 0 < cfg.select_fraction <= 1 or not 0 < cfg.evolved_fraction <= 1:
         parser.error("--select_fraction and --evolved_fraction must lie in (0, 1]")
     for name in ("n_samples", "max_new_tokens", "epochs", "batch_size", "micro_batch_size", "evolve_depth"):
@@ -266,7 +277,9 @@ class Run:
         return path
 
     def done(self, t: int, phase: str) -> bool:
-        return (self.folder / f"iter_{t}" / f"done_{phase}").exists()
+        # Rank 0's answer for all: a phase without collectives (select, pairs) lets rank 0 write its marker before a
+        # slower rank looks, which would then skip the phase's barrier and hang the next collective.
+        return parallel.broadcast((self.folder / f"iter_{t}" / f"done_{phase}").exists())
 
     def mark(self, t: int, phase: str, summary: dict) -> None:
         kill_point(t, phase)  # test hook: outputs written, marker not yet
@@ -285,7 +298,8 @@ def open_run(cfg: Config) -> Run:
     folder = Path(cfg.run)
     saved_path = folder / "config.json"
     current = dataclasses.asdict(cfg)
-    if saved_path.is_file():
+    started = any(folder.glob("iter_*/done_*")) or (folder / "eval_start.json").exists()
+    if saved_path.is_file() and started:  # before any finished work, a corrected command simply starts over
         saved = json.loads(saved_path.read_text())
         ignore = {"allow_config_change"}
         changed = sorted(k for k in set(saved) | set(current) if k not in ignore and saved.get(k) != current.get(k))
@@ -294,7 +308,7 @@ def open_run(cfg: Config) -> Run:
             raise SystemExit(f"error: {folder} was started with another config ({diff}); "
                              f"use another --run, or --allow_config_change to resume anyway")
         print0(f"resuming {folder}" + (f" (accepted changes: {', '.join(changed)})" if changed else ""))
-    elif folder.exists() and any(folder.iterdir()):
+    elif folder.exists() and any(folder.iterdir()) and not saved_path.is_file():
         raise SystemExit(f"error: {folder} exists and is not an eva run folder (no config.json); refusing to touch it")
     if parallel.is_main():
         folder.mkdir(parents=True, exist_ok=True)
@@ -309,18 +323,53 @@ def stable_seed(*parts) -> int:
     return zlib.crc32("|".join(map(str, parts)).encode()) & 0x7FFFFFFF
 
 
+def is_out_of_memory(err: BaseException) -> bool:
+    """An accelerator out-of-memory error, whichever class the backend raised it as."""
+    return isinstance(err, torch.cuda.OutOfMemoryError) or (isinstance(err, RuntimeError)
+                                                             and "out of memory" in str(err).lower())
+
+
+def halve_on_oom(fn, batch_size: int, what: str):
+    """fn(batch_size); after an out-of-memory error, free the cache and retry with half the batch, down to 1.
+
+    Only for work whose results do not depend on the batch size (generate.sample seeds every prompt on its own), so
+    a retry changes the speed and nothing else. Out of memory with a batch of 1 stops the run with one line. Local
+    to this rank: the collectives of parallel.sharded come after fn, so the other ranks simply wait.
+    """
+    while True:
+        try:
+            return fn(batch_size)
+        except RuntimeError as err:
+            if not is_out_of_memory(err):
+                raise
+            message = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        # Out of the except block, so the traceback's frames (and the tensors they hold) are freed first.
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        if batch_size <= 1:
+            raise SystemExit(f"error: {what}: out of memory even with a batch of 1 ({message}); lower "
+                             f"--max_new_tokens or --max_prompt_tokens, or use a larger device")
+        batch_size //= 2
+        print(f"[rank {parallel.rank()}] {what}: out of memory ({message}); retrying with batch size {batch_size}",
+              file=sys.stderr, flush=True)
+
+
 def sample_and_score(solver, tokenizer, scorer, records: list[dict], cfg: Config, t: int, phase: str) -> list[dict]:
     """N responses per prompt and their rewards: sample records, sharded over ranks."""
     seeds = [stable_seed(cfg.seed, t, phase, r["id"]) for r in records]
 
     def work(indices: list[int]) -> list[dict]:
         batch = [records[i] for i in indices]
-        out = generate.sample(solver, tokenizer, [r["prompt"] for r in batch], n=cfg.n_samples,
-                              max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
-                              seeds=[seeds[i] for i in indices], batch_size=cfg.gen_batch_size,
-                              progress=parallel.is_main())
+        out = halve_on_oom(lambda size: generate.sample(
+            solver, tokenizer, [r["prompt"] for r in batch], n=cfg.n_samples, max_new_tokens=cfg.max_new_tokens,
+            temperature=cfg.temperature, top_p=cfg.top_p, seeds=[seeds[i] for i in indices], batch_size=size,
+            progress=parallel.is_main()), cfg.gen_batch_size, f"{phase}: sampling")
         flat_prompts = [r for r in batch for _ in range(cfg.n_samples)]
-        flat_scores = scorer.score(flat_prompts, [text for texts in out.texts for text in texts])
+        flat_responses = [text for texts in out.texts for text in texts]
+        # One call as long as memory allows; after an out-of-memory error, the same items in smaller calls.
+        flat_scores = halve_on_oom(lambda size: [score for s in range(0, len(flat_responses), size) for score in
+                                                 scorer.score(flat_prompts[s:s + size], flat_responses[s:s + size])],
+                                   max(1, len(flat_responses)), f"{phase}: scoring")
         # A reward that could not be computed (a judge that gave no rating) is NaN in memory and null on disk.
         return [{"prompt_id": r["id"], "responses": texts,
                  "rewards": [float(s) if math.isfinite(s) else None
@@ -429,8 +478,36 @@ def lr_at(step: int, total: int, cfg: Config) -> float:
     return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
+def rng_state() -> dict:
+    """This process's torch RNG state (CPU, and the current CUDA device when there is one)."""
+    return dict(cpu=torch.get_rng_state(), cuda=torch.cuda.get_rng_state() if torch.cuda.is_available() else None)
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["cpu"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def stop_nonfinite(folder: Path, ckpt_path: Path, t: int, step: int, what: str, pair_ids, pairs: list[dict]) -> None:
+    """Write the offending batch and stop the run: a NaN or inf never reaches the weights or a checkpoint."""
+    bad = dict(iteration=t, step=step, rank=parallel.rank(), what=what, pair_indices=[int(i) for i in pair_ids],
+               prompt_ids=[pairs[i]["prompt_id"] for i in pair_ids])
+    path = folder / "nonfinite_batch.json"
+    tmp = path.with_name(f"{path.name}.{parallel.rank()}.tmp")  # whichever rank found it writes it, not only rank 0
+    tmp.write_text(json.dumps(bad) + "\n")
+    os.replace(tmp, path)
+    kept = (f"the last good checkpoint ({ckpt_path}) is kept and a rerun resumes from it" if ckpt_path.exists() else
+            "no checkpoint yet: a rerun restarts the phase from the iteration's starting solver")
+    ids = ", ".join(bad["prompt_ids"][:8]) + (" ..." if len(bad["prompt_ids"]) > 8 else "")
+    raise SystemExit(f"error: iteration {t} step {step}: {what} is not finite (pairs of prompts {ids}); no update "
+                     f"made; {kept}; the batch is in {path}")
+
+
 def train(solver, tokenizer, pairs: list[dict], cfg: Config, run: Run, t: int, device) -> dict:
     """One solver update on the iteration's pairs; resumable from the last checkpoint inside the phase."""
+    import gc
+    from contextlib import nullcontext
     folder = run.iter_dir(t)
     spec = losses.LOSSES[cfg.loss]
     encoded = [encode_pair(tokenizer, p, cfg) for p in pairs]
@@ -440,14 +517,24 @@ def train(solver, tokenizer, pairs: list[dict], cfg: Config, run: Run, t: int, d
         if ref_path.exists():
             ref = torch.load(ref_path)
         else:
-            ref = reference_logps(solver, encoded, cfg, device)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                ref = reference_logps(solver, encoded, cfg, device)
             if parallel.is_main():
                 torch.save(ref, str(ref_path) + ".tmp")
                 os.replace(str(ref_path) + ".tmp", ref_path)
     p_chosen = torch.tensor([p["p_chosen"] for p in pairs], dtype=torch.float32)
     p_rejected = torch.tensor([p["p_rejected"] for p in pairs], dtype=torch.float32)
 
-    params = [p for p in solver.parameters() if p.requires_grad]
+    # --fsdp (full fine-tuning under torchrun) trains a sharded copy. Sampling keeps the plain solver, because ranks
+    # run different numbers of forwards there, which would deadlock a sharded model; it takes the weights back below.
+    fsdp = cfg.fsdp and not cfg.lora and parallel.world_size() > 1
+    ddp = parallel.world_size() > 1 and not fsdp
+    policy = solver
+    if fsdp:
+        if device.type == "cuda":
+            solver.to("cpu")  # out of the GPU's way while the shards train
+        policy = parallel.fsdp_shard(solver, device)
+    params = [p for p in policy.parameters() if p.requires_grad]
     if cfg.optimizer == "adamw":
         optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     else:
@@ -457,7 +544,10 @@ def train(solver, tokenizer, pairs: list[dict], cfg: Config, run: Run, t: int, d
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(s, total_steps, cfg))
     start_step = 0
     ckpt_path = folder / "train_state.pt"
-    if ckpt_path.exists():
+    # Dropout is the one user of torch's global RNG: seeded per phase here, and restored from a checkpoint below, so
+    # neither an earlier iteration nor a restart changes the draws.
+    torch.manual_seed(stable_seed(cfg.seed, t, "train"))
+    if ckpt_path.exists() and not fsdp:  # --fsdp writes no mid-phase checkpoint: a killed phase starts over
         state = torch.load(ckpt_path, weights_only=False)
         trainable = {n: p for n, p in solver.named_parameters() if p.requires_grad}
         for name, value in state["weights"].items():
@@ -465,17 +555,21 @@ def train(solver, tokenizer, pairs: list[dict], cfg: Config, run: Run, t: int, d
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         start_step = state["step"]
+        if len(state.get("rng") or []) == parallel.world_size():
+            set_rng_state(state["rng"][parallel.rank()])
+        else:
+            print0(f"[iter {t}] train: the checkpoint holds no RNG state for {parallel.world_size()} ranks; "
+                   f"dropout draws will differ from an uninterrupted run")
         print0(f"[iter {t}] train: resuming at step {start_step}/{total_steps}")
 
-    policy = solver
-    if parallel.world_size() > 1:
+    if ddp:
         policy = torch.nn.parallel.DistributedDataParallel(solver)
     world, me = parallel.world_size(), parallel.rank()
     per_rank = cfg.batch_size // world
     # The data order of every epoch is fixed by the seed, so a resumed run sees the same batches.
     orders = [np.random.default_rng(stable_seed(cfg.seed, t, "order", e)).permutation(len(pairs))
               for e in range(cfg.epochs)]
-    solver.train()
+    policy.train()
     stats = []
     bar = parallel.progress(range(start_step, total_steps), desc=f"iter {t} train", initial=start_step,
                             total=total_steps)
@@ -488,7 +582,11 @@ def train(solver, tokenizer, pairs: list[dict], cfg: Config, run: Run, t: int, d
         for s in range(0, per_rank, cfg.micro_batch_size):
             ids = local_ids[s:s + cfg.micro_batch_size]
             batch = collate([encoded[i] for i in ids], pad_id(solver), device)
-            chosen, rejected = forward_logps(policy, batch, cfg)
+            # DDP all-reduces on the last micro batch only (its flag is read in forward); FSDP reduce-scatters
+            # every one, since unsharded gradients would cost the memory it saves. bf16 autocast on a GPU.
+            no_sync = policy.no_sync() if ddp and s + cfg.micro_batch_size < per_rank else nullcontext()
+            with no_sync, torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                chosen, rejected = forward_logps(policy, batch, cfg)
             ref_chosen = ref_rejected = None
             if ref is not None:
                 r = ref[torch.as_tensor(ids)].to(device)  # [b, 6]
@@ -498,20 +596,22 @@ def train(solver, tokenizer, pairs: list[dict], cfg: Config, run: Run, t: int, d
                 p_chosen=p_chosen[ids].to(device), p_rejected=p_rejected[ids].to(device),
                 beta=None if cfg.beta < 0 else cfg.beta, gamma_beta_ratio=cfg.gamma_beta_ratio, lam=cfg.orpo_lambda)
             if not torch.isfinite(loss).all():
-                bad = [pairs[i]["prompt_id"] for i in ids]
-                write_atomic(folder / "nonfinite_batch.json", json.dumps({"step": step, "prompt_ids": bad}) + "\n")
-                raise SystemExit(f"error: iteration {t} step {step}: the {cfg.loss} loss is not finite for pairs "
-                                 f"{bad}; last good checkpoint kept in {ckpt_path}; batch written to "
-                                 f"{folder / 'nonfinite_batch.json'}")
+                stop_nonfinite(folder, ckpt_path, t, step + 1, f"the {cfg.loss} loss", ids, pairs)
             # sum over the global batch / batch size; DDP averages over ranks, hence the * world
             (loss.sum() * world / cfg.batch_size).backward()
             step_loss += loss.detach().tolist()
             step_chosen += chosen_reward.tolist()
             step_rejected += rejected_reward.tolist()
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+        if not torch.isfinite(grad_norm):  # the same on every rank (DDP reduced the gradients): all stop together
+            stop_nonfinite(folder, ckpt_path, t, step + 1, "the gradient norm", batch_ids, pairs)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
+        if world > 1:  # log the global batch, not rank 0's share of it
+            parts = parallel.sharded(lambda mine: [(step_loss, step_chosen, step_rejected) for _ in mine],
+                                     list(range(world)), desc="step stats")
+            step_loss, step_chosen, step_rejected = ([x for part in parts for x in part[k]] for k in range(3))
         margins = np.array(step_chosen) - np.array(step_rejected)
         record = dict(iteration=t, step=step + 1, loss=float(np.mean(step_loss)), margin=float(margins.mean()),
                       accuracy=float((margins > 0).mean()), grad_norm=float(grad_norm),
@@ -519,11 +619,20 @@ def train(solver, tokenizer, pairs: list[dict], cfg: Config, run: Run, t: int, d
         stats.append(record)
         run.log(record)
         bar.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record['accuracy']:.2f}")
-        if (step + 1) % cfg.save_every == 0 and step + 1 < total_steps and parallel.is_main():
-            weights = {n: p.detach().cpu() for n, p in solver.named_parameters() if p.requires_grad}
-            torch.save(dict(weights=weights, optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
-                            step=step + 1), str(ckpt_path) + ".tmp")
-            os.replace(str(ckpt_path) + ".tmp", ckpt_path)
+        if (step + 1) % cfg.save_every == 0 and step + 1 < total_steps and not fsdp:
+            # every rank's RNG state (each draws its own dropout masks), gathered for rank 0 to save
+            rng = parallel.sharded(lambda mine: [rng_state() for _ in mine], list(range(world)), desc="rng state")
+            if parallel.is_main():
+                weights = {n: p.detach().cpu() for n, p in solver.named_parameters() if p.requires_grad}
+                torch.save(dict(weights=weights, optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
+                                step=step + 1, rng=rng), str(ckpt_path) + ".tmp")
+                os.replace(str(ckpt_path) + ".tmp", ckpt_path)
+                kill_point(t, "train", step + 1)  # test hook
+    if fsdp:
+        parallel.fsdp_gather(policy, solver)  # in memory: the model that samples next is the one just trained
+        del policy, params, optimizer, scheduler
+        gc.collect()  # FSDP's hooks form reference cycles: free the shards and optimizer state first
+        solver.to(device)
     solver.eval()
     return dict(pairs=len(pairs), steps=total_steps,
                 first_loss=stats[0]["loss"] if stats else None, last_loss=stats[-1]["loss"] if stats else None)
@@ -546,13 +655,11 @@ def load_solver(cfg: Config, run: Run, device):
         source = str(run.folder / f"iter_{last}" / "model")
     solver, tokenizer = modeling.load_model(source, device=device, load_in_4bit=cfg.load_in_4bit)
     if cfg.lora:
-        if last is not None:
-            from peft import PeftModel
-            solver = PeftModel.from_pretrained(solver, run.folder / f"iter_{last}" / "adapter", is_trainable=True)
-        else:
-            torch.manual_seed(cfg.seed)  # the LoRA A matrices are random
-            solver = modeling.add_lora(solver, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
-                                       gradient_checkpointing=cfg.gradient_checkpointing)
+        # A resumed adapter gets the same preparation as a fresh one (4-bit casts, gradient checkpointing).
+        adapter = run.folder / f"iter_{last}" / "adapter" if last is not None else None
+        torch.manual_seed(cfg.seed)  # the LoRA A matrices are random: the same on every rank
+        solver = modeling.add_lora(solver, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
+                                   gradient_checkpointing=cfg.gradient_checkpointing, adapter=adapter)
     elif cfg.gradient_checkpointing:
         solver.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     solver.eval()
@@ -562,8 +669,9 @@ def load_solver(cfg: Config, run: Run, device):
 # ------------------------------------------------------------------------------------------------- evaluation
 def evaluate(solver, tokenizer, records: list[dict], cfg: Config) -> dict:
     """Held-out constraint accuracy with greedy answers (IFEval's strict prompt- and instruction-level)."""
-    result = evaluate_ifeval(solver, tokenizer, records, max_new_tokens=cfg.eval_max_new_tokens,
-                             batch_size=cfg.gen_batch_size)
+    result = halve_on_oom(lambda size: evaluate_ifeval(solver, tokenizer, records, batch_size=size,
+                                                       max_new_tokens=cfg.eval_max_new_tokens),
+                          cfg.gen_batch_size, "held-out evaluation")
     result["answers"] = [{"prompt_id": r["id"], "answer": a} for r, a in zip(records, result.pop("responses"))]
     return result
 
@@ -574,7 +682,8 @@ def make_completer(cfg: Config, t: int, solver, tokenizer, creator_model=None, c
     if cfg.creator.startswith("endpoint:"):
         url, _, name = cfg.creator[len("endpoint:"):].partition("#")
         return creator.endpoint_completer(url, name, temperature=cfg.creator_temperature,
-                                          max_tokens=cfg.creator_max_new_tokens)
+                                          max_tokens=cfg.creator_max_new_tokens, timeout=cfg.endpoint_timeout,
+                                          retries=cfg.endpoint_retries)
     model, tok = (solver, tokenizer) if cfg.creator == "self" else (creator_model, creator_tokenizer)
     return creator.local_completer(model, tok, seed=stable_seed(cfg.seed, t, "creator"),
                                    max_new_tokens=cfg.creator_max_new_tokens, temperature=cfg.creator_temperature,
@@ -596,7 +705,12 @@ def main(argv=None) -> None:
            f"loss {cfg.loss}, world size {parallel.world_size()}, device {device}")
 
     solver, tokenizer = load_solver(cfg, run, device)
-    scorer = rewards.load_reward(cfg.reward, device=device)
+    context = getattr(solver.config, "max_position_embeddings", None)
+    if context and cfg.max_prompt_tokens + cfg.max_new_tokens > context:
+        raise ValueError(f"--max_prompt_tokens {cfg.max_prompt_tokens} + --max_new_tokens {cfg.max_new_tokens} exceed "
+                         f"the context of {cfg.model} ({context} tokens); lower them")
+    judge = dict(timeout=cfg.endpoint_timeout, retries=cfg.endpoint_retries) if cfg.reward.startswith("judge:") else {}
+    scorer = rewards.load_reward(cfg.reward, device=device, **judge)  # ?timeout=&retries= in the URL still win
     creator_model = creator_tokenizer = None
     if cfg.creator != "self" and not cfg.creator.startswith("endpoint:"):
         creator_model, creator_tokenizer = modeling.load_model(cfg.creator, device=device)
@@ -609,6 +723,8 @@ def main(argv=None) -> None:
                f"{result['instruction_level']:.3f} ({time.time() - t0:.0f} s)")
 
     pool = drop_long_prompts(seeds, tokenizer, cfg, "seed prompts")
+    if not pool:
+        raise ValueError(f"{cfg.seed_prompts}: every prompt is longer than --max_prompt_tokens {cfg.max_prompt_tokens}")
     for t in range(cfg.eva_iterations + 1):
         folder = run.iter_dir(t)
         parallel.barrier()
@@ -708,7 +824,11 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
+    # Expected faults end in one line (the phase markers keep the finished work; rerun to resume), bugs in a traceback.
     try:
         main()
-    except (FileNotFoundError, ValueError) as err:
+    except (FileNotFoundError, ValueError, endpoint.EndpointError) as err:
         sys.exit(f"error: {err}")
+    except torch.cuda.OutOfMemoryError as err:
+        sys.exit(f"error: out of memory ({(str(err).strip().splitlines() or [''])[0]}); lower --micro_batch_size, "
+                 f"or use --gradient_checkpointing / --load_in_4bit; rerun the same command to resume")

@@ -79,13 +79,25 @@ def test_eos_ends_one_row_not_the_others(tok, monkeypatch):
     eos = generate._eos_ids(m, tok)
     ref = hf_greedy(m, tok, PROMPTS, 16, eos)
     kept = []
-    real_keep = generate._Layer.keep_rows
-    monkeypatch.setattr(generate._Layer, "keep_rows", lambda self, rows: (kept.append(len(rows)), real_keep(self, rows)))
+    real_keep = generate._Layer.keep
+    monkeypatch.setattr(generate._Layer, "keep", lambda self, rows, p: (kept.append(len(rows)), real_keep(self, rows, p)))
     out = sample(m, tok, PROMPTS, n=2, max_new_tokens=16, temperature=0, sync_every=2)
     assert out.token_ids[1] == [first[1][0][:cut]] * 2, "row did not stop at its EOS (or kept the EOS)"
     assert [r[0] for r in out.token_ids] == ref, "EOS handling differs from transformers"
     assert any(len(r[0]) == 16 for r in out.token_ids), "some other row should run to max_new_tokens"
     assert kept and min(kept) < 6, "finished rows never left the batch"
+
+
+def test_finished_rows_leaving_does_not_change_samples(tok):
+    """Rows of one prompt end at different steps (EOS = every 10th token id); dropping them from the batch early or
+    never gives the same samples."""
+    m = tiny(tok, "qwen2")
+    m.generation_config.eos_token_id = list(range(0, len(tok), 10))
+    kw = dict(n=4, max_new_tokens=16, temperature=1.0, seed=2)
+    never = sample(m, tok, PROMPTS, sync_every=1000, **kw)
+    lengths = [len(s) for r in never.token_ids for s in r]
+    assert len(set(lengths)) > 3 and max(lengths) == 16, f"need rows ending at different steps: {lengths}"
+    assert sample(m, tok, PROMPTS, sync_every=1, **kw) == never
 
 
 def test_bundled_greedy_matches_hf_generate(bundled):

@@ -119,5 +119,7 @@ def test_changed_config_refuses_to_resume(tmp_path):
     folder.mkdir()
     saved = json.loads(json.dumps(train_eva.dataclasses.asdict(train_eva.Config(run=str(folder)))))
     (folder / "config.json").write_text(json.dumps(saved))
+    (folder / "iter_0").mkdir()
+    (folder / "iter_0" / "done_estimate").write_text("{}\n")  # finished work exists: the config is binding
     out = run_cli("--run", str(folder), "--lr", "0.1")
     assert out.returncode != 0 and "lr" in out.stderr and "allow_config_change" in out.stderr

@@ -1,0 +1,201 @@
+"""The multi-process path on the CPU: torchrun with 2 gloo ranks must reproduce one process.
+
+    python -m pytest tests/test_distributed.py -x -q
+
+Each test runs train_eva.py twice with the same seed, once as a plain process and once under
+`python -m torch.distributed.run --standalone --nproc_per_node=2`, and compares what they wrote: the first
+iteration's samples and pairs must be identical (sampling is seeded per prompt and sharded, so the rank count
+cannot change it), the trained weights equal to a relative 1e-5 (the gradient norm adds up in another order), and
+what later iterations sample from those weights alike but for the odd flipped token (see assert_mostly_same).
+Covered: LoRA under DDP through a whole eva iteration, full fine-tuning under FSDP2 (whose trained weights are
+handed back in memory to the model that samples the next iteration), and QLoRA (bitsandbytes' NF4 CPU back-end).
+Each run is a fresh subprocess with one thread per rank, the two of a test at once; the file takes about two
+minutes on 2 free cores.
+
+The run folder is given as the working directory, not as --run: torchrun's own parser rejects `--run` anywhere on
+its command line as an ambiguous abbreviation of its --run-path (Python 3.11 argparse).
+"""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import ROOT
+from test_train_eva import TINY_PROMPTS, write_prompts
+
+import train_eva
+
+TIMEOUT = 300
+
+
+def launch_pair(tmp_path: Path, args_one: list[str], args_two: list[str]) -> tuple[Path, Path]:
+    """Run train_eva.py as 1 process and under torchrun with 2 ranks, at the same time (each rank is single-threaded,
+    so three processes keep the 2 cores busy); return the two run folders."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    script = str(ROOT / "train_eva.py")
+    commands = {1: [sys.executable, script, *args_one],
+                2: [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", script,
+                    *args_two]}
+    procs = {}
+    for ranks, cmd in commands.items():
+        cwd = tmp_path / f"ranks{ranks}"
+        cwd.mkdir()
+        procs[ranks] = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                        text=True)
+    for ranks, proc in procs.items():
+        try:
+            out, err = proc.communicate(timeout=TIMEOUT)
+        except subprocess.TimeoutExpired:
+            for p in procs.values():
+                p.kill()
+            raise AssertionError(f"{ranks} rank(s) ran past {TIMEOUT} s (a collective that never completes?)")
+        assert proc.returncode == 0, f"{ranks} rank(s) failed:\n{out[-3000:]}\n{err[-5000:]}"
+    return tmp_path / "ranks1" / "runs" / "demo", tmp_path / "ranks2" / "runs" / "demo"  # Config.run's default
+
+
+def common_args(tmp_path: Path, tiny_llama_dir: Path, *extra: str) -> list[str]:
+    prompts = write_prompts(tmp_path / "prompts.jsonl", TINY_PROMPTS)
+    # two epochs, so the optimizer state and the schedule matter, not only one sign-like Adam step
+    return ["--preset", "smoke", "--model", str(tiny_llama_dir), "--seed_prompts", prompts, "--heldout_prompts", "",
+            "--lr", "1e-3", "--epochs", "2", *extra]
+
+
+def assert_same_files(one: Path, two: Path, names: list[str]) -> None:
+    for name in names:
+        a, b = (one / name).read_text(), (two / name).read_text()
+        assert a, f"{name} is empty: nothing was compared"
+        assert a == b, f"{name} differs between 1 and 2 ranks"
+
+
+def assert_mostly_same(one: Path, two: Path, names: list[str], at_least: float = 0.75) -> None:
+    """Files written after training: the weights of 1 and 2 ranks agree to ~1e-7 (gradient norms add up in another
+    order), and a random tiny model samples from a nearly flat distribution, so now and then one token flips. A
+    wrong hand-over or a rank that trained on other data changes (nearly) every response instead (measured: 0 of
+    16 responses alike after an untrained iteration), so most lines (responses, for samples) must agree."""
+    for name in names:
+        a, b = (one / name).read_text().splitlines(), (two / name).read_text().splitlines()
+        assert a, f"{name} is empty: nothing was compared"
+        if name.endswith("samples.jsonl"):
+            a, b = ([r for line in x for r in json.loads(line)["responses"]] for x in (a, b))
+        same = sum(x == y for x, y in zip(a, b)) / max(len(a), len(b))
+        assert same >= at_least, f"{name}: only {same:.0%} alike between 1 and 2 ranks"
+
+
+def assert_close_weights(one: dict, two: dict, what: str, rtol: float = 1e-5) -> None:
+    assert one.keys() == two.keys(), f"{what}: different tensors"
+    for name in one:
+        a, b = one[name].double(), two[name].double()
+        err = ((a - b).norm() / a.norm().clamp(min=1e-12)).item()
+        assert err <= rtol, f"{what}: {name} differs by {err:.2e} (relative) between 1 and 2 ranks"
+
+
+def losses_logged(run: Path) -> list[float]:
+    return [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()
+            if "loss" in json.loads(line)]
+
+
+def test_lora_ddp_two_ranks_equal_one(tmp_path, tiny_llama_dir):
+    args = common_args(tmp_path, tiny_llama_dir)
+    one, two = launch_pair(tmp_path, args, args)
+    # before any training, sampling and pairing depend on the seed alone, never on the number of ranks
+    assert_same_files(one, two, ["iter_0/samples.jsonl", "iter_0/pairs.jsonl"])
+    a = load_file(one / "iter_0" / "adapter" / "adapter_model.safetensors")
+    b = load_file(two / "iter_0" / "adapter" / "adapter_model.safetensors")
+    assert any(v.abs().sum() > 0 for k, v in a.items() if "lora_B" in k), "the adapter never moved"
+    assert_close_weights(a, b, "iter_0 adapter")
+    assert_mostly_same(one, two, ["iter_1/samples.jsonl", "iter_1/selected.jsonl", "iter_1/evolved.jsonl",
+                                  "iter_1/evolved_samples.jsonl", "iter_1/pairs.jsonl"])
+    if (one / "iter_1" / "pairs.jsonl").read_text() == (two / "iter_1" / "pairs.jsonl").read_text():
+        a = load_file(one / "iter_1" / "adapter" / "adapter_model.safetensors")
+        b = load_file(two / "iter_1" / "adapter" / "adapter_model.safetensors")
+        assert_close_weights(a, b, "iter_1 adapter")
+    # the logged loss is the global batch's, not rank 0's half of it
+    assert losses_logged(one)[:2] == pytest.approx(losses_logged(two)[:2], rel=1e-5)
+
+
+def test_full_fine_tuning_fsdp_two_ranks_equal_one(tmp_path, tiny_llama_dir):
+    # iteration 1 is an ordinary one: it samples with the weights FSDP trained in iteration 0, so its samples match
+    # only if those weights reached the unsharded sampling model
+    args = common_args(tmp_path, tiny_llama_dir, "--no-lora", "--eva_iterations", "1", "--no-evolve")
+    one, two = launch_pair(tmp_path, args, [*args, "--fsdp"])
+    assert_same_files(one, two, ["iter_0/samples.jsonl", "iter_0/pairs.jsonl"])
+    start = load_file(tiny_llama_dir / "model.safetensors")
+    a = load_file(one / "iter_0" / "model" / "model.safetensors")
+    b = load_file(two / "iter_0" / "model" / "model.safetensors")
+    name = "model.layers.0.mlp.up_proj.weight"
+    assert not torch.equal(a[name], start[name]), "full fine-tuning did not change the weights"
+    assert_close_weights(a, b, "iter_0 model")
+    assert_mostly_same(one, two, ["iter_1/samples.jsonl", "iter_1/pairs.jsonl"])
+    assert not (two / "iter_0" / "train_state.pt").exists(), "--fsdp writes no mid-phase checkpoint"
+    assert losses_logged(one)[:2] == pytest.approx(losses_logged(two)[:2], rel=1e-5)
+
+
+def test_qlora_on_cpu_two_ranks_equal_one(tmp_path, tiny_llama_dir):
+    # de-quantising every layer on every call is slow on the CPU: one iteration, short answers
+    args = common_args(tmp_path, tiny_llama_dir, "--load_in_4bit", "--eva_iterations", "0", "--max_new_tokens", "8")
+    one, two = launch_pair(tmp_path, args, args)
+    assert_same_files(one, two, ["iter_0/samples.jsonl", "iter_0/pairs.jsonl"])
+    a = load_file(one / "iter_0" / "adapter" / "adapter_model.safetensors")
+    b = load_file(two / "iter_0" / "adapter" / "adapter_model.safetensors")
+    assert_close_weights(a, b, "QLoRA adapter")
+
+
+def test_four_bit_gradients_survive_sampling(tmp_path, tiny_llama_dir):
+    """bitsandbytes' CPU repacking after an eval-mode forward drops input gradients; model.load_model prevents it."""
+    import bitsandbytes as bnb
+    from transformers import LlamaConfig, LlamaForCausalLM
+    import model as modeling
+    # layers 64 wide: the repacking needs whole blocks of 64 inputs (narrower ones crash instead of going wrong)
+    folder = tmp_path / "tiny64"
+    config = LlamaConfig.from_pretrained(tiny_llama_dir)
+    config.hidden_size, config.intermediate_size, config.head_dim = 64, 128, 16
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    modeling.load_tokenizer(str(tiny_llama_dir)).save_pretrained(folder)
+    q, _ = modeling.load_model(str(folder), load_in_4bit=True)
+    linears = [m for m in q.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert linears, "load_in_4bit=True gave no 4-bit layers"
+    # the same model with the 4-bit weights de-quantised into ordinary fp32 layers: the exact reference
+    d, _ = modeling.load_model(str(folder))
+    for name, m in q.named_modules():
+        if isinstance(m, bnb.nn.Linear4bit):
+            d.get_submodule(name).weight.data = bnb.functional.dequantize_4bit(m.weight.data, m.weight.quant_state)
+    torch.manual_seed(0)
+    q = modeling.add_lora(q, r=4)
+    torch.manual_seed(0)
+    d = modeling.add_lora(d, r=4)
+    for m in (q, d):  # B = 0 would give A no gradient; any fixed non-zero B will do
+        for n, p in m.named_parameters():
+            if "lora_B" in n:
+                torch.nn.init.constant_(p, 0.01)
+    ids = torch.randint(0, 1000, (2, 12))
+    q.eval()
+    with torch.inference_mode():
+        q(input_ids=ids)  # what sampling does first (in eval mode, without gradients)
+    grads = []
+    for m in (q, d):
+        m.train()
+        m(input_ids=ids, labels=ids).loss.backward()
+        grads.append({n: p.grad for n, p in m.named_parameters() if p.requires_grad})
+    # the first layer's adapter: its gradient has come back through every 4-bit layer above it
+    name = next(n for n in grads[1] if "layers.0.self_attn.q_proj.lora_A" in n)
+    torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-4, atol=1e-6)
+
+
+def test_bad_scale_settings_are_refused_before_loading(monkeypatch, capsys):
+    with pytest.raises(SystemExit):
+        train_eva.parse_config(["--fsdp"])  # LoRA is the default
+    assert "--fsdp" in capsys.readouterr().err
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    with pytest.raises(SystemExit):
+        train_eva.parse_config(["--batch_size", "8", "--micro_batch_size", "1"])
+    assert "world size 3" in capsys.readouterr().err
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    cfg = train_eva.parse_config(["--preset", "paper"])
+    assert cfg.fsdp and not cfg.lora and cfg.batch_size == 64 and cfg.n_samples == 6 and cfg.lr == 5e-7
+    assert train_eva.parse_config(["--preset", "paper", "--loss", "sppo"]).optimizer == "rmsprop"
