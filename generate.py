@@ -82,6 +82,13 @@ def _pick_nucleus(probs: torch.Tensor, idx: torch.Tensor, top_p: float, u: torch
     return idx.gather(1, _search(kept.cumsum(-1), u)[:, None]).squeeze(1)
 
 
+def _unnormalised_probs(x: torch.Tensor, top: torch.Tensor) -> torch.Tensor:
+    """exp(x - top) for x [R, V] and row maxima top [R, 1]. exp() of floats below about -87 takes a slow path on
+    CPUs (20x, denormals); weights below e^-80 relative to the top token are raised to e^-80 (< 2e-35, which leaves
+    every fp32 sum over a vocabulary unchanged), so that path is never taken."""
+    return (x - top).clamp_(min=-80.0).exp_()
+
+
 def _sample_from_logits(logits: torch.Tensor, temperature: float, top_p: float, top_k: int, u: torch.Tensor,
                         candidates: int | None = None) -> torch.Tensor:
     """One token per row from logits [R, V] with uniforms u [R] -> [R] int64.
@@ -98,12 +105,13 @@ def _sample_from_logits(logits: torch.Tensor, temperature: float, top_p: float, 
         return logits.argmax(-1)
     scaled = logits.float() / temperature  # [R, V]
     if top_k == 0 and top_p >= 1.0:  # plain temperature sampling: any fixed order works, no sort needed
-        return _search(scaled.softmax(-1).cumsum(-1), u)
+        return _search(_unnormalised_probs(scaled, scaled.amax(-1, keepdim=True)).cumsum(-1), u)
     if candidates is None:
         candidates = 64 if logits.device.type == "cpu" else V  # GPUs sort fast; the check below would sync
     k = min(top_k if top_k > 0 else candidates, V)
     vals, idx = scaled.topk(k, dim=-1)  # [R, k] descending
-    log_z = (vals if top_k > 0 else scaled).logsumexp(-1, keepdim=True)  # [R, 1]
+    top = vals[:, :1]  # [R, 1] the row maximum
+    log_z = top + _unnormalised_probs(vals if top_k > 0 else scaled, top).sum(-1, keepdim=True).log()  # [R, 1]
     probs = (vals - log_z).exp()  # [R, k]
     tokens = _pick_nucleus(probs, idx, top_p, u)  # [R]
     rows = torch.arange(R, device=logits.device)  # [r] rows still being resolved
@@ -122,7 +130,7 @@ def _sample_from_logits(logits: torch.Tensor, temperature: float, top_p: float, 
 
 class _Layer(CacheLayerMixin):
     """One layer's keys/values: the prompt part once per prompt, [P, H_kv, L, D], and each row's own generated
-    part, [R, H_kv, max_new, D]; both allocated once and filled in place.
+    part, [R, H_kv, D, max_new] (keys stored transposed) and [R, H_kv, max_new, D]; allocated once, filled in place.
 
     While `group` = (first prompt, first slot) is set, update() stores a prefill group of prompts (left-padded to
     its own length, right-aligned to slot L); afterwards each call appends one decode token per row and returns
@@ -135,7 +143,7 @@ class _Layer(CacheLayerMixin):
         self.new_keys = self.new_values = None
 
     def lazy_initialization(self, key_states, value_states):
-        p, h, _, d = key_states.shape
+        _, h, _, d = key_states.shape
         self.keys = key_states.new_zeros(self.prompts, h, self.prompt_len, d)  # [P, H_kv, L, D]
         self.values = value_states.new_zeros(self.prompts, h, self.prompt_len, value_states.shape[-1])
         self.is_initialized = True
@@ -150,13 +158,13 @@ class _Layer(CacheLayerMixin):
             return key_states, value_states
         if self.new_keys is None:
             r, h, _, d = key_states.shape
-            self.new_keys = key_states.new_zeros(r, h, self.max_new, d)  # [R, H_kv, max_new, D]
+            self.new_keys = key_states.new_zeros(r, h, d, self.max_new)  # [R, H_kv, D, max_new]: K^T, ready to matmul
             self.new_values = value_states.new_zeros(r, h, self.max_new, value_states.shape[-1])
         t = self.generated
-        self.new_keys[:, :, t:t + 1] = key_states  # [R, H_kv, 1, D]
+        self.new_keys[:, :, :, t:t + 1] = key_states.transpose(2, 3)  # [R, H_kv, D, 1]
         self.new_values[:, :, t:t + 1] = value_states
         self.generated += 1
-        return self.new_keys[:, :, :t + 1], self.new_values[:, :, :t + 1]
+        return self.new_keys[..., :t + 1], self.new_values[:, :, :t + 1]  # K^T [R, H_kv, D, t], V [R, H_kv, t, D]
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:  # asked by flash-attn's prefill only
         return query_length, 0
@@ -201,9 +209,9 @@ def _masks(config, first: torch.Tensor, q_slots: torch.Tensor, kv_len: int, dtyp
 def _shared_prefix_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """A decode step's attention; the model calls it in place of sdpa/eager/flash (registered as `eva_shared`).
 
-    query [R, H, 1, D]; key/value [R, H_kv, t, D]: each row's generated tokens; the prompt keys sit once per prompt
-    in the cache layer, [P, H_kv, L, D], and attention_mask [P, 1, 1, L] masks their padding (and what a sliding
-    window has passed). The n samples of a prompt read its keys in one matmul; one softmax spans both parts, so the
+    query [R, H, 1, D]; key = K^T [R, H_kv, D, t] and value [R, H_kv, t, D]: each row's generated tokens. The
+    prompt keys sit once per prompt in the cache layer, [P, H_kv, L, D], and attention_mask [P, 1, 1, L] masks
+    their padding (and what a sliding window has passed). The n samples of a prompt read its keys in one matmul; one softmax spans both parts, so the
     result equals attention over the concatenated keys. Soft-capping (Gemma-2) and sliding windows included."""
     ctx = kwargs["eva_shared"]
     layer, n, slot = ctx["layers"][module.layer_idx], ctx["n"], ctx["slot"]  # slot [R]: p * n + j of each row
@@ -212,7 +220,7 @@ def _shared_prefix_attention(module, query, key, value, attention_mask, scaling=
     g = H // Hk
     window, cap = kwargs.get("sliding_window"), kwargs.get("softcap")
     if window:  # the row's own tokens older than the window drop out (the prompt part is masked by the caller)
-        key, value = key[:, :, -window:], value[:, :, -window:]
+        key, value = key[..., -window:], value[:, :, -window:]
 
     def to_prompts(x):  # [R, H_kv, g, X] -> [P, H_kv, n * g, X]; rows that left the batch become zeros
         full = x.new_zeros(P * n, *x.shape[1:]).index_copy_(0, slot, x)
@@ -221,12 +229,12 @@ def _shared_prefix_attention(module, query, key, value, attention_mask, scaling=
     def to_rows(x):  # [P, H_kv, n * g, X] -> [R, H_kv, g, X]
         return x.view(P, Hk, n, g, -1).transpose(1, 2).reshape(P * n, Hk, g, -1).index_select(0, slot)
 
-    def scores(q, k):
-        s = torch.matmul(q, k.transpose(-1, -2)).float() * (scaling if scaling is not None else D**-0.5)
+    def scores(q, k_t):
+        s = torch.matmul(q, k_t).float() * (scaling if scaling is not None else D**-0.5)
         return torch.tanh(s / cap) * cap if cap else s
 
     q = query.reshape(R, Hk, g, D)  # [R, H_kv, g, D]
-    s_prompt = scores(to_prompts(q), layer.keys) + attention_mask.float()  # [P, H_kv, n * g, L]
+    s_prompt = scores(to_prompts(q), layer.keys.transpose(-1, -2)) + attention_mask.float()  # [P, H_kv, n * g, L]
     s_own = to_prompts(scores(q, key))  # [P, H_kv, n * g, t]
     top = torch.maximum(s_prompt.amax(-1, keepdim=True), s_own.amax(-1, keepdim=True))  # [P, H_kv, n * g, 1]
     # exp() of a very negative float is ~20x slower on CPUs (denormals); below -80 the weight is < 2e-35 anyway
@@ -384,16 +392,23 @@ def sample(model, tokenizer, prompts: list[str], n: int = 1, *, max_new_tokens: 
                # the decode step changes shape every step (keys grow, rows leave), hence dynamic shapes, no CUDA graphs
                step=torch.compile(_forward, dynamic=True) if compile else _forward)
     ids = [_encode(tokenizer, p, chat) for p in prompts]
+    if any(len(x) == 0 for x in ids):
+        raise ValueError(f"sample: prompt {[len(x) for x in ids].index(0)} is empty after tokenisation")
     order = sorted(range(len(prompts)), key=lambda i: -len(ids[i]))  # similar lengths together: less padding
     texts, tokens = [None] * len(prompts), [None] * len(prompts)
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    shown = batches
     if progress:
         from tqdm.auto import tqdm
-        batches = tqdm(batches, desc="sample", unit="batch")
-    eos = set(cfg["eos"])
-    for batch in batches:
-        keys = [_row_key(seeds[i], j) for i in batch for j in range(n)]
-        rows = _sample_batch(model, tokenizer, [ids[i] for i in batch], keys, n, cfg)
+        shown = tqdm(batches, desc="sample", unit="batch")
+    eos, training = set(cfg["eos"]), model.training
+    model.eval()  # no dropout while sampling, even when called between training steps
+    try:
+        rows_of = [_sample_batch(model, tokenizer, [ids[i] for i in batch],
+                                 [_row_key(seeds[i], j) for i in batch for j in range(n)], n, cfg) for batch in shown]
+    finally:
+        model.train(training)
+    for batch, rows in zip(batches, rows_of):
         for b, i in enumerate(batch):
             texts[i], tokens[i] = [], []
             for row in rows[b * n:(b + 1) * n]:

@@ -20,6 +20,7 @@ iteration 0 that equals the base with adapters disabled, later it is the frozen 
 import hashlib
 import importlib.util
 import json
+import logging
 import os
 import shutil
 import sys
@@ -27,6 +28,9 @@ import tempfile
 from pathlib import Path
 
 import torch
+
+# bitsandbytes (imported by peft) warns at import that an optional CPU kernel package is missing; it is not needed.
+logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
 BUNDLED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 ADAPTER_BASE_FILE = "eva_base.json"  # written beside a saved adapter: which base it belongs to

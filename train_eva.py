@@ -114,7 +114,8 @@ PRESETS = {
                   select_fraction=0.5, creator_max_new_tokens=32, eval_max_new_tokens=16, epochs=1, batch_size=4,
                   micro_batch_size=2, save_every=1),
     # the CPU demo: the bundled SmolLM2-135M-Instruct, rule rewards, about 15 minutes on 2 cores
-    "demo": dict(),
+    "demo": dict(max_seed_prompts=64, max_new_tokens=96, eval_max_new_tokens=96, creator_max_new_tokens=128,
+                 lr=5e-4),
     # the paper: gemma-2-9b-it solver, ArmoRM reward, N=6, DPO beta 0.05, lr 5e-7, effective batch 64, 8 GPUs.
     # Full fine-tuning sharded with FSDP2, as the paper's code did (lr 5e-7 is a full fine-tuning rate; LoRA needs
     # ~100x more). gen_batch_size 4: 24 rows of KV cache at 1024 + 2048 positions = 25 GB (README's memory table).
@@ -670,7 +671,8 @@ def load_solver(cfg: Config, run: Run, device):
 def evaluate(solver, tokenizer, records: list[dict], cfg: Config) -> dict:
     """Held-out constraint accuracy with greedy answers (IFEval's strict prompt- and instruction-level)."""
     result = halve_on_oom(lambda size: evaluate_ifeval(solver, tokenizer, records, batch_size=size,
-                                                       max_new_tokens=cfg.eval_max_new_tokens),
+                                                       max_new_tokens=cfg.eval_max_new_tokens,
+                                                       progress=parallel.is_main()),
                           cfg.gen_batch_size, "held-out evaluation")
     result["answers"] = [{"prompt_id": r["id"], "answer": a} for r, a in zip(records, result.pop("responses"))]
     return result

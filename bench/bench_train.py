@@ -1,7 +1,8 @@
 """Benchmark (not a test): eva's DPO training step against a plain one, same model and batch, side by side.
 
-    python bench/bench_train.py                          # bundled SmolLM2-135M + LoRA r16, 4 pairs x ~200 tokens, CPU
-    python bench/bench_train.py --pairs 8 --device cuda  # on a GPU (bf16 weights, bf16 autocast as train_eva does)
+    python bench/bench_train.py                  # bundled SmolLM2-135M + LoRA r16, 4 pairs x ~200 tokens, CPU fp32
+    python bench/bench_train.py --dtype bf16     # bf16 weights on the CPU: the logits' regime of a GPU run
+    python bench/bench_train.py --device cuda    # on a GPU (bf16 weights, bf16 autocast as train_eva does)
 
 The two steps, each a full optimizer step (forward, loss, backward, AdamW) on the same pairs:
   ours   train_eva's: collate chosen and rejected rows into one batch, one forward, per-token log-probs with the
@@ -10,19 +11,20 @@ The two steps, each a full optimizer step (forward, loss, backward, AdamW) on th
          log_softmax of the full logits in fp32, gather, mask, sum, the DPO formula written out.
 The reference log-probs are constants here (train_eva computes them once per iteration, before the first step).
 
-Each path runs in a fresh process, so neither can inherit the other's memory. Reported per path: median seconds
-per step after one warm-up, training tokens per second (real, unpadded prompt + response tokens of both
-responses), and the peak memory of the steps above what the process held before them: on the CPU the peak
-resident set (VmHWM, reset through /proc/self/clear_refs just before the steps) minus the resident set then; on
-CUDA torch.cuda.max_memory_allocated minus the allocation before the steps. Absolute times on a shared machine are
-noise; read the ratios, which come from one run.
+Each path runs in a fresh process, so neither can inherit the other's memory. Reported per path: the best
+seconds per step of --repeats after one warm-up (the least disturbed one: the machine is shared), training tokens
+per second (real prompt + response tokens of both responses, padding not counted), the padded tokens the forwards
+actually ran, and the peak memory of the steps above what the process held before them: on the CPU the peak
+resident set (VmHWM, reset through /proc/self/clear_refs just before the steps) minus the resident set then, with
+glibc told to return every freed block over 128 KiB (MALLOC_MMAP_THRESHOLD_), so freed tensors do not linger in
+the count; on CUDA torch.cuda.max_memory_allocated minus the allocation before the steps. Read the ratios.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
-import statistics
 import subprocess
 import sys
 import time
@@ -75,12 +77,15 @@ def worker(args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     device = torch.device(args.device)
-    solver, tokenizer = modeling.load_model(args.model, device=device)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, None: None}[args.dtype]
+    solver, tokenizer = modeling.load_model(args.model, device=device, dtype=dtype)
     solver = modeling.add_lora(solver, r=args.lora_r, gradient_checkpointing=args.gradient_checkpointing)
     solver.train()
     optimizer = torch.optim.AdamW([p for p in solver.parameters() if p.requires_grad], lr=1e-6)
     pairs = make_pairs(tokenizer, args.pairs, seed=0)
     tokens = sum(2 * len(p["prompt"]) + len(p["chosen"]) + len(p["rejected"]) for p in pairs)
+    widths = {half: max(len(p["prompt"]) + len(p[half]) for p in pairs) for half in ("chosen", "rejected")}
+    padded = 2 * len(pairs) * max(widths.values()) if args.path == "ours" else len(pairs) * sum(widths.values())
     pad = train_eva.pad_id(solver)
     cfg = train_eva.Config(vocab_chunk=args.vocab_chunk)
     beta = 0.1
@@ -128,9 +133,8 @@ def worker(args: argparse.Namespace) -> dict:
         if i:  # the first step is a warm-up (and allocates AdamW's state)
             times.append(time.perf_counter() - t0)
     peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else _proc_kib("VmHWM") * 1024
-    return dict(time=statistics.median(times), tokens=tokens, peak=peak - before,
-                width=max(len(p["prompt"]) + max(len(p["chosen"]), len(p["rejected"])) for p in pairs),
-                vocab=solver.get_output_embeddings().weight.shape[0])
+    return dict(time=min(times), tokens=tokens, padded=padded, peak=peak - before,
+                vocab=solver.get_output_embeddings().weight.shape[0], dtype=str(solver.dtype).split(".")[-1])
 
 
 def main() -> None:
@@ -140,9 +144,10 @@ def main() -> None:
     p.add_argument("--vocab_chunk", type=int, default=8192, help="train_eva's --vocab_chunk for our path")
     p.add_argument("--lora_r", type=int, default=16)
     p.add_argument("--gradient_checkpointing", action="store_true")
-    p.add_argument("--repeats", type=int, default=3, help="timed steps per path (after one warm-up)")
+    p.add_argument("--repeats", type=int, default=2, help="timed steps per path (after one warm-up)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", choices=["fp32", "bf16"], help="model weights (default: fp32 on CPU, bf16 on CUDA)")
     p.add_argument("--path", choices=["ours", "plain"], help=argparse.SUPPRESS)  # set in the worker processes
     args = p.parse_args()
     if args.path:
@@ -152,19 +157,20 @@ def main() -> None:
     results = {}
     for path in ("ours", "plain"):
         cmd = [sys.executable, __file__, *sys.argv[1:], "--path", path]
-        out = subprocess.run(cmd, capture_output=True, text=True)
+        env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
+        out = subprocess.run(cmd, capture_output=True, text=True, env=env)
         if out.returncode != 0:
             sys.exit(f"{path} failed:\n{out.stderr[-3000:]}")
         results[path] = json.loads(out.stdout.strip().splitlines()[-1])
     r = results["ours"]
-    print(f"model {args.model} + LoRA r{args.lora_r}, {args.pairs} pairs ({r['tokens']} training tokens, "
-          f"rows up to {r['width']} tokens), vocabulary {r['vocab']}, device {args.device}, {args.threads} threads, "
-          f"median of {args.repeats} steps")
-    print(f"{'step':<58} {'s/step':>8} {'tokens/s':>10} {'peak extra MiB':>15}")
+    print(f"model {args.model} ({r['dtype']}) + LoRA r{args.lora_r}, {args.pairs} pairs = {r['tokens']} training "
+          f"tokens, vocabulary {r['vocab']}, device {args.device}, {args.threads} threads, "
+          f"best of {args.repeats} steps")
+    print(f"{'step':<58} {'s/step':>8} {'tokens/s':>10} {'padded':>8} {'peak extra MiB':>15}")
     labels = {"ours": f"ours  (one forward, log-probs in {args.vocab_chunk}-column chunks)",
               "plain": "plain (two forwards, fp32 log_softmax of the full logits)"}
     for path, res in results.items():
-        print(f"{labels[path]:<58} {res['time']:>8.2f} {res['tokens'] / res['time']:>10.0f} "
+        print(f"{labels[path]:<58} {res['time']:>8.2f} {res['tokens'] / res['time']:>10.0f} {res['padded']:>8} "
               f"{res['peak'] / 2**20:>15.0f}")
     ours, plain = results["ours"], results["plain"]
     print(f"ratio plain / ours: time {plain['time'] / ours['time']:.2f}x, "
