@@ -20,7 +20,7 @@ demo: $(VENV)/.installed
 	$(PY) train_eva.py $(ARGS)
 
 smoke: $(VENV)/.installed
-	$(PY) train_eva.py --preset smoke --run runs/smoke $(ARGS)
+	$(PY) train_eva.py --preset smoke --run_dir runs/smoke $(ARGS)
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q tests $(ARGS)

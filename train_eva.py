@@ -1,8 +1,8 @@
 """eva: evolving alignment via asymmetric self-play (Ye et al., arXiv 2411.00062), the whole loop in one file.
 
     python train_eva.py                                   # the CPU demo: SmolLM2-135M, rules reward, ~15 min
-    python train_eva.py --preset smoke --run runs/smoke   # a minute or two, what the tests run
-    torchrun --nproc_per_node=8 train_eva.py --preset paper --run runs/gemma   # the paper's setting
+    python train_eva.py --preset smoke --run_dir runs/smoke   # a minute or two, what the tests run
+    torchrun --nproc_per_node=8 train_eva.py --preset paper --run_dir runs/gemma   # the paper's setting
     python train_eva.py --help                            # every field of Config below is a flag
 
 Iteration 0 is ordinary preference optimisation on the seed prompts: sample N responses per prompt with the
@@ -48,7 +48,7 @@ ROOT = Path(__file__).resolve().parent
 @dataclass
 class Config:
     # --- run
-    run: str = "runs/demo"  # run folder; rerunning with the same folder resumes it
+    run_dir: str = "runs/demo"  # run folder; rerunning with the same folder resumes it
     preset: str = "demo"  # defaults to start from: smoke | demo | paper (flags given explicitly win)
     seed: int = 0  # every random choice (sampling, selection, evolution, data order, LoRA init) derives from it
     allow_config_change: bool = False  # resume even if the config differs from the saved one
@@ -296,18 +296,18 @@ class Run:
 
 def open_run(cfg: Config) -> Run:
     """Create the run folder, or resume it when the config matches the saved one."""
-    folder = Path(cfg.run)
+    folder = Path(cfg.run_dir)
     saved_path = folder / "config.json"
     current = dataclasses.asdict(cfg)
     started = any(folder.glob("iter_*/done_*")) or (folder / "eval_start.json").exists()
     if saved_path.is_file() and started:  # before any finished work, a corrected command simply starts over
         saved = json.loads(saved_path.read_text())
-        ignore = {"allow_config_change"}
+        ignore = {"allow_config_change", "run_dir"}  # where the folder lives is not a setting
         changed = sorted(k for k in set(saved) | set(current) if k not in ignore and saved.get(k) != current.get(k))
         if changed and not cfg.allow_config_change:
             diff = ", ".join(f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in changed)
             raise SystemExit(f"error: {folder} was started with another config ({diff}); "
-                             f"use another --run, or --allow_config_change to resume anyway")
+                             f"use another --run_dir, or --allow_config_change to resume anyway")
         print0(f"resuming {folder}" + (f" (accepted changes: {', '.join(changed)})" if changed else ""))
     elif folder.exists() and any(folder.iterdir()) and not saved_path.is_file():
         raise SystemExit(f"error: {folder} exists and is not an eva run folder (no config.json); refusing to touch it")

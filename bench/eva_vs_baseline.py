@@ -44,7 +44,7 @@ def run_arms(out: Path, seed: int, loss: str, opts) -> dict:
     tag = f"{loss}_seed{seed}"
     common = ["--seed", str(seed), "--loss", loss, "--pairs_per_iteration", str(opts.pairs), *opts.train_args]
     base = out / tag / "iter0"
-    train_eva(["--run", str(base), "--eva_iterations", "0", *common])
+    train_eva(["--run_dir", str(base), "--eva_iterations", "0", *common])
     folders = {"iter0": base}
     for arm in ("baseline", "eva"):
         folder = out / tag / arm
@@ -56,7 +56,7 @@ def run_arms(out: Path, seed: int, loss: str, opts) -> dict:
                 (tmp / name).unlink(missing_ok=True)
             tmp.rename(folder)
         evolve_flag = "--evolve" if arm == "eva" else "--no-evolve"
-        train_eva(["--run", str(folder), "--eva_iterations", "1", evolve_flag, "--allow_config_change", *common])
+        train_eva(["--run_dir", str(folder), "--eva_iterations", "1", evolve_flag, "--allow_config_change", *common])
         folders[arm] = folder
     return folders
 

@@ -12,8 +12,8 @@ handed back in memory to the model that samples the next iteration), and QLoRA (
 Each run is a fresh subprocess with one thread per rank, the two of a test at once; the file takes about two
 minutes on 2 free cores.
 
-The run folder is given as the working directory, not as --run: torchrun's own parser rejects `--run` anywhere on
-its command line as an ambiguous abbreviation of its --run-path (Python 3.11 argparse).
+Each run writes to the default run folder, runs/demo, under its own working directory. (The flag is --run_dir, not
+--run: torchrun's own parser rejects `--run` anywhere on its command line as an abbreviation of its --run-path.)
 """
 import json
 import os
@@ -55,7 +55,7 @@ def launch_pair(tmp_path: Path, args_one: list[str], args_two: list[str]) -> tup
                 p.kill()
             raise AssertionError(f"{ranks} rank(s) ran past {TIMEOUT} s (a collective that never completes?)")
         assert proc.returncode == 0, f"{ranks} rank(s) failed:\n{out[-3000:]}\n{err[-5000:]}"
-    return tmp_path / "ranks1" / "runs" / "demo", tmp_path / "ranks2" / "runs" / "demo"  # Config.run's default
+    return tmp_path / "ranks1" / "runs" / "demo", tmp_path / "ranks2" / "runs" / "demo"  # Config.run_dir's default
 
 
 def common_args(tmp_path: Path, tiny_llama_dir: Path, *extra: str) -> list[str]:
@@ -136,8 +136,8 @@ def test_full_fine_tuning_fsdp_two_ranks_equal_one(tmp_path, tiny_llama_dir):
 
 
 def test_qlora_on_cpu_two_ranks_equal_one(tmp_path, tiny_llama_dir):
-    # de-quantising every layer on every call is slow on the CPU: one iteration, short answers
-    args = common_args(tmp_path, tiny_llama_dir, "--load_in_4bit", "--eva_iterations", "0", "--max_new_tokens", "8")
+    # de-quantising every layer on every call is slow on the CPU: one iteration
+    args = common_args(tmp_path, tiny_llama_dir, "--load_in_4bit", "--eva_iterations", "0")
     one, two = launch_pair(tmp_path, args, args)
     assert_same_files(one, two, ["iter_0/samples.jsonl", "iter_0/pairs.jsonl"])
     a = load_file(one / "iter_0" / "adapter" / "adapter_model.safetensors")

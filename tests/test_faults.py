@@ -30,7 +30,7 @@ import train_eva
 def eva_args(tmp_path: Path, model: Path, *extra: str, prompts: list[dict] = TINY_PROMPTS) -> list[str]:
     """Iteration 0 only, no held-out evaluation, plain temperature sampling: the cheapest whole run."""
     return ["--preset", "smoke", "--model", str(model), "--seed_prompts",
-            write_prompts(tmp_path / "prompts.jsonl", prompts), "--heldout_prompts", "", "--run",
+            write_prompts(tmp_path / "prompts.jsonl", prompts), "--heldout_prompts", "", "--run_dir",
             str(tmp_path / "run"), "--top_p", "1.0", "--eva_iterations", "0", "--lr", "1e-3", *extra]
 
 
@@ -73,7 +73,7 @@ def test_bad_prompt_file_stops_before_any_work(tmp_path, case):
     lines, expected = BAD_FILES[case]
     bad = tmp_path / "bad.jsonl"
     bad.write_text("\n".join(lines) + "\n")
-    args = ["--run", str(tmp_path / "run"), "--seed_prompts", str(bad), "--heldout_prompts", ""]
+    args = ["--run_dir", str(tmp_path / "run"), "--seed_prompts", str(bad), "--heldout_prompts", ""]
     with pytest.raises(ValueError) as err:
         train_eva.main(args)
     message = str(err.value)
@@ -87,13 +87,13 @@ def test_bad_heldout_file_is_named_too(tmp_path):
     heldout = tmp_path / "heldout.jsonl"
     heldout.write_text(GOOD + "\n" + json.dumps({"id": "h", "prompt": ""}) + "\n")
     with pytest.raises(ValueError, match=r"heldout\.jsonl:2: missing or empty field 'prompt'"):
-        train_eva.main(["--run", str(tmp_path / "run"), "--seed_prompts", seeds, "--heldout_prompts", str(heldout)])
+        train_eva.main(["--run_dir", str(tmp_path / "run"), "--seed_prompts", seeds, "--heldout_prompts", str(heldout)])
 
 
 def test_bad_input_from_the_command_line_is_one_line(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text(GOOD + "\n" + json.dumps({"id": "u", "prompt": "Hi.", "instruction_id_list": ["nope:x"]}) + "\n")
-    line = one_error_line(run_cli("--run", str(tmp_path / "run"), "--seed_prompts", str(bad)))
+    line = one_error_line(run_cli("--run_dir", str(tmp_path / "run"), "--seed_prompts", str(bad)))
     assert "bad.jsonl:2" in line and "nope:x" in line
 
 
@@ -369,24 +369,24 @@ def test_interrupted_write_leaves_no_file_that_looks_finished(tmp_path, monkeypa
 
 
 def test_changed_config_lists_every_field_and_the_flag_accepts_them(tmp_path, capsys):
-    cfg = train_eva.Config(run=str(tmp_path / "run"))
+    cfg = train_eva.Config(run_dir=str(tmp_path / "run"))
     train_eva.open_run(cfg)
     (tmp_path / "run" / "iter_0").mkdir()
     (tmp_path / "run" / "iter_0" / "done_estimate").write_text("{}\n")  # finished work makes the config binding
-    changed = train_eva.Config(run=cfg.run, lr=1e-3, n_samples=6)
+    changed = train_eva.Config(run_dir=cfg.run_dir, lr=1e-3, n_samples=6)
     with pytest.raises(SystemExit) as err:
         train_eva.open_run(changed)
     message = str(err.value.code)
     assert f"lr: {cfg.lr!r} -> 0.001" in message and "n_samples: 4 -> 6" in message
     assert "--allow_config_change" in message
-    train_eva.open_run(train_eva.Config(run=cfg.run, lr=1e-3, n_samples=6, allow_config_change=True))
+    train_eva.open_run(train_eva.Config(run_dir=cfg.run_dir, lr=1e-3, n_samples=6, allow_config_change=True))
     assert "accepted changes: lr, n_samples" in capsys.readouterr().out
     assert json.loads((tmp_path / "run" / "config.json").read_text())["lr"] == 1e-3
 
 
 def test_config_can_change_before_any_work_is_done(tmp_path):
     """A run that failed before finishing anything (say, a typo caught after the folder was made) restarts freely."""
-    cfg = train_eva.Config(run=str(tmp_path / "run"))
+    cfg = train_eva.Config(run_dir=str(tmp_path / "run"))
     train_eva.open_run(cfg)
-    train_eva.open_run(train_eva.Config(run=cfg.run, lr=1e-3))
+    train_eva.open_run(train_eva.Config(run_dir=cfg.run_dir, lr=1e-3))
     assert json.loads((tmp_path / "run" / "config.json").read_text())["lr"] == 1e-3

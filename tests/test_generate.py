@@ -248,3 +248,11 @@ def test_bad_arguments_raise(tok):
     for bad in (dict(n=0), dict(top_p=0.0), dict(temperature=-1.0), dict(seeds=[1, 2]), dict(stop=[""])):
         with pytest.raises(ValueError):
             sample(m, tok, ["a"], max_new_tokens=2, **bad)
+
+
+def test_training_mode_is_restored(tok):
+    m = tiny(tok, "llama")
+    want = sample(m, tok, PROMPTS[:1], max_new_tokens=4, temperature=0)
+    m.train()
+    assert sample(m, tok, PROMPTS[:1], max_new_tokens=4, temperature=0) == want
+    assert m.training, "sample() left the model in eval mode"

@@ -41,7 +41,7 @@ def run_eva(prompts: str, model: Path, folder: Path, kill_at: str | None = None)
     if kill_at:
         env["EVA_KILL_AT"] = kill_at
     return subprocess.run([sys.executable, str(ROOT / "train_eva.py"), *ARGS, "--model", str(model),
-                           "--seed_prompts", prompts, "--run", str(folder)],
+                           "--seed_prompts", prompts, "--run_dir", str(folder)],
                           capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
 
 

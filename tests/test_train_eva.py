@@ -29,7 +29,7 @@ def smoke_args(tmp_path: Path, tiny_llama_dir: Path, *extra: str) -> list[str]:
     prompts = write_prompts(tmp_path / "prompts.jsonl", TINY_PROMPTS)
     heldout = write_prompts(tmp_path / "heldout.jsonl", TINY_PROMPTS[:3])
     return ["--preset", "smoke", "--model", str(tiny_llama_dir), "--seed_prompts", prompts,
-            "--heldout_prompts", heldout, "--run", str(tmp_path / "run"), "--lr", "1e-3", *extra]
+            "--heldout_prompts", heldout, "--run_dir", str(tmp_path / "run"), "--lr", "1e-3", *extra]
 
 
 def test_one_full_iteration_writes_every_file(tmp_path, tiny_llama_dir):
@@ -82,12 +82,12 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_unknown_flag_is_named(tmp_path):
-    out = run_cli("--run", str(tmp_path / "r"), "--learning_rate", "1")
+    out = run_cli("--run_dir", str(tmp_path / "r"), "--learning_rate", "1")
     assert out.returncode != 0 and "--learning_rate" in out.stderr
 
 
 def test_missing_prompt_file_is_named(tmp_path):
-    out = run_cli("--run", str(tmp_path / "r"), "--seed_prompts", str(tmp_path / "nope.jsonl"))
+    out = run_cli("--run_dir", str(tmp_path / "r"), "--seed_prompts", str(tmp_path / "nope.jsonl"))
     assert out.returncode != 0 and "nope.jsonl" in out.stderr
     assert out.stderr.strip().count("\n") == 0, f"expected one line, got: {out.stderr}"
 
@@ -95,12 +95,12 @@ def test_missing_prompt_file_is_named(tmp_path):
 def test_malformed_prompt_line_is_named(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps(TINY_PROMPTS[0]) + "\n{not json\n")
-    out = run_cli("--run", str(tmp_path / "r"), "--seed_prompts", str(bad))
+    out = run_cli("--run_dir", str(tmp_path / "r"), "--seed_prompts", str(bad))
     assert out.returncode != 0 and "bad.jsonl:2" in out.stderr
 
 
 def test_unknown_model_path_is_named(tmp_path):
-    out = run_cli("--run", str(tmp_path / "r"), "--model", str(tmp_path / "no_such_model"),
+    out = run_cli("--run_dir", str(tmp_path / "r"), "--model", str(tmp_path / "no_such_model"),
                   "--heldout_prompts", "")
     assert out.returncode != 0 and "no_such_model" in out.stderr
 
@@ -109,7 +109,7 @@ def test_existing_folder_is_not_overwritten(tmp_path):
     folder = tmp_path / "precious"
     folder.mkdir()
     (folder / "notes.txt").write_text("keep me")
-    out = run_cli("--run", str(folder))
+    out = run_cli("--run_dir", str(folder))
     assert out.returncode != 0 and "precious" in out.stderr
     assert (folder / "notes.txt").read_text() == "keep me"
 
@@ -117,9 +117,9 @@ def test_existing_folder_is_not_overwritten(tmp_path):
 def test_changed_config_refuses_to_resume(tmp_path):
     folder = tmp_path / "r"
     folder.mkdir()
-    saved = json.loads(json.dumps(train_eva.dataclasses.asdict(train_eva.Config(run=str(folder)))))
+    saved = json.loads(json.dumps(train_eva.dataclasses.asdict(train_eva.Config(run_dir=str(folder)))))
     (folder / "config.json").write_text(json.dumps(saved))
     (folder / "iter_0").mkdir()
     (folder / "iter_0" / "done_estimate").write_text("{}\n")  # finished work exists: the config is binding
-    out = run_cli("--run", str(folder), "--lr", "0.1")
+    out = run_cli("--run_dir", str(folder), "--lr", "0.1")
     assert out.returncode != 0 and "lr" in out.stderr and "allow_config_change" in out.stderr
