@@ -678,6 +678,18 @@ def evaluate(solver, tokenizer, records: list[dict], cfg: Config) -> dict:
     return result
 
 
+def evaluate_once(solver, tokenizer, heldout: list[dict], cfg: Config, run: Run, when: str) -> None:
+    """eval_<when>.json for the solver as it is now, unless a finished run already wrote it."""
+    path = run.folder / f"eval_{when}.json"
+    if not heldout or path.exists():
+        return
+    t0 = time.time()
+    result = evaluate(solver, tokenizer, heldout, cfg)
+    write_atomic(path, json.dumps(result, indent=1) + "\n")
+    print0(f"[{when}] held-out: prompt-level {result['prompt_level']:.3f}, instruction-level "
+           f"{result['instruction_level']:.3f} ({time.time() - t0:.0f} s)")
+
+
 # ------------------------------------------------------------------------------------------------- the loop
 def make_completer(cfg: Config, t: int, solver, tokenizer, creator_model=None, creator_tokenizer=None):
     """The creator's `complete(messages) -> texts`: the solver itself (self-play), another local model, or an endpoint."""
@@ -717,12 +729,7 @@ def main(argv=None) -> None:
     if cfg.creator != "self" and not cfg.creator.startswith("endpoint:"):
         creator_model, creator_tokenizer = modeling.load_model(cfg.creator, device=device)
 
-    if heldout and not (run.folder / "eval_start.json").exists():
-        t0 = time.time()
-        result = evaluate(solver, tokenizer, heldout, cfg)
-        write_atomic(run.folder / "eval_start.json", json.dumps(result, indent=1) + "\n")
-        print0(f"[start] held-out: prompt-level {result['prompt_level']:.3f}, instruction-level "
-               f"{result['instruction_level']:.3f} ({time.time() - t0:.0f} s)")
+    evaluate_once(solver, tokenizer, heldout, cfg, run, "start")
 
     pool = drop_long_prompts(seeds, tokenizer, cfg, "seed prompts")
     if not pool:
@@ -813,12 +820,7 @@ def main(argv=None) -> None:
         print0(f"[iter {t}] train: {summary} ({time.time() - t1:.0f} s)")
         pool = pool + evolved
 
-    if heldout and not (run.folder / "eval_end.json").exists():
-        t0 = time.time()
-        result = evaluate(solver, tokenizer, heldout, cfg)
-        write_atomic(run.folder / "eval_end.json", json.dumps(result, indent=1) + "\n")
-        print0(f"[end] held-out: prompt-level {result['prompt_level']:.3f}, instruction-level "
-               f"{result['instruction_level']:.3f} ({time.time() - t0:.0f} s)")
+    evaluate_once(solver, tokenizer, heldout, cfg, run, "end")
     if parallel.is_main():
         import report
         print(report.write_report(run.folder, cfg.eva_iterations))
