@@ -25,9 +25,13 @@ import os
 import shutil
 import sys
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
+
+# peft 0.21 reads transformers 5's deprecated `is_gradient_checkpointing` on every wrap: noise, nothing to act on
+warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
 # bitsandbytes (imported by peft) warns at import that an optional CPU kernel package is missing; it is not needed.
 logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
