@@ -815,8 +815,9 @@ def local_completer(model, tokenizer, *, seed: int = 0, **sample_kwargs) -> Call
         calls[0] += 1
 
         def run(local: list[tuple[int, str]]) -> list[str]:
-            out = generate.sample(model, tokenizer, [m for _, m in local], n=1,
-                                  seeds=[_call_seed(seed, call, i) for i, _ in local], **sample_kwargs)
+            out = generate.halve_on_oom(lambda size: generate.sample(
+                model, tokenizer, [m for _, m in local], n=1, seeds=[_call_seed(seed, call, i) for i, _ in local],
+                **{**sample_kwargs, "batch_size": size}), sample_kwargs.get("batch_size", 16), "creator: sampling")
             return [texts[0] if texts else "" for texts in out.texts]
 
         return parallel.sharded(run, list(enumerate(messages)), desc="creator")

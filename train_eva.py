@@ -195,6 +195,18 @@ def write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def save_atomic(obj, path: Path) -> None:
+    """torch.save with write_atomic's guarantees (temporary name, fsync, rename); rank 0 writes."""
+    if not parallel.is_main():
+        return
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
 def write_jsonl(path: Path, records: list[dict]) -> None:
     write_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
 
@@ -324,53 +336,23 @@ def stable_seed(*parts) -> int:
     return zlib.crc32("|".join(map(str, parts)).encode()) & 0x7FFFFFFF
 
 
-def is_out_of_memory(err: BaseException) -> bool:
-    """An accelerator out-of-memory error, whichever class the backend raised it as."""
-    return isinstance(err, torch.cuda.OutOfMemoryError) or (isinstance(err, RuntimeError)
-                                                             and "out of memory" in str(err).lower())
-
-
-def halve_on_oom(fn, batch_size: int, what: str):
-    """fn(batch_size); after an out-of-memory error, free the cache and retry with half the batch, down to 1.
-
-    Only for work whose results do not depend on the batch size (generate.sample seeds every prompt on its own), so
-    a retry changes the speed and nothing else. Out of memory with a batch of 1 stops the run with one line. Local
-    to this rank: the collectives of parallel.sharded come after fn, so the other ranks simply wait.
-    """
-    while True:
-        try:
-            return fn(batch_size)
-        except RuntimeError as err:
-            if not is_out_of_memory(err):
-                raise
-            message = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        # Out of the except block, so the traceback's frames (and the tensors they hold) are freed first.
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-        if batch_size <= 1:
-            raise SystemExit(f"error: {what}: out of memory even with a batch of 1 ({message}); lower "
-                             f"--max_new_tokens or --max_prompt_tokens, or use a larger device")
-        batch_size //= 2
-        print(f"[rank {parallel.rank()}] {what}: out of memory ({message}); retrying with batch size {batch_size}",
-              file=sys.stderr, flush=True)
-
-
 def sample_and_score(solver, tokenizer, scorer, records: list[dict], cfg: Config, t: int, phase: str) -> list[dict]:
     """N responses per prompt and their rewards: sample records, sharded over ranks."""
     seeds = [stable_seed(cfg.seed, t, phase, r["id"]) for r in records]
 
     def work(indices: list[int]) -> list[dict]:
         batch = [records[i] for i in indices]
-        out = halve_on_oom(lambda size: generate.sample(
+        out = generate.halve_on_oom(lambda size: generate.sample(
             solver, tokenizer, [r["prompt"] for r in batch], n=cfg.n_samples, max_new_tokens=cfg.max_new_tokens,
             temperature=cfg.temperature, top_p=cfg.top_p, seeds=[seeds[i] for i in indices], batch_size=size,
             progress=parallel.is_main()), cfg.gen_batch_size, f"{phase}: sampling")
         flat_prompts = [r for r in batch for _ in range(cfg.n_samples)]
         flat_responses = [text for texts in out.texts for text in texts]
         # One call as long as memory allows; after an out-of-memory error, the same items in smaller calls.
-        flat_scores = halve_on_oom(lambda size: [score for s in range(0, len(flat_responses), size) for score in
-                                                 scorer.score(flat_prompts[s:s + size], flat_responses[s:s + size])],
-                                   max(1, len(flat_responses)), f"{phase}: scoring")
+        flat_scores = generate.halve_on_oom(
+            lambda size: [score for s in range(0, len(flat_responses), size)
+                          for score in scorer.score(flat_prompts[s:s + size], flat_responses[s:s + size])],
+            max(1, len(flat_responses)), f"{phase}: scoring")
         # A reward that could not be computed (a judge that gave no rating) is NaN in memory and null on disk.
         return [{"prompt_id": r["id"], "responses": texts,
                  "rewards": [float(s) if math.isfinite(s) else None
@@ -520,9 +502,7 @@ def train(solver, tokenizer, pairs: list[dict], cfg: Config, run: Run, t: int, d
         else:
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
                 ref = reference_logps(solver, encoded, cfg, device)
-            if parallel.is_main():
-                torch.save(ref, str(ref_path) + ".tmp")
-                os.replace(str(ref_path) + ".tmp", ref_path)
+            save_atomic(ref, ref_path)
     p_chosen = torch.tensor([p["p_chosen"] for p in pairs], dtype=torch.float32)
     p_rejected = torch.tensor([p["p_rejected"] for p in pairs], dtype=torch.float32)
 
@@ -625,9 +605,8 @@ def train(solver, tokenizer, pairs: list[dict], cfg: Config, run: Run, t: int, d
             rng = parallel.sharded(lambda mine: [rng_state() for _ in mine], list(range(world)), desc="rng state")
             if parallel.is_main():
                 weights = {n: p.detach().cpu() for n, p in solver.named_parameters() if p.requires_grad}
-                torch.save(dict(weights=weights, optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
-                                step=step + 1, rng=rng), str(ckpt_path) + ".tmp")
-                os.replace(str(ckpt_path) + ".tmp", ckpt_path)
+                save_atomic(dict(weights=weights, optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
+                                 step=step + 1, rng=rng), ckpt_path)
                 kill_point(t, "train", step + 1)  # test hook
     if fsdp:
         parallel.fsdp_gather(policy, solver)  # in memory: the model that samples next is the one just trained
@@ -670,7 +649,7 @@ def load_solver(cfg: Config, run: Run, device):
 # ------------------------------------------------------------------------------------------------- evaluation
 def evaluate(solver, tokenizer, records: list[dict], cfg: Config) -> dict:
     """Held-out constraint accuracy with greedy answers (IFEval's strict prompt- and instruction-level)."""
-    result = halve_on_oom(lambda size: evaluate_ifeval(solver, tokenizer, records, batch_size=size,
+    result = generate.halve_on_oom(lambda size: evaluate_ifeval(solver, tokenizer, records, batch_size=size,
                                                        max_new_tokens=cfg.eval_max_new_tokens,
                                                        progress=parallel.is_main()),
                           cfg.gen_batch_size, "held-out evaluation")
@@ -778,8 +757,10 @@ def main(argv=None) -> None:
                 evolved = drop_long_prompts(evolved, tokenizer, cfg, "evolved prompts")
                 write_jsonl(folder / "evolved.jsonl", evolved)
                 run.mark(t, "evolve", dict(children=len(evolved), **stats, seconds=round(time.time() - t1, 1)))
-                print0(f"[iter {t}] evolve: {len(selected)} parents -> {len(evolved)} children; {stats} "
-                       f"({time.time() - t1:.0f} s)")
+                rejected = ", ".join(f"{k} {v}" for k, v in stats["rejected"].items() if v) or "none"
+                print0(f"[iter {t}] evolve: {len(selected)} parents -> {len(evolved)} children, "
+                       f"{stats['creator_calls']} creator calls, {stats['fallback']} links made by the in-code "
+                       f"constraint step; rejected rewrites: {rejected} ({time.time() - t1:.0f} s)")
             evolved = read_jsonl(folder / "evolved.jsonl")
 
             if not run.done(t, "generate"):
@@ -817,7 +798,9 @@ def main(argv=None) -> None:
         save_solver(solver, tokenizer, cfg, folder)
         write_jsonl(folder / "pool_next.jsonl", pool + evolved)
         run.mark(t, "train", dict(**summary, seconds=round(time.time() - t1, 1)))
-        print0(f"[iter {t}] train: {summary} ({time.time() - t1:.0f} s)")
+        losses_seen = f", loss {summary['first_loss']:.4f} -> {summary['last_loss']:.4f}" if summary.get("first_loss") is not None else ""
+        print0(f"[iter {t}] train: {summary['pairs']} pairs, {summary['steps']} steps{losses_seen} "
+               f"({time.time() - t1:.0f} s)")
         pool = pool + evolved
 
     evaluate_once(solver, tokenizer, heldout, cfg, run, "end")

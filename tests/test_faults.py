@@ -220,6 +220,26 @@ def test_oom_in_sampling_halves_the_batch_and_changes_nothing(tiny, monkeypatch,
     assert "estimate: sampling: out of memory" in err and "retrying with batch size 2" in err
 
 
+def test_oom_in_the_creator_halves_its_batch_and_changes_nothing(tiny, monkeypatch, capsys):
+    import creator
+    solver, tokenizer = tiny
+    messages = [f"Rewrite this prompt: tell me about topic {i}." for i in range(5)]
+    settings = dict(seed=3, max_new_tokens=4, temperature=1.0, top_p=1.0, batch_size=8)
+    expected = creator.local_completer(solver, tokenizer, **settings)(messages)
+    real, sizes = generate.sample, []
+
+    def flaky(*args, batch_size, **kwargs):
+        sizes.append(batch_size)
+        if batch_size > 2:
+            raise oom()
+        return real(*args, batch_size=batch_size, **kwargs)
+
+    monkeypatch.setattr(generate, "sample", flaky)
+    assert creator.local_completer(solver, tokenizer, **settings)(messages) == expected
+    assert sizes == [8, 4, 2]
+    assert "creator: sampling: out of memory" in capsys.readouterr().err
+
+
 def test_oom_in_scoring_scores_in_smaller_calls(tiny, monkeypatch, capsys):
     solver, tokenizer = tiny
     cfg = train_eva.Config(n_samples=2, max_new_tokens=4, gen_batch_size=8, top_p=1.0)
@@ -246,7 +266,7 @@ def test_oom_with_a_batch_of_one_stops_with_one_line():
         raise oom("CUDA out of memory. Tried to allocate 80.00 GiB\nmore detail")
 
     with pytest.raises(SystemExit) as err:
-        train_eva.halve_on_oom(always, 4, "generate: sampling")
+        generate.halve_on_oom(always, 4, "generate: sampling")
     message = str(err.value.code)
     assert message.startswith("error: generate: sampling: out of memory even with a batch of 1 (CUDA out of memory")
     assert "\n" not in message and "--max_new_tokens" in message
@@ -257,7 +277,7 @@ def test_other_errors_are_not_taken_for_oom():
         raise RuntimeError("shape mismatch")
 
     with pytest.raises(RuntimeError, match="shape mismatch"):
-        train_eva.halve_on_oom(broken, 8, "sampling")
+        generate.halve_on_oom(broken, 8, "sampling")
 
 
 def test_oom_in_evaluation_halves_the_batch(monkeypatch):
