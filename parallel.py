@@ -1,4 +1,4 @@
-"""torch.distributed in five functions: who am I, how many are we, and split-a-list-then-gather-it.
+"""torch.distributed for eva: who am I, how many are we, split-a-list-then-gather-it, and FSDP2 shard/gather.
 
 Every phase of eva (sampling, reward scoring, the creator's rewrites) is "do something to each item of a list".
 Under torchrun each rank takes the strided shard items[rank::world], and the results are gathered back to every

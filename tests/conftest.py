@@ -17,6 +17,11 @@ SHARED_DATA = ROOT.parent / "shared" / "data"
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
+def pytest_configure(config):
+    # pytest resets warning filters per test, so model.py's own filter for this peft/transformers noise needs a twin
+    config.addinivalue_line("filterwarnings", "ignore:.*is_gradient_checkpointing.*:FutureWarning")
+
+
 def make_tiny_llama(folder: Path, seed: int = 0, **overrides) -> Path:
     """A 2-layer random LlamaForCausalLM with SmolLM2's tokenizer, saved where model.load_model finds it."""
     from transformers import LlamaConfig, LlamaForCausalLM
