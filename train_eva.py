@@ -1,6 +1,6 @@
 """eva: evolving alignment via asymmetric self-play (Ye et al., arXiv 2411.00062), the whole loop in one file.
 
-    python train_eva.py                                   # the CPU demo: SmolLM2-135M, rules reward, ~15 min
+    python train_eva.py                                   # the CPU demo: SmolLM2-135M, rules reward, ~12 min on 2 cores
     python train_eva.py --preset smoke --run_dir runs/smoke   # a minute or two, what the tests run
     torchrun --nproc_per_node=8 train_eva.py --preset paper --run_dir runs/gemma   # the paper's setting
     python train_eva.py --help                            # every field of Config below is a flag
@@ -113,7 +113,7 @@ PRESETS = {
     "smoke": dict(max_seed_prompts=8, max_heldout_prompts=4, n_samples=2, max_new_tokens=16, evolve_depth=2,
                   select_fraction=0.5, creator_max_new_tokens=32, eval_max_new_tokens=16, epochs=1, batch_size=4,
                   micro_batch_size=2, save_every=1),
-    # the CPU demo: the bundled SmolLM2-135M-Instruct, rule rewards, about 15 minutes on 2 cores
+    # the CPU demo: the bundled SmolLM2-135M-Instruct, rule rewards, about 12 minutes on 2 cores (README)
     "demo": dict(max_seed_prompts=64, max_new_tokens=96, eval_max_new_tokens=96, creator_max_new_tokens=128,
                  lr=5e-4),
     # the paper: gemma-2-9b-it solver, ArmoRM reward, N=6, DPO beta 0.05, lr 5e-7, effective batch 64, 8 GPUs.
