@@ -44,7 +44,8 @@ def run_arms(out: Path, seed: int, loss: str, opts) -> dict:
     tag = f"{loss}_seed{seed}"
     common = ["--seed", str(seed), "--loss", loss, "--pairs_per_iteration", str(opts.pairs), *opts.train_args]
     base = out / tag / "iter0"
-    train_eva(["--run_dir", str(base), "--eva_iterations", "0", *common])
+    if not (base / "eval_end.json").exists():  # a finished run is not reopened (rerunning only re-tabulates)
+        train_eva(["--run_dir", str(base), "--eva_iterations", "0", *common])
     folders = {"iter0": base}
     for arm in ("baseline", "eva"):
         folder = out / tag / arm
@@ -56,7 +57,9 @@ def run_arms(out: Path, seed: int, loss: str, opts) -> dict:
                 (tmp / name).unlink(missing_ok=True)
             tmp.rename(folder)
         evolve_flag = "--evolve" if arm == "eva" else "--no-evolve"
-        train_eva(["--run_dir", str(folder), "--eva_iterations", "1", evolve_flag, "--allow_config_change", *common])
+        if not (folder / "eval_end.json").exists():
+            train_eva(["--run_dir", str(folder), "--eva_iterations", "1", evolve_flag, "--allow_config_change",
+                       *common])
         folders[arm] = folder
     return folders
 
@@ -123,6 +126,12 @@ def summarize(results: dict, opts) -> str:
                 w = runs[0][arm]["win_rate_vs_iter0"]
                 win = f"{w['win_rate']:.3f} [{w['ci_low']:.3f}, {w['ci_high']:.3f}]"
             lines.append(f"| {loss} | {arm} | {len(runs)} | " + " | ".join(cells) + f" | {win} |")
+        if len(runs) > 1:  # seeds share their iteration-0 solver, so the per-seed difference is the sharper test
+            cells = [mean_sd([r["eva"][k] - r["baseline"][k] for r in runs]) for k, _ in keys]
+            wins = [r["eva"]["win_rate_vs_iter0"]["win_rate"] - r["baseline"]["win_rate_vs_iter0"]["win_rate"]
+                    for r in runs]
+            lines.append(f"| {loss} | eva - baseline, per seed | {len(runs)} | " + " | ".join(cells) +
+                         f" | {mean_sd(wins)} |")
     return "\n".join(lines)
 
 
