@@ -799,12 +799,13 @@ def _call_seed(seed: int, call: int, index: int) -> int:
     return zlib.crc32(f"{seed}|{call}|{index}".encode()) & 0x7FFFFFFF
 
 
-def local_completer(model, tokenizer, *, seed: int = 0, **sample_kwargs) -> Callable[[list[str]], list[str]]:
+def local_completer(model, tokenizer, *, seed: int = 0, batch_size: int = 16,
+                    **sample_kwargs) -> Callable[[list[str]], list[str]]:
     """A `complete` that asks a local model (the solver itself, or any loaded model) through generate.sample.
 
     The messages are sharded over ranks (parallel.sharded); message i of the c-th call samples with a seed made of
     (seed, c, i), so the outputs do not depend on the number of ranks or on the batch. sample_kwargs go to
-    generate.sample (max_new_tokens, temperature, top_p, batch_size, ...).
+    generate.sample (max_new_tokens, temperature, top_p, ...); batch_size is halved after an out-of-memory error.
     """
     import generate
     import parallel
@@ -817,7 +818,7 @@ def local_completer(model, tokenizer, *, seed: int = 0, **sample_kwargs) -> Call
         def run(local: list[tuple[int, str]]) -> list[str]:
             out = generate.halve_on_oom(lambda size: generate.sample(
                 model, tokenizer, [m for _, m in local], n=1, seeds=[_call_seed(seed, call, i) for i, _ in local],
-                **{**sample_kwargs, "batch_size": size}), sample_kwargs.get("batch_size", 16), "creator: sampling")
+                batch_size=size, **sample_kwargs), batch_size, "creator: sampling")
             return [texts[0] if texts else "" for texts in out.texts]
 
         return parallel.sharded(run, list(enumerate(messages)), desc="creator")

@@ -183,27 +183,20 @@ def check_config(cfg: Config, parser) -> None:
 
 
 # ------------------------------------------------------------------------------------------------- files
-def write_atomic(path: Path, text: str) -> None:
-    """Write to a temporary name, then rename: a killed run never leaves a half file that looks whole."""
+def write_atomic(path: Path, content) -> None:
+    """Write to a temporary name, then rename: a killed run never leaves a half file that looks whole.
+    content: text, or any object for torch.save (checkpoints). Rank 0 writes."""
     if not parallel.is_main():
         return
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
+    text = isinstance(content, str)
+    with open(tmp, "w" if text else "wb") as f:
+        if text:
+            f.write(content)
+        else:
+            torch.save(content, f)
         f.flush()
         os.fsync(f.fileno())  # on disk before the rename, so a node that loses power keeps no empty "finished" file
-    os.replace(tmp, path)
-
-
-def save_atomic(obj, path: Path) -> None:
-    """torch.save with write_atomic's guarantees (temporary name, fsync, rename); rank 0 writes."""
-    if not parallel.is_main():
-        return
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
     os.replace(tmp, path)
 
 
@@ -502,7 +495,7 @@ def train(solver, tokenizer, pairs: list[dict], cfg: Config, run: Run, t: int, d
         else:
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
                 ref = reference_logps(solver, encoded, cfg, device)
-            save_atomic(ref, ref_path)
+            write_atomic(ref_path, ref)
     p_chosen = torch.tensor([p["p_chosen"] for p in pairs], dtype=torch.float32)
     p_rejected = torch.tensor([p["p_rejected"] for p in pairs], dtype=torch.float32)
 
@@ -605,8 +598,8 @@ def train(solver, tokenizer, pairs: list[dict], cfg: Config, run: Run, t: int, d
             rng = parallel.sharded(lambda mine: [rng_state() for _ in mine], list(range(world)), desc="rng state")
             if parallel.is_main():
                 weights = {n: p.detach().cpu() for n, p in solver.named_parameters() if p.requires_grad}
-                save_atomic(dict(weights=weights, optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
-                                 step=step + 1, rng=rng), ckpt_path)
+                write_atomic(ckpt_path, dict(weights=weights, optimizer=optimizer.state_dict(),
+                                             scheduler=scheduler.state_dict(), step=step + 1, rng=rng))
                 kill_point(t, "train", step + 1)  # test hook
     if fsdp:
         parallel.fsdp_gather(policy, solver)  # in memory: the model that samples next is the one just trained
@@ -650,9 +643,9 @@ def load_solver(cfg: Config, run: Run, device):
 def evaluate(solver, tokenizer, records: list[dict], cfg: Config) -> dict:
     """Held-out constraint accuracy with greedy answers (IFEval's strict prompt- and instruction-level)."""
     result = generate.halve_on_oom(lambda size: evaluate_ifeval(solver, tokenizer, records, batch_size=size,
-                                                       max_new_tokens=cfg.eval_max_new_tokens,
-                                                       progress=parallel.is_main()),
-                          cfg.gen_batch_size, "held-out evaluation")
+                                                                max_new_tokens=cfg.eval_max_new_tokens,
+                                                                progress=parallel.is_main()),
+                                   cfg.gen_batch_size, "held-out evaluation")
     result["answers"] = [{"prompt_id": r["id"], "answer": a} for r, a in zip(records, result.pop("responses"))]
     return result
 
@@ -798,9 +791,9 @@ def main(argv=None) -> None:
         save_solver(solver, tokenizer, cfg, folder)
         write_jsonl(folder / "pool_next.jsonl", pool + evolved)
         run.mark(t, "train", dict(**summary, seconds=round(time.time() - t1, 1)))
-        losses_seen = f", loss {summary['first_loss']:.4f} -> {summary['last_loss']:.4f}" if summary.get("first_loss") is not None else ""
-        print0(f"[iter {t}] train: {summary['pairs']} pairs, {summary['steps']} steps{losses_seen} "
-               f"({time.time() - t1:.0f} s)")
+        loss = "" if summary.get("first_loss") is None else \
+            f", loss {summary['first_loss']:.4f} -> {summary['last_loss']:.4f}"
+        print0(f"[iter {t}] train: {summary['pairs']} pairs, {summary['steps']} steps{loss} ({time.time() - t1:.0f} s)")
         pool = pool + evolved
 
     evaluate_once(solver, tokenizer, heldout, cfg, run, "end")
