@@ -9,8 +9,9 @@ Tokens counted: response tokens before EOS, the same rule for both. Each side ru
 and then --repeats timed runs; the best run counts. The machine's limit is its measured matmul rate (best of 2 x 6
 fp32 2048^3 matmuls on CPU, bf16 4096^3 on GPU) divided by the model's FLOPs per generated token:
     2 * (parameters of every Linear in the blocks + the LM head) + 4 * layers * heads * head_dim * mean context
-(the second term is attention's QK^T and AV over the average context the decode steps see). Absolute numbers on a
-shared machine are noise: read the ratio, and the load average printed beside it.
+(the second term is attention's QK^T and AV over the average context the decode steps see). It also times the
+model's linear layers alone at the benchmark's row count, the part of the limit that matmuls of decode shapes reach.
+Absolute numbers on a shared machine are noise: read the ratios, and the load average printed beside them.
 """
 import argparse
 import json
@@ -60,6 +61,25 @@ def flops_per_token(model, mean_context: float) -> float:
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     attention = 4 * config.num_hidden_layers * config.num_attention_heads * head_dim * mean_context
     return 2 * (linear + head) + attention
+
+
+def linear_rate(model, rows: int) -> float:
+    """Tokens/s if a decode step of `rows` rows cost only its linear layers and LM head, run as generate.py runs
+    them (packed for MKL on a CPU): the ceiling of any sampler built on these matmuls, best of 6."""
+    from generate import _pack_linears
+    packed = _pack_linears(model)
+    layers = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    inputs = [torch.randn(rows, m.in_features, device=model.device, dtype=model.dtype) for m in layers]
+    best = float("inf")
+    with torch.inference_mode():
+        for _ in range(6):
+            sync(model.device)
+            start = time.perf_counter()
+            for m, x in zip(layers, inputs):
+                packed[m](x) if m in packed else m(x)
+            sync(model.device)
+            best = min(best, time.perf_counter() - start)
+    return rows / best
 
 
 def sync(device: torch.device) -> None:
@@ -141,7 +161,10 @@ def main() -> None:
     print(f"matmul rate {rate / 1e9:.1f} GFLOP/s (best of 12, {torch.get_num_threads()} threads); model "
           f"{flops / 1e6:.1f} MFLOP/token (mean context {mean_context:.0f}) -> limit {limit:.1f} tokens/s")
     ours = results["ours"]
-    line = f"ours / limit = {ours[0] / limit:.2f}"
+    ceiling = linear_rate(model, args.prompts * args.n)
+    print(f"linear layers alone at {args.prompts * args.n} rows: {ceiling:.1f} tokens/s = {ceiling / limit:.2f} of the "
+          f"limit (a step that cost nothing else)")
+    line = f"ours / limit = {ours[0] / limit:.2f}, ours / linear layers alone = {ours[0] / ceiling:.2f}"
     if "hf generate" in results:
         hf = results["hf generate"]
         line = f"ours / hf generate = {ours[0] / hf[0]:.2f}x (per CPU-second {ours[1] / hf[1]:.2f}x)   " + line

@@ -130,7 +130,8 @@ def test_full_fine_tuning_fsdp_two_ranks_equal_one(tmp_path, tiny_llama_dir):
     name = "model.layers.0.mlp.up_proj.weight"
     assert not torch.equal(a[name], start[name]), "full fine-tuning did not change the weights"
     assert_close_weights(a, b, "iter_0 model")
-    assert_mostly_same(one, two, ["iter_1/samples.jsonl", "iter_1/pairs.jsonl"])
+    # samples only: each of the 4 pairs depends on 4 responses, so two flipped tokens can change half the pairs
+    assert_mostly_same(one, two, ["iter_1/samples.jsonl"])
     assert not (two / "iter_0" / "train_state.pt").exists(), "--fsdp writes no mid-phase checkpoint"
     assert losses_logged(one)[:2] == pytest.approx(losses_logged(two)[:2], rel=1e-5)
 

@@ -36,6 +36,7 @@ class Handler(BaseHTTPRequestHandler):
             server.calls[text] = calls = server.calls.get(text, 0) + 1
             server.in_flight += 1
             server.peak = max(server.peak, server.in_flight)
+        self.counted = True
         try:
             if text == "wait":
                 time.sleep(0.2)
@@ -51,10 +52,18 @@ class Handler(BaseHTTPRequestHandler):
             reply = {"choices": [{"message": {"role": "assistant", "content": content}}]}
             self._send(200, json.dumps(reply).encode())
         finally:
-            with server.lock:
-                server.in_flight -= 1
+            self._done()
+
+    def _done(self):
+        """The request stops counting as in flight BEFORE its reply is written: once the client has the reply it
+        may send the next request while this thread is still unwinding, which would count twice."""
+        if getattr(self, "counted", False):
+            with self.server.lock:
+                self.server.in_flight -= 1
+            self.counted = False
 
     def _send(self, status, data, headers=None):
+        self._done()
         try:
             self.send_response(status)
             for key, value in {"Content-Type": "application/json", "Content-Length": str(len(data)),

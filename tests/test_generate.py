@@ -78,14 +78,15 @@ def test_eos_ends_one_row_not_the_others(tok, monkeypatch):
     m.generation_config.eos_token_id = eos_tok
     eos = generate._eos_ids(m, tok)
     ref = hf_greedy(m, tok, PROMPTS, 16, eos)
-    kept = []
-    real_keep = generate._Layer.keep
-    monkeypatch.setattr(generate._Layer, "keep", lambda self, rows, p: (kept.append(len(rows)), real_keep(self, rows, p)))
+    rows_per_step = []
+    real_step = generate._decode_step
+    monkeypatch.setattr(generate, "_decode_step", lambda m, tokens, *a: (rows_per_step.append(len(tokens)),
+                                                                          real_step(m, tokens, *a))[1])
     out = sample(m, tok, PROMPTS, n=2, max_new_tokens=16, temperature=0, sync_every=2)
     assert out.token_ids[1] == [first[1][0][:cut]] * 2, "row did not stop at its EOS (or kept the EOS)"
     assert [r[0] for r in out.token_ids] == ref, "EOS handling differs from transformers"
     assert any(len(r[0]) == 16 for r in out.token_ids), "some other row should run to max_new_tokens"
-    assert kept and min(kept) < 6, "finished rows never left the batch"
+    assert rows_per_step[0] == 6 and min(rows_per_step) < 6, "finished rows never left the batch"
 
 
 def test_finished_rows_leaving_does_not_change_samples(tok):
@@ -256,3 +257,50 @@ def test_training_mode_is_restored(tok):
     m.train()
     assert sample(m, tok, PROMPTS[:1], max_new_tokens=4, temperature=0) == want
     assert m.training, "sample() left the model in eval mode"
+
+
+def test_other_families_decode_through_the_model_forward(tok, monkeypatch):
+    """A family _decode_step does not know (Qwen3: norms on queries and keys) decodes through the model's own forward
+    with our attention function, still token-exact."""
+    from transformers import AutoModelForCausalLM, Qwen3Config
+    config = Qwen3Config(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=512,
+                         tie_word_embeddings=False, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                         initializer_range=0.2)
+    torch.manual_seed(0)
+    m = AutoModelForCausalLM.from_config(config).eval()
+    monkeypatch.setattr(generate, "_decode_step", lambda *a: pytest.fail("qwen3 is not a DECODE_FAMILIES model"))
+    ref = hf_greedy(m, tok, PROMPTS, 12, generate._eos_ids(m, tok))
+    out = sample(m, tok, PROMPTS, n=2, max_new_tokens=12, temperature=0, sync_every=3)
+    assert [r[0] for r in out.token_ids] == ref and [r[1] for r in out.token_ids] == ref
+
+
+@pytest.mark.skipif(not torch.backends.mkl.is_available(), reason="MKL packing exists only in x86 CPU builds")
+def test_packed_linears_equal_the_modules(tiny_llama_dir):
+    """Weights packed once (for 128 rows) give the modules' products for any row count, LoRA adapters included
+    (merged into the packed weight), and follow disable_adapter()."""
+    m, _ = model_lib.load_model(str(tiny_llama_dir))
+    m = model_lib.add_lora(m, r=4)
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    m.eval()
+    q_proj = m.get_base_model().model.layers[0].self_attn.q_proj  # a LoRA layer
+    for context in (torch.no_grad, m.disable_adapter):
+        with context():
+            packed = generate._pack_linears(m)
+            assert q_proj in packed and m.get_base_model().lm_head in packed
+            assert q_proj.base_layer not in packed and q_proj.lora_A["default"] not in packed
+            for module, fn in packed.items():
+                for rows in (1, 5, 128, 300):
+                    x = torch.randn(rows, module.in_features)
+                    torch.testing.assert_close(fn(x), module(x), atol=1e-5, rtol=1e-5)
+
+
+def test_topk_equals_torch():
+    torch.manual_seed(0)
+    for rows, vocab, k in ((3, 49152, 64), (5, 50001, 64), (2, 300, 64), (4, 70000, 1024)):
+        x = torch.randn(rows, vocab)
+        want, got = x.topk(k, dim=-1), generate._topk(x, k)
+        assert torch.equal(want.values, got[0]) and torch.equal(want.indices, got[1]), (rows, vocab, k)
