@@ -2,6 +2,7 @@
 
     python bench/bench_generate.py                     # bundled SmolLM2-135M, 32 prompts x 4 samples x 128 tokens, CPU
     python bench/bench_generate.py --model google/gemma-2-2b-it --device cuda --prompts 64 --compile
+    python bench/bench_generate.py --skip_hf --profile   # where our time goes, op by op
 
 Both samplers answer the same prompts (the first --prompts of IFEval's input file when the shared data folder is
 there, a fixed list otherwise) with temperature 0.7, top-p 0.9, no top-k, n samples each, one batch of all rows.
@@ -130,6 +131,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     ap.add_argument("--compile", action="store_true", help="torch.compile our decode step (GPU)")
     ap.add_argument("--skip_hf", action="store_true", help="time ours only")
+    ap.add_argument("--profile", action="store_true", help="also print torch.profiler's top ops of our timed run")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -149,7 +151,12 @@ def main() -> None:
         warm = argparse.Namespace(**{**vars(args), "max_new_tokens": 4})
         fn(model, tok, prompts[:2], warm)
         load = os.getloadavg()[0]
-        best = min((fn(model, tok, prompts, args) for _ in range(args.repeats)), key=lambda r: r[0])
+        if args.profile and name == "ours":
+            with torch.profiler.profile() as prof:
+                best = min((fn(model, tok, prompts, args) for _ in range(args.repeats)), key=lambda r: r[0])
+            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
+        else:
+            best = min((fn(model, tok, prompts, args) for _ in range(args.repeats)), key=lambda r: r[0])
         results[name] = best[2] / best[0], best[2] / best[1], best[2]
         print(f"{name:>12}: {best[2]:6d} tokens in {best[0]:7.2f} s = {results[name][0]:7.1f} tokens/s   "
               f"({best[1]:7.2f} CPU s = {results[name][1]:7.1f} tokens per CPU-second; load average "
