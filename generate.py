@@ -256,9 +256,8 @@ def _attend(layer: _Layer, query: torch.Tensor, mask: torch.Tensor, scaling: flo
     P, Hk, _, L = layer.keys_t.shape
     g, full = H // Hk, R == P * n  # full: no row has left, so slot is 0..R-1
     start = max(0, t + 1 - window) if window else 0
-    by_slot = query if full else query.new_zeros(P * n, H, D).index_copy_(0, slot, query)  # [P' * n, H, D]
-    by_slot = by_slot.view(P * n, Hk, g, D)
-    by_prompt = by_slot.view(P, n, Hk, g, D).transpose(1, 2).reshape(P, Hk, n * g, D)  # [P', H_kv, n * g, D]
+    # [P' * n, H_kv, g, D]; rows that left the batch are zero queries here
+    by_slot = (query if full else query.new_zeros(P * n, H, D).index_copy_(0, slot, query)).view(P * n, Hk, g, D)
 
     def own_to_prompts(x):  # [P' * n, H_kv, g, X] <-> [P', H_kv, n * g, X]
         return x.view(P, n, Hk, g, -1).transpose(1, 2).reshape(P, Hk, n * g, -1)
@@ -266,7 +265,7 @@ def _attend(layer: _Layer, query: torch.Tensor, mask: torch.Tensor, scaling: flo
     def prompts_to_own(x):
         return x.reshape(P, Hk, n, g, -1).transpose(1, 2).reshape(P * n, Hk, g, -1)
 
-    s_prompt = torch.matmul(by_prompt, layer.keys_t)  # [P', H_kv, n * g, L]
+    s_prompt = torch.matmul(own_to_prompts(by_slot), layer.keys_t)  # [P', H_kv, n * g, L]
     own_keys, own_values = layer.own_keys[:, :, start:t + 1], layer.own_values[:, :, start:t + 1]  # [P'n, H_kv, t', D]
     s_own = own_to_prompts(torch.matmul(by_slot, own_keys.transpose(2, 3)))  # [P', H_kv, n * g, t']
     scores = torch.cat([s_prompt, s_own], dim=-1).float().mul_(scaling)  # [P', H_kv, n * g, L + t']
@@ -316,7 +315,6 @@ def _linear_weight(module) -> tuple[torch.Tensor, torch.Tensor | None] | None:
         return module.weight, module.bias
     if module.merged:
         return None
-    weight = linear.weight
     if not module.disable_adapters:
         for name in module.active_adapters:
             if name in module.lora_A:
