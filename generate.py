@@ -13,16 +13,17 @@ One batch of P prompts (R = P * n sample rows):
    (left padding, sliding windows). Their keys/values are kept ONCE per prompt in a preallocated per-layer buffer
    beside a block per sample for the tokens it will generate (_Layer).
 2. decode: one token per row per step, logits for the last position only. For Llama/SmolLM, Mistral, Qwen2 and
-   Gemma-2 the decoder is written out here (_decode_step: the model's own modules, no per-layer glue; on a CPU
-   the linear layers use weights packed once for MKL); other families go through the model's forward with our
-   attention function (registered with transformers as "eva_decode"). Attention gathers the rows by prompt, so
+   Gemma-2 the decoder is written out here (_decode_step: the model's own modules, no per-layer glue); other
+   families go through the model's forward with our attention function (registered with transformers as "eva_decode"). Attention gathers the rows by prompt, so
    a prompt's keys are read once for all n samples (one matmul), each sample's own tokens sit in its own block
    (one batched matmul), and one exact softmax spans both. Sampling and EOS stay on the device.
 3. every `sync_every` steps (every step on a CPU, 8 on a GPU) one host sync: stop strings are checked on the
    decoded text and finished rows leave the batch (they only index the cache; a quarter of the prompts finished,
    the cache is compacted).
-`compile=True` wraps the decode step in torch.compile (meant for GPUs; on this 2-core CPU it compiled for ~3
-minutes and then ran no faster, so it is off by default).
+On a CPU, prefill and decode alike, the linear layers run on weights reordered once per call for oneDNN's GEMM
+(_packed_linears; 2.3x faster than torch's MKL path on an AMD EPYC). `compile=True` wraps the decode step in
+torch.compile (meant for GPUs; on a 2-core CPU it compiled for ~3 minutes and then ran no faster, so it is off by
+default).
 
 Randomness: every row owns a 32-bit key made from (seeds[i], sample index j); the uniform for step t is a hash of
 (key, t) computed on the device with integer ops, and the token is drawn by inverse CDF from the filtered
@@ -35,6 +36,7 @@ string spanning several tokens, or ending inside a token, is found too (that las
 beyond the stop string, which the text drops). Texts and token ids never include EOS.
 """
 import argparse
+import contextlib
 import inspect
 import sys
 from dataclasses import dataclass
@@ -169,11 +171,13 @@ class _Layer(CacheLayerMixin):
 
     def lazy_initialization(self, key_states, value_states):
         P, (_, h, _, d), n, T = self.prompts, key_states.shape, self.n, self.max_new
-        # zeros, not empty: a masked slot still meets its (zero) weight in the matmul, and 0 * NaN garbage is NaN
+        # The prompt part is zeros, not empty: a masked slot still meets its (zero) weight in the matmul, and
+        # 0 * NaN garbage is NaN. The own blocks are empty (zeroing them took ~3% of the benchmark): a live row reads
+        # only columns it wrote, and what a row that left the batch reads from unwritten ones is dropped with it.
         self.keys_t = key_states.new_zeros(P, h, d, self.prompt_len)  # [P, H_kv, D, L]
         self.values = value_states.new_zeros(P, h, self.prompt_len, value_states.shape[-1])  # [P, H_kv, L, D]
-        self.own_keys = key_states.new_zeros(P * n, h, T, d)  # [P * n, H_kv, T, D]
-        self.own_values = value_states.new_zeros(P * n, h, T, value_states.shape[-1])  # [P * n, H_kv, T, D]
+        self.own_keys = key_states.new_empty(P * n, h, T, d)  # [P * n, H_kv, T, D]
+        self.own_values = value_states.new_empty(P * n, h, T, value_states.shape[-1])  # [P * n, H_kv, T, D]
         self.is_initialized = True
 
     def update(self, key_states, value_states, *args, **kwargs):
@@ -326,13 +330,14 @@ def _linear_weight(module) -> tuple[torch.Tensor, torch.Tensor | None] | None:
 
 @torch.no_grad()
 def _pack_linears(model) -> dict:
-    """{module: x -> module(x)} for the linear layers of a model on a CPU with MKL, weights packed once per sample()
-    call for MKL's GEMM (torch.ops.mkl, the kernels torch.compile uses on CPUs). Measured on SmolLM2's shapes:
-    12-15% faster than torch's linear at 64-128 rows, the same at 33. Packed for 128 rows, the buffer gives the
-    same products for any row count (an observation about MKL's packed layout, not a documented promise:
-    tests/test_generate.py checks it against the modules for 1 to 300 rows). Costs one more copy of the weights
-    while sampling. Modules left out (GPU, 4-bit, bf16, DoRA) are called as they are."""
-    if not (torch.backends.mkl.is_available() and hasattr(torch.ops.mkl, "_mkl_linear")):
+    """{module: x -> module(x)} for the linear layers of a model on a CPU, with weights reordered once per sample()
+    call for oneDNN's fp32 GEMM (torch.ops.mkldnn, the kernels torch.compile's CPU path uses). Measured on
+    SmolLM2's shapes on an AVX-512 AMD EPYC: 2.3-2.5x faster than torch's linear (MKL) at 32-256 rows, 1.4x at 1
+    row (MKL's 2048^3 matmul runs at ~200 GFLOP/s there, oneDNN's at ~450). fp32 throughout: products differ from the module's by float
+    rounding only (summation order), and a row's product does not depend on how many rows come with it (weights
+    reordered for 128 rows; tests/test_generate.py checks both). Costs one more copy of the weights while sampling.
+    Modules left out (GPU, 4-bit, bf16, DoRA) are called as they are."""
+    if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")):
         return {}
     packed, inside_lora = {}, set()
     for module in model.modules():  # parents come before their children
@@ -344,26 +349,41 @@ def _pack_linears(model) -> dict:
         if found is None:
             continue
         weight, bias = found
-        buffer = torch.ops.mkl._mkl_reorder_linear_weight(weight, 128)
-        packed[module] = (lambda b, w, bias: lambda x: torch.ops.mkl._mkl_linear(x, b, w, bias, x.shape[0]))(
-            buffer, weight, bias)
+        reordered = torch.ops.mkldnn._reorder_linear_weight(weight, 128)
+        packed[module] = (lambda w, b: lambda x: torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], ""))(
+            reordered, bias)
     return packed
 
 
-def _decode_step(model, tokens: torch.Tensor, positions: torch.Tensor, masks, cache, packed: dict) -> torch.Tensor:
+@contextlib.contextmanager
+def _packed_linears(model):
+    """Inside, the linear layers that _pack_linears covers run through its kernels (their forward is swapped, then
+    restored): in the model's own forward (prefill; decoding of other families) and in _decode_step alike."""
+    packed = _pack_linears(model)
+    saved = {module: module.__dict__.get("forward") for module in packed}  # an instance forward (accelerate hooks)
+    for module, fn in packed.items():
+        module.forward = fn
+    try:
+        yield
+    finally:
+        for module, forward in saved.items():
+            if forward is None:
+                del module.forward
+            else:
+                module.forward = forward
+
+
+def _decode_step(model, tokens: torch.Tensor, positions: torch.Tensor, masks, cache) -> torch.Tensor:
     """Logits [R', V] (fp32) of the next token for one new token per row, tokens and positions [R'].
 
     The decoder of the families in DECODE_FAMILIES written out: the model's own modules (embedding, norms, rotary
-    tables, projections, head; LoRA adapters and 4-bit layers work unchanged; `packed` replaces some linear layers
-    by faster equivalents, see _pack_linears) without the per-layer glue of its forward (mask construction, cache
+    tables, projections, head; LoRA adapters and 4-bit layers work unchanged; on a CPU the linear layers run as
+    _packed_linears swapped them) without the per-layer glue of its forward (mask construction, cache
     bookkeeping, attention dispatch), which at decode batch sizes costs a good part of a step on a CPU. Other
     families decode through the model's forward (_forward)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     body, config = base.model, base.config
     R = tokens.shape[0]
-
-    def linear(module, x):
-        return packed[module](x) if module in packed else module(x)
 
     h = body.embed_tokens(tokens)  # [R', E] (Gemma-2's embedding scales itself)
     cos, sin = body.rotary_emb(h, positions[:, None])  # [R', 1, D] each
@@ -372,19 +392,19 @@ def _decode_step(model, tokens: torch.Tensor, positions: torch.Tensor, masks, ca
     for i, layer in enumerate(body.layers):
         attn, mlp = layer.self_attn, layer.mlp
         x = layer.input_layernorm(h)  # [R', E]
-        q = _rope(linear(attn.q_proj, x).view(R, -1, attn.head_dim), cos, sin)  # [R', H, D]
-        k = _rope(linear(attn.k_proj, x).view(R, -1, attn.head_dim), cos, sin)  # [R', H_kv, D]
-        cache.layers[i].store(k, linear(attn.v_proj, x).view(R, -1, attn.head_dim))
+        q = _rope(attn.q_proj(x).view(R, -1, attn.head_dim), cos, sin)  # [R', H, D]
+        k = _rope(attn.k_proj(x).view(R, -1, attn.head_dim), cos, sin)  # [R', H_kv, D]
+        cache.layers[i].store(k, attn.v_proj(x).view(R, -1, attn.head_dim))
         mask = masks[config.layer_types[i]] if isinstance(masks, dict) else masks
         window = getattr(attn, "sliding_window", getattr(config, "sliding_window", None))  # per layer where it varies
         a = _attend(cache.layers[i], q, mask, attn.scaling, getattr(attn, "attn_logit_softcapping", None), window)
-        a = linear(attn.o_proj, a)  # [R', E]
+        a = attn.o_proj(a)  # [R', E]
         gemma = hasattr(layer, "pre_feedforward_layernorm")  # Gemma-2 also normalises attention's and MLP's outputs
         h = h + (layer.post_attention_layernorm(a) if gemma else a)
         x = layer.pre_feedforward_layernorm(h) if gemma else layer.post_attention_layernorm(h)
-        x = linear(mlp.down_proj, mlp.act_fn(linear(mlp.gate_proj, x)) * linear(mlp.up_proj, x))  # [R', E]
+        x = mlp.down_proj(mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x))  # [R', E]
         h = h + (layer.post_feedforward_layernorm(x) if gemma else x)
-    logits = linear(base.lm_head, body.norm(h)).float()  # [R', V]
+    logits = base.lm_head(body.norm(h)).float()  # [R', V]
     cap = getattr(config, "final_logit_softcapping", None)
     return torch.tanh(logits / cap) * cap if cap else logits
 
@@ -526,7 +546,7 @@ def _sample_batch(model, tokenizer, ids: list[list[int]], keys: list[int], n: in
         masks = _decode_masks(config, first, L, t, cfg["dtype"])
         positions = L + t - first[slot // n]  # [R']
         if cfg["fast_decode"]:
-            logits = cfg["step"](model, tok, positions, masks, cache, cfg["packed"])
+            logits = cfg["step"](model, tok, positions, masks, cache)
             continue
         config._attn_implementation = "eva_decode"
         try:
@@ -569,7 +589,6 @@ def sample(model, tokenizer, prompts: list[str], n: int = 1, *, max_new_tokens: 
                device=embed.device, dtype=embed.dtype, prefill_prompts=8, prefill_tokens=8192,
                pad=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0,
                fast_decode=model.config.get_text_config().model_type in DECODE_FAMILIES)
-    cfg["packed"] = _pack_linears(model) if cfg["fast_decode"] else {}
     step = _decode_step if cfg["fast_decode"] else _forward
     # the decode step changes shape every step (keys grow, rows leave), hence dynamic shapes, no CUDA graphs
     cfg["step"] = torch.compile(step, dynamic=True) if compile else step
@@ -586,8 +605,10 @@ def sample(model, tokenizer, prompts: list[str], n: int = 1, *, max_new_tokens: 
     eos, training = set(cfg["eos"]), model.training
     model.eval()  # no dropout while sampling, even when called between training steps
     try:
-        rows_of = [_sample_batch(model, tokenizer, [ids[i] for i in batch],
-                                 [_row_key(seeds[i], j) for i in batch for j in range(n)], n, cfg) for batch in shown]
+        with _packed_linears(model):
+            rows_of = [_sample_batch(model, tokenizer, [ids[i] for i in batch],
+                                     [_row_key(seeds[i], j) for i in batch for j in range(n)], n, cfg)
+                       for batch in shown]
     finally:
         model.train(training)
     for batch, rows in zip(batches, rows_of):

@@ -275,10 +275,12 @@ def test_other_families_decode_through_the_model_forward(tok, monkeypatch):
     assert [r[0] for r in out.token_ids] == ref and [r[1] for r in out.token_ids] == ref
 
 
-@pytest.mark.skipif(not torch.backends.mkl.is_available(), reason="MKL packing exists only in x86 CPU builds")
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(),
+                    reason="oneDNN's reordered weights exist only in CPU builds with mkldnn")
 def test_packed_linears_equal_the_modules(tiny_llama_dir):
-    """Weights packed once (for 128 rows) give the modules' products for any row count, LoRA adapters included
-    (merged into the packed weight), and follow disable_adapter()."""
+    """Weights reordered once (for 128 rows) give the modules' products up to float rounding for any row count, a
+    row's product does not depend on the rows beside it, LoRA adapters are included (merged into the weight) and
+    disable_adapter() is followed; inside _packed_linears the modules call them, and afterwards their own forward."""
     m, _ = model_lib.load_model(str(tiny_llama_dir))
     m = model_lib.add_lora(m, r=4)
     with torch.no_grad():
@@ -293,9 +295,18 @@ def test_packed_linears_equal_the_modules(tiny_llama_dir):
             assert q_proj in packed and m.get_base_model().lm_head in packed
             assert q_proj.base_layer not in packed and q_proj.lora_A["default"] not in packed
             for module, fn in packed.items():
-                for rows in (1, 5, 128, 300):
-                    x = torch.randn(rows, module.in_features)
-                    torch.testing.assert_close(fn(x), module(x), atol=1e-5, rtol=1e-5)
+                x = torch.randn(300, module.in_features)
+                together = fn(x)
+                torch.testing.assert_close(together, module(x), atol=1e-5, rtol=1e-5)
+                for rows in (1, 5, 128):
+                    assert torch.equal(fn(x[:rows]), together[:rows]), f"{rows} rows differ from the same rows in 300"
+    x = torch.randn(3, q_proj.in_features)
+    with torch.no_grad(), generate._packed_linears(m):
+        assert "forward" in vars(q_proj)
+        inside = q_proj(x)
+    assert "forward" not in vars(q_proj), "_packed_linears left its forward on the module"
+    with torch.no_grad():
+        torch.testing.assert_close(inside, q_proj(x), atol=1e-5, rtol=1e-5)
 
 
 def test_topk_equals_torch():
