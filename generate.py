@@ -136,18 +136,20 @@ def _sample_from_logits(logits: torch.Tensor, temperature: float, top_p: float, 
         candidates = 64 if logits.device.type == "cpu" else V  # GPUs sort fast; the check below would sync
     k = min(top_k if top_k > 0 else candidates, V)
     vals, idx = _topk(scaled, k)  # [R, k] descending
-    top = vals[:, :1]  # [R, 1] the row maximum
-    log_z = top + _unnormalised_probs(vals if top_k > 0 else scaled, top).sum(-1, keepdim=True).log()  # [R, 1]
-    probs = (vals - log_z).exp()  # [R, k]
+    if top_k > 0:  # the k kept tokens, renormalised
+        weights = _unnormalised_probs(vals, vals[:, :1])  # [R, k]
+        return _pick_nucleus(weights / weights.sum(-1, keepdim=True), idx, top_p, u)
+    full = torch.softmax(scaled, dim=-1)  # [R, V] one fused pass: cheaper than exp and sum of the whole row here
+    probs = full.gather(1, idx)  # [R, k]
     tokens = _pick_nucleus(probs, idx, top_p, u)  # [R]
     rows = torch.arange(R, device=logits.device)  # [r] rows still being resolved
-    while top_k == 0 and k < V:  # rows whose nucleus reaches past the k candidates: 16x more, then all
+    while k < V:  # rows whose nucleus reaches past the k candidates: 16x more, then all
         short = probs.sum(-1) < top_p  # [r]
         if not short.any():  # one host sync, on the CPU path only (free there)
             break
         rows, k = rows[short], min(16 * k, V)
-        vals, idx = _topk(scaled[rows], k)  # [r, k]
-        probs = (vals - log_z[rows]).exp()
+        idx = _topk(scaled[rows], k)[1]  # [r, k]
+        probs = full[rows[:, None], idx]  # [r, k]
         tokens[rows] = _pick_nucleus(probs, idx, top_p, u[rows])
     return tokens
 
