@@ -14,9 +14,10 @@ One batch of P prompts (R = P * n sample rows):
    beside a block per sample for the tokens it will generate (_Layer).
 2. decode: one token per row per step, logits for the last position only. For Llama/SmolLM, Mistral, Qwen2 and
    Gemma-2 the decoder is written out here (_decode_step: the model's own modules, no per-layer glue); other
-   families go through the model's forward with our attention function (registered with transformers as "eva_decode"). Attention gathers the rows by prompt, so
-   a prompt's keys are read once for all n samples (one matmul), each sample's own tokens sit in its own block
-   (one batched matmul), and one exact softmax spans both. Sampling and EOS stay on the device.
+   families go through the model's forward with our attention function (registered with transformers as
+   "eva_decode"). Attention gathers the rows by prompt, so a prompt's keys are read once for all n samples (one
+   matmul), each sample's own tokens sit in its own block (one batched matmul), and one exact softmax spans both.
+   Sampling and EOS stay on the device.
 3. every `sync_every` steps (every step on a CPU, 8 on a GPU) one host sync: stop strings are checked on the
    decoded text and finished rows leave the batch (they only index the cache; a quarter of the prompts finished,
    the cache is compacted).
@@ -174,7 +175,7 @@ class _Layer(CacheLayerMixin):
     def lazy_initialization(self, key_states, value_states):
         P, (_, h, _, d), n, T = self.prompts, key_states.shape, self.n, self.max_new
         # The prompt part is zeros, not empty: a masked slot still meets its (zero) weight in the matmul, and
-        # 0 * NaN garbage is NaN. The own blocks are empty (zeroing them took ~3% of the benchmark): a live row reads
+        # 0 * NaN garbage is NaN. The own blocks are empty (zeroing them cost ~1 s of the benchmark): a live row reads
         # only columns it wrote, and what a row that left the batch reads from unwritten ones is dropped with it.
         self.keys_t = key_states.new_zeros(P, h, d, self.prompt_len)  # [P, H_kv, D, L]
         self.values = value_states.new_zeros(P, h, self.prompt_len, value_states.shape[-1])  # [P, H_kv, L, D]
@@ -335,10 +336,10 @@ def _pack_linears(model) -> dict:
     """{module: x -> module(x)} for the linear layers of a model on a CPU, with weights reordered once per sample()
     call for oneDNN's fp32 GEMM (torch.ops.mkldnn, the kernels torch.compile's CPU path uses). Measured on
     SmolLM2's shapes on an AVX-512 AMD EPYC: 2.3-2.5x faster than torch's linear (MKL) at 32-256 rows, 1.4x at 1
-    row (MKL's 2048^3 matmul runs at ~200 GFLOP/s there, oneDNN's at ~450). fp32 throughout: products differ from the module's by float
-    rounding only (summation order), and a row's product does not depend on how many rows come with it (weights
-    reordered for 128 rows; tests/test_generate.py checks both). Costs one more copy of the weights while sampling.
-    Modules left out (GPU, 4-bit, bf16, DoRA) are called as they are."""
+    row (MKL's 2048^3 matmul runs at ~200 GFLOP/s there, oneDNN's at ~450). fp32 throughout: products differ from
+    the module's by float rounding only (summation order), and a row's product does not depend on how many rows
+    come with it (weights reordered for 128 rows; tests/test_generate.py checks both). Costs one more copy of the
+    weights while sampling. Modules left out (GPU, 4-bit, bf16, DoRA) are called as they are."""
     if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")):
         return {}
     packed, inside_lora = {}, set()
@@ -580,7 +581,8 @@ def sample(model, tokenizer, prompts: list[str], n: int = 1, *, max_new_tokens: 
         raise ValueError(f"sample: n, max_new_tokens, batch_size, sync_every must be >= 1, got "
                          f"{n}, {max_new_tokens}, {batch_size}, {sync_every}")
     if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
-        raise ValueError(f"sample: need temperature >= 0, 0 < top_p <= 1, top_k >= 0; got {temperature}, {top_p}, {top_k}")
+        raise ValueError(f"sample: need temperature >= 0, 0 < top_p <= 1, top_k >= 0; got "
+                         f"{temperature}, {top_p}, {top_k}")
     seeds = [seed * 1_000_003 + i for i in range(len(prompts))] if seeds is None else list(seeds)
     if len(seeds) != len(prompts):
         raise ValueError(f"sample: {len(seeds)} seeds for {len(prompts)} prompts")

@@ -177,8 +177,8 @@ def main() -> None:
     flops = flops_per_token(model, mean_context)
     limit = rate / flops
     kernels = ", ".join(f"{name} {r / 1e9:.1f}" for name, r in rates.items())
-    print(f"matmul rate {rate / 1e9:.1f} GFLOP/s ({kernels}; best of 12 each, {torch.get_num_threads()} threads); model "
-          f"{flops / 1e6:.1f} MFLOP/token (mean context {mean_context:.0f}) -> limit {limit:.1f} tokens/s")
+    print(f"matmul rate {rate / 1e9:.1f} GFLOP/s ({kernels}; best of 12 each, {torch.get_num_threads()} threads); "
+          f"model {flops / 1e6:.1f} MFLOP/token (mean context {mean_context:.0f}) -> limit {limit:.1f} tokens/s")
     ours = results["ours"]
     ceiling = linear_rate(model, args.prompts * args.n)
     print(f"linear layers alone at {args.prompts * args.n} rows: {ceiling:.1f} tokens/s = {ceiling / limit:.2f} of the "
