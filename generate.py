@@ -331,16 +331,21 @@ def _linear_weight(module) -> tuple[torch.Tensor, torch.Tensor | None] | None:
     return weight, linear.bias
 
 
+# oneDNN's reordered-weight linear, on the x86 CPUs it was measured on (elsewhere the modules run as they are)
+ONEDNN_LINEARS = (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+                  and torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"))
+
+
 @torch.no_grad()
 def _pack_linears(model) -> dict:
     """{module: x -> module(x)} for the linear layers of a model on a CPU, with weights reordered once per sample()
-    call for oneDNN's fp32 GEMM (torch.ops.mkldnn, the kernels torch.compile's CPU path uses). Measured on
+    call for oneDNN's fp32 GEMM (torch.ops.mkldnn; on x86 CPUs with AVX2 or AVX-512, see ONEDNN_LINEARS). On
     SmolLM2's shapes on an AVX-512 AMD EPYC: 2.3-2.5x faster than torch's linear (MKL) at 32-256 rows, 1.4x at 1
     row (MKL's 2048^3 matmul runs at ~200 GFLOP/s there, oneDNN's at ~450). fp32 throughout: products differ from
     the module's by float rounding only (summation order), and a row's product does not depend on how many rows
     come with it (weights reordered for 128 rows; tests/test_generate.py checks both). Costs one more copy of the
     weights while sampling. Modules left out (GPU, 4-bit, bf16, DoRA) are called as they are."""
-    if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")):
+    if not ONEDNN_LINEARS:
         return {}
     packed, inside_lora = {}, set()
     for module in model.modules():  # parents come before their children
@@ -609,7 +614,8 @@ def sample(model, tokenizer, prompts: list[str], n: int = 1, *, max_new_tokens: 
     eos, training = set(cfg["eos"]), model.training
     model.eval()  # no dropout while sampling, even when called between training steps
     try:
-        with _packed_linears(model):
+        # inductor (torch 2.13) cannot lower the oneDNN linear op: a compiled step calls the modules, as compiled
+        with contextlib.nullcontext() if compile else _packed_linears(model):
             rows_of = [_sample_batch(model, tokenizer, [ids[i] for i in batch],
                                      [_row_key(seeds[i], j) for i in batch for j in range(n)], n, cfg)
                        for batch in shown]

@@ -275,8 +275,7 @@ def test_other_families_decode_through_the_model_forward(tok, monkeypatch):
     assert [r[0] for r in out.token_ids] == ref and [r[1] for r in out.token_ids] == ref
 
 
-@pytest.mark.skipif(not torch.backends.mkldnn.is_available(),
-                    reason="oneDNN's reordered weights exist only in CPU builds with mkldnn")
+@pytest.mark.skipif(not generate.ONEDNN_LINEARS, reason="oneDNN linear layers are used on x86 CPUs only")
 def test_packed_linears_equal_the_modules(tiny_llama_dir):
     """Weights reordered once (for 128 rows) give the modules' products up to float rounding for any row count, a
     row's product does not depend on the rows beside it, LoRA adapters are included (merged into the weight) and
