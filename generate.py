@@ -23,8 +23,8 @@ One batch of P prompts (R = P * n sample rows):
    the cache is compacted).
 On a CPU, prefill and decode alike, the linear layers run on weights reordered once per call for oneDNN's GEMM
 (_packed_linears; 2.3x faster than torch's MKL path on an AMD EPYC). `compile=True` wraps the decode step in
-torch.compile (meant for GPUs; on a 2-core CPU it compiled for ~3 minutes and then ran no faster, so it is off by
-default).
+torch.compile (meant for GPUs; on a 2-core CPU the benchmark's run took 582 s compiled against 21 s eager, most of
+it compiling as shapes change, so it is off by default).
 
 Randomness: every row owns a 32-bit key made from (seeds[i], sample index j); the uniform for step t is a hash of
 (key, t) computed on the device with integer ops, and the token is drawn by inverse CDF from the filtered
