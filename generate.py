@@ -22,7 +22,7 @@ One batch of P prompts (R = P * n sample rows):
    decoded text and finished rows leave the batch (they only index the cache; a quarter of the prompts finished,
    the cache is compacted).
 On a CPU, prefill and decode alike, the linear layers run on weights reordered once per call for oneDNN's GEMM
-(_packed_linears; 2.3x faster than torch's MKL path on an AMD EPYC). `compile=True` wraps the decode step in
+(_packed_linears; 2.3x torch's MKL path on an AMD EPYC, see bench/bench_generate.py). `compile=True` wraps the decode step in
 torch.compile (meant for GPUs; on a 2-core CPU the benchmark's run took 582 s compiled against 21 s eager, most of
 it compiling as shapes change, so it is off by default).
 
@@ -340,11 +340,11 @@ ONEDNN_LINEARS = (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkl
 def _pack_linears(model) -> dict:
     """{module: x -> module(x)} for the linear layers of a model on a CPU, with weights reordered once per sample()
     call for oneDNN's fp32 GEMM (torch.ops.mkldnn; on x86 CPUs with AVX2 or AVX-512, see ONEDNN_LINEARS). On
-    SmolLM2's shapes on an AVX-512 AMD EPYC: 2.3-2.5x faster than torch's linear (MKL) at 32-256 rows, 1.4x at 1
-    row (MKL's 2048^3 matmul runs at ~200 GFLOP/s there, oneDNN's at ~450). fp32 throughout: products differ from
-    the module's by float rounding only (summation order), and a row's product does not depend on how many rows
-    come with it (weights reordered for 128 rows; tests/test_generate.py checks both). Costs one more copy of the
-    weights while sampling. Modules left out (GPU, 4-bit, bf16, DoRA) are called as they are."""
+    an AVX-512 AMD EPYC, SmolLM2's linear layers at 128 rows run 2.3x faster than torch's linear (MKL), whose
+    2048^3 matmul reaches ~210 GFLOP/s there against oneDNN's ~480 (bench/bench_generate.py prints all three). fp32
+    throughout: products differ from the module's by float rounding only (summation order), and a row's product
+    does not depend on how many rows come with it (weights reordered for 128 rows; tests/test_generate.py checks
+    both). Costs one more copy of the weights while sampling. Modules left out (GPU, 4-bit, bf16, DoRA) are called as they are."""
     if not ONEDNN_LINEARS:
         return {}
     packed, inside_lora = {}, set()

@@ -16,6 +16,7 @@ model's linear layers alone at the benchmark's row count, the part of the limit 
 Absolute numbers on a shared machine are noise: read the ratios, and the load average printed beside them.
 """
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -46,8 +47,9 @@ def matmul_rates(device: torch.device) -> dict[str, float]:
     does rather than the best of the library we happen to call."""
     size, dtype = (2048, torch.float32) if device.type == "cpu" else (4096, torch.bfloat16)
     a, b = torch.randn(size, size, device=device, dtype=dtype), torch.randn(size, size, device=device, dtype=dtype)
+    from generate import ONEDNN_LINEARS
     kernels = {"torch.mm": lambda: a @ b}
-    if device.type == "cpu" and torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise"):
+    if device.type == "cpu" and ONEDNN_LINEARS:
         reordered = torch.ops.mkldnn._reorder_linear_weight(b, size)
         kernels["oneDNN"] = lambda: torch.ops.mkldnn._linear_pointwise(a, reordered, None, "none", [], "")  # a @ b.T
     rates = {}
@@ -74,20 +76,20 @@ def flops_per_token(model, mean_context: float) -> float:
     return 2 * (linear + head) + attention
 
 
-def linear_rate(model, rows: int) -> float:
-    """Tokens/s if a decode step of `rows` rows cost only its linear layers and LM head, run as generate.py runs
-    them (reordered for oneDNN on a CPU): the ceiling of any sampler built on these matmuls, best of 6."""
-    from generate import _pack_linears
-    packed = _pack_linears(model)
+def linear_rate(model, rows: int, as_generate: bool = True) -> float:
+    """Tokens/s if a decode step of `rows` rows cost only its linear layers and LM head, best of 6. as_generate: run
+    as generate.py runs them (oneDNN on an x86 CPU), the ceiling of any sampler built on these matmuls; otherwise
+    as the modules run them (torch's linear, what `generate` uses)."""
+    from generate import _packed_linears
     layers = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
     inputs = [torch.randn(rows, m.in_features, device=model.device, dtype=model.dtype) for m in layers]
     best = float("inf")
-    with torch.inference_mode():
+    with torch.inference_mode(), _packed_linears(model) if as_generate else contextlib.nullcontext():
         for _ in range(6):
             sync(model.device)
             start = time.perf_counter()
             for m, x in zip(layers, inputs):
-                packed[m](x) if m in packed else m(x)
+                m(x)
             sync(model.device)
             best = min(best, time.perf_counter() - start)
     return rows / best
@@ -180,9 +182,9 @@ def main() -> None:
     print(f"matmul rate {rate / 1e9:.1f} GFLOP/s ({kernels}; best of 12 each, {torch.get_num_threads()} threads); "
           f"model {flops / 1e6:.1f} MFLOP/token (mean context {mean_context:.0f}) -> limit {limit:.1f} tokens/s")
     ours = results["ours"]
-    ceiling = linear_rate(model, args.prompts * args.n)
+    ceiling, modules = linear_rate(model, args.prompts * args.n), linear_rate(model, args.prompts * args.n, False)
     print(f"linear layers alone at {args.prompts * args.n} rows: {ceiling:.1f} tokens/s = {ceiling / limit:.2f} of the "
-          f"limit (a step that cost nothing else)")
+          f"limit (a step that cost nothing else); as the modules run them: {modules:.1f} tokens/s")
     line = f"ours / limit = {ours[0] / limit:.2f}, ours / linear layers alone = {ours[0] / ceiling:.2f}"
     if "hf generate" in results:
         hf = results["hf generate"]
