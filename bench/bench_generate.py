@@ -12,7 +12,9 @@ fp32 2048^3 matmuls on CPU, through torch.mm and through oneDNN, bf16 4096^3 on 
 runs) divided by the model's FLOPs per generated token:
     2 * (parameters of every Linear in the blocks + the LM head) + 4 * layers * heads * head_dim * mean context
 (the second term is attention's QK^T and AV over the average context the decode steps see). It also times the
-model's linear layers alone at the benchmark's row count, the part of the limit that matmuls of decode shapes reach.
+model's linear layers alone at the benchmark's row count, the part of the limit that matmuls of decode shapes reach,
+and generate's attention alone on a cache of the benchmark's shape: together, a bound on any decode step built on
+these kernels, before prefill, sampling and the small ops between them.
 Absolute numbers on a shared machine are noise: read the ratios, and the load average printed beside them.
 """
 import argparse
@@ -95,6 +97,42 @@ def linear_rate(model, rows: int, as_generate: bool = True) -> float:
     return rows / best
 
 
+@torch.inference_mode()
+def attention_rate(model, prompts: int, n: int, prompt_len: int, new_tokens: int, stride: int = 8) -> float:
+    """Tokens/s if a decode step of prompts * n rows cost only its attention: generate._attend on a cache of the
+    benchmark's shape (prompt part prompt_len slots, own blocks new_tokens), random keys and values, every layer its
+    own buffers so that they come from memory as in a real step; the steps t = 0, stride, 2 * stride, ... stand for
+    all new_tokens steps (attention's cost grows linearly with t). Best of 2."""
+    from generate import _Layer, _attend, _decode_masks
+    config = model.config.get_text_config()
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    attns = [layer.self_attn for layer in base.model.layers]
+    heads, kv_heads, dim = config.num_attention_heads, config.num_key_value_heads, attns[0].head_dim
+    rows, device, dtype = prompts * n, model.device, model.dtype
+    step = dict(n=n, slot=torch.arange(rows, device=device))
+    layers = [_Layer(prompts, prompt_len, n, new_tokens, step) for _ in attns]
+    for layer in layers:
+        layer.lazy_initialization(*[torch.empty(prompts, kv_heads, prompt_len, dim, device=device, dtype=dtype)] * 2)
+        for buffer in (layer.keys_t, layer.values, layer.own_keys, layer.own_values):
+            buffer.normal_()
+    query = torch.randn(rows, heads, dim, device=device, dtype=dtype)  # [R, H, D]
+    first = torch.zeros(prompts, dtype=torch.long, device=device)  # every prompt slot real (the cost is the same)
+    best = float("inf")
+    for _ in range(2):
+        sync(device)
+        start = time.perf_counter()
+        for t in range(0, new_tokens, stride):
+            step["t"] = t
+            masks = _decode_masks(config, first, prompt_len, t, dtype)
+            for i, (layer, attn) in enumerate(zip(layers, attns)):
+                mask = masks[config.layer_types[i]] if isinstance(masks, dict) else masks
+                window = getattr(attn, "sliding_window", getattr(config, "sliding_window", None))
+                _attend(layer, query, mask, attn.scaling, getattr(attn, "attn_logit_softcapping", None), window)
+        sync(device)
+        best = min(best, (time.perf_counter() - start) * stride)
+    return rows * new_tokens / best
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -152,7 +190,8 @@ def main() -> None:
     model, tok = model_lib.load_model(args.model, device=device)
     prompts = load_prompts(args.prompts)
     from generate import _encode
-    prompt_len = sum(len(_encode(tok, p, True)) for p in prompts) / len(prompts)
+    lengths = [len(_encode(tok, p, True)) for p in prompts]
+    prompt_len, longest = sum(lengths) / len(lengths), max(lengths)
     print(f"model {args.model} on {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}), "
           f"{torch.get_num_threads()} threads, {args.prompts} prompts (mean {prompt_len:.0f} tokens) x {args.n} "
           f"samples x {args.max_new_tokens} new tokens, temperature 0.7, top-p 0.9, dtype {model.dtype}")
@@ -181,10 +220,19 @@ def main() -> None:
     kernels = ", ".join(f"{name} {r / 1e9:.1f}" for name, r in rates.items())
     print(f"matmul rate {rate / 1e9:.1f} GFLOP/s ({kernels}; best of 12 each, {torch.get_num_threads()} threads); "
           f"model {flops / 1e6:.1f} MFLOP/token (mean context {mean_context:.0f}) -> limit {limit:.1f} tokens/s")
-    ours = results["ours"]
+    ours = results["ours"]  # tokens/s, tokens per CPU-second, tokens
     ceiling, modules = linear_rate(model, args.prompts * args.n), linear_rate(model, args.prompts * args.n, False)
     print(f"linear layers alone at {args.prompts * args.n} rows: {ceiling:.1f} tokens/s = {ceiling / limit:.2f} of the "
           f"limit (a step that cost nothing else); as the modules run them: {modules:.1f} tokens/s")
+    attention = attention_rate(model, args.prompts, args.n, longest, args.max_new_tokens)
+    both = 1 / (1 / ceiling + 1 / attention)
+    prefill = min(run_ours(model, tok, prompts, argparse.Namespace(**{**vars(args), "max_new_tokens": 1}))[0]
+                  for _ in range(2))
+    bound = ours[2] / (prefill + ours[2] / both)
+    print(f"attention alone at {args.prompts * args.n} rows: {attention:.1f} tokens/s; linear layers and attention "
+          f"together: {both:.1f} tokens/s = {both / limit:.2f} of the limit; with prefill (a 1-token run, "
+          f"{prefill:.2f} s): {bound:.1f} tokens/s = {bound / limit:.2f} (before sampling, norms, rotary, cache writes "
+          f"and Python)")
     line = f"ours / limit = {ours[0] / limit:.2f}, ours / linear layers alone = {ours[0] / ceiling:.2f}"
     if "hf generate" in results:
         hf = results["hf generate"]

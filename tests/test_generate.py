@@ -3,6 +3,7 @@
     /work/main/.venv/bin/python -m pytest tests/test_generate.py -x -q
 """
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -314,3 +315,17 @@ def test_topk_equals_torch():
         x = torch.randn(rows, vocab)
         want, got = x.topk(k, dim=-1), generate._topk(x, k)
         assert torch.equal(want.values, got[0]) and torch.equal(want.indices, got[1]), (rows, vocab, k)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma2"])
+def test_bench_attention_alone_runs_generates_attention(tok, arch):
+    """bench_generate's attention-alone figure drives generate._attend through its cache and masks (Gemma-2: a mask
+    per layer type, soft-capping, a window); it must keep working as they change."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    from bench_generate import attention_rate
+    calls, real = [], generate._attend
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(generate, "_attend", lambda *args: calls.append(args[0]) or real(*args))
+        rate = attention_rate(tiny(tok, arch), prompts=2, n=3, prompt_len=5, new_tokens=8, stride=4)
+    assert 0 < rate < float("inf")
+    assert len(calls) == 2 * 2 * 2, "two timed passes x two steps (t = 0, 4) x two layers"
