@@ -13,8 +13,8 @@ runs) divided by the model's FLOPs per generated token:
     2 * (parameters of every Linear in the blocks + the LM head) + 4 * layers * heads * head_dim * mean context
 (the second term is attention's QK^T and AV over the average context the decode steps see). It also times the
 model's linear layers alone at the benchmark's row count, the part of the limit that matmuls of decode shapes reach,
-generate's attention alone on a cache of the benchmark's shape, and prefill alone (a 1-token run): together, an upper
-bound on this sampler, which also pays for sampling and the small ops between the matmuls.
+generate's attention alone on a cache of the benchmark's shape, and prefill alone (a 1-token run): together, a
+ceiling for this sampler at the full batch, which also pays for sampling and the small ops between the matmuls.
 Absolute numbers on a shared machine are noise: read the ratios, and the load average printed beside them.
 """
 import argparse

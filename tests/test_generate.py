@@ -318,13 +318,13 @@ def test_topk_equals_torch():
 
 
 @pytest.mark.parametrize("arch", ["llama", "gemma2"])
-def test_bench_attention_alone_runs_generates_attention(tok, arch):
+def test_bench_attention_rate_calls_generates_attention(tok, arch):
     """bench_generate's attention-alone figure drives generate._attend through its cache and masks (Gemma-2: a mask
     per layer type, soft-capping, a window); it must keep working as they change."""
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-    from bench_generate import attention_rate
     calls, real = [], generate._attend
     with pytest.MonkeyPatch.context() as mp:
+        mp.syspath_prepend(str(Path(__file__).resolve().parents[1] / "bench"))
+        from bench_generate import attention_rate
         mp.setattr(generate, "_attend", lambda *args: calls.append(args[0]) or real(*args))
         rate = attention_rate(tiny(tok, arch), prompts=2, n=3, prompt_len=5, new_tokens=8, stride=4)
     assert 0 < rate < float("inf")
