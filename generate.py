@@ -22,9 +22,9 @@ One batch of P prompts (R = P * n sample rows):
    decoded text and finished rows leave the batch (they only index the cache; a quarter of the prompts finished,
    the cache is compacted).
 On a CPU, prefill and decode alike, the linear layers run on weights reordered once per call for oneDNN's GEMM
-(_packed_linears; 2.3x torch's MKL path on an AMD EPYC, see bench/bench_generate.py). `compile=True` wraps the decode step in
-torch.compile (meant for GPUs; on a 2-core CPU the benchmark's run took 582 s compiled against 21 s eager, most of
-it compiling as shapes change, so it is off by default).
+(_packed_linears; 2.2-2.6x torch's MKL path on an AMD EPYC, see bench/bench_generate.py). `compile=True` wraps the
+decode step in torch.compile (meant for GPUs; on a 2-core CPU the benchmark's run takes far longer compiled than
+eager, most of it compiling as shapes change, so it is off by default; README has the figures).
 
 Randomness: every row owns a 32-bit key made from (seeds[i], sample index j); the uniform for step t is a hash of
 (key, t) computed on the device with integer ops, and the token is drawn by inverse CDF from the filtered
@@ -340,11 +340,12 @@ ONEDNN_LINEARS = (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkl
 def _pack_linears(model) -> dict:
     """{module: x -> module(x)} for the linear layers of a model on a CPU, with weights reordered once per sample()
     call for oneDNN's fp32 GEMM (torch.ops.mkldnn; on x86 CPUs with AVX2 or AVX-512, see ONEDNN_LINEARS). On
-    an AVX-512 AMD EPYC, SmolLM2's linear layers at 128 rows run 2.3x faster than torch's linear (MKL), whose
-    2048^3 matmul reaches ~210 GFLOP/s there against oneDNN's ~480 (bench/bench_generate.py prints all three). fp32
-    throughout: products differ from the module's by float rounding only (summation order), and a row's product
-    does not depend on how many rows come with it (weights reordered for 128 rows; tests/test_generate.py checks
-    both). Costs one more copy of the weights while sampling. Modules left out (GPU, 4-bit, bf16, DoRA) are called as they are."""
+    an AVX-512 AMD EPYC, SmolLM2's linear layers at 128 rows run 2.2-2.6x faster than torch's linear (MKL), whose
+    2048^3 matmul reaches ~215 GFLOP/s there against oneDNN's ~495 (bench/bench_generate.py prints all of these).
+    fp32 throughout: products differ from the module's by float rounding only (summation order), and a row's
+    product does not depend on how many rows come with it (weights reordered for 128 rows; tests/test_generate.py
+    checks both). Costs one more copy of the weights while sampling. Modules left out (GPU, 4-bit, bf16, DoRA) are
+    called as they are."""
     if not ONEDNN_LINEARS:
         return {}
     packed, inside_lora = {}, set()
@@ -381,6 +382,14 @@ def _packed_linears(model):
                 module.forward = forward
 
 
+def _attention_options(config, attn, index: int, masks) -> tuple:
+    """(mask, scaling, softcap, window) that _attend takes for layer `index` with attention module attn: the mask of
+    its layer type where models mix full and sliding-window layers, its window where windows vary by layer."""
+    mask = masks[config.layer_types[index]] if isinstance(masks, dict) else masks
+    window = getattr(attn, "sliding_window", getattr(config, "sliding_window", None))
+    return mask, attn.scaling, getattr(attn, "attn_logit_softcapping", None), window
+
+
 def _decode_step(model, tokens: torch.Tensor, positions: torch.Tensor, masks, cache) -> torch.Tensor:
     """Logits [R', V] (fp32) of the next token for one new token per row, tokens and positions [R'].
 
@@ -403,10 +412,7 @@ def _decode_step(model, tokens: torch.Tensor, positions: torch.Tensor, masks, ca
         q = _rope(attn.q_proj(x).view(R, -1, attn.head_dim), cos, sin)  # [R', H, D]
         k = _rope(attn.k_proj(x).view(R, -1, attn.head_dim), cos, sin)  # [R', H_kv, D]
         cache.layers[i].store(k, attn.v_proj(x).view(R, -1, attn.head_dim))
-        mask = masks[config.layer_types[i]] if isinstance(masks, dict) else masks
-        window = getattr(attn, "sliding_window", getattr(config, "sliding_window", None))  # per layer where it varies
-        a = _attend(cache.layers[i], q, mask, attn.scaling, getattr(attn, "attn_logit_softcapping", None), window)
-        a = attn.o_proj(a)  # [R', E]
+        a = attn.o_proj(_attend(cache.layers[i], q, *_attention_options(config, attn, i, masks)))  # [R', E]
         gemma = hasattr(layer, "pre_feedforward_layernorm")  # Gemma-2 also normalises attention's and MLP's outputs
         h = h + (layer.post_attention_layernorm(a) if gemma else a)
         x = layer.pre_feedforward_layernorm(h) if gemma else layer.post_attention_layernorm(h)

@@ -54,17 +54,7 @@ def matmul_rates(device: torch.device) -> dict[str, float]:
     if device.type == "cpu" and ONEDNN_LINEARS:
         reordered = torch.ops.mkldnn._reorder_linear_weight(b, size)
         kernels["oneDNN"] = lambda: torch.ops.mkldnn._linear_pointwise(a, reordered, None, "none", [], "")  # a @ b.T
-    rates = {}
-    for name, kernel in kernels.items():
-        best = float("inf")
-        for _ in range(6):
-            sync(device)
-            start = time.perf_counter()
-            kernel()
-            sync(device)
-            best = min(best, time.perf_counter() - start)
-        rates[name] = 2 * size**3 / best
-    return rates
+    return {name: 2 * size**3 / best_seconds(kernel, device, 6) for name, kernel in kernels.items()}
 
 
 def flops_per_token(model, mean_context: float) -> float:
@@ -85,16 +75,13 @@ def linear_rate(model, rows: int, as_generate: bool = True) -> float:
     from generate import _packed_linears
     layers = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
     inputs = [torch.randn(rows, m.in_features, device=model.device, dtype=model.dtype) for m in layers]
-    best = float("inf")
+
+    def step():
+        for m, x in zip(layers, inputs):
+            m(x)
+
     with torch.inference_mode(), _packed_linears(model) if as_generate else contextlib.nullcontext():
-        for _ in range(6):
-            sync(model.device)
-            start = time.perf_counter()
-            for m, x in zip(layers, inputs):
-                m(x)
-            sync(model.device)
-            best = min(best, time.perf_counter() - start)
-    return rows / best
+        return rows / best_seconds(step, model.device, 6)
 
 
 @torch.inference_mode()
@@ -103,7 +90,7 @@ def attention_rate(model, prompts: int, n: int, prompt_len: int, new_tokens: int
     benchmark's shape (prompt part prompt_len slots, own blocks new_tokens), random keys and values, every layer its
     own buffers so that they come from memory as in a real step; the steps t = 0, stride, 2 * stride, ... stand for
     all new_tokens steps (attention's cost grows linearly with t). Best of 2."""
-    from generate import _Layer, _attend, _decode_masks
+    from generate import _Layer, _attend, _attention_options, _decode_masks
     config = model.config.get_text_config()
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     attns = [layer.self_attn for layer in base.model.layers]
@@ -117,25 +104,32 @@ def attention_rate(model, prompts: int, n: int, prompt_len: int, new_tokens: int
             buffer.normal_()
     query = torch.randn(rows, heads, dim, device=device, dtype=dtype)  # [R, H, D]
     first = torch.zeros(prompts, dtype=torch.long, device=device)  # every prompt slot real (the cost is the same)
-    best = float("inf")
-    for _ in range(2):
-        sync(device)
-        start = time.perf_counter()
+
+    def steps():
         for t in range(0, new_tokens, stride):
             step["t"] = t
             masks = _decode_masks(config, first, prompt_len, t, dtype)
             for i, (layer, attn) in enumerate(zip(layers, attns)):
-                mask = masks[config.layer_types[i]] if isinstance(masks, dict) else masks
-                window = getattr(attn, "sliding_window", getattr(config, "sliding_window", None))
-                _attend(layer, query, mask, attn.scaling, getattr(attn, "attn_logit_softcapping", None), window)
-        sync(device)
-        best = min(best, (time.perf_counter() - start) * stride)
-    return rows * new_tokens / best
+                _attend(layer, query, *_attention_options(config, attn, i, masks))
+
+    return rows * new_tokens / (best_seconds(steps, device, 2) * stride)
 
 
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def best_seconds(fn, device: torch.device, repeats: int) -> float:
+    """The fastest of `repeats` timed calls of fn(), synchronised with the device."""
+    best = float("inf")
+    for _ in range(repeats):
+        sync(device)
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        best = min(best, time.perf_counter() - start)
+    return best
 
 
 def run_ours(model, tok, prompts, args) -> tuple[float, int]:
