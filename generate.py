@@ -2,7 +2,7 @@
 
     from generate import sample
     out = sample(model, tok, ["Write a haiku about rain."], n=4, temperature=0.7, top_p=0.9, max_new_tokens=128)
-    out.texts[0]      # 4 strings;  out.token_ids[0] -> 4 lists of token ids
+    out.texts[0]      # 4 strings;  out.token_ids[0] -> 4 lists of token ids;  out.finish[0] -> "stop" | "length"
 
     python generate.py --model default --prompt "Write a haiku about rain." -n 4 --temperature 0.7 --top_p 0.9
     python bench/bench_generate.py        # ours vs transformers' generate, same settings, ratio printed
@@ -51,6 +51,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 class SampleOutput:
     texts: list[list[str]]  # [prompt][sample]
     token_ids: list[list[list[int]]]  # [prompt][sample][token]
+    finish: list[list[str]]  # [prompt][sample]: "stop" (EOS or a stop string) or "length" (cut at max_new_tokens)
 
 
 # ----------------------------------------------------------------------------- randomness and sampling
@@ -475,19 +476,19 @@ def _eos_ids(model, tokenizer) -> list[int]:
     return sorted(set(ids) | ({tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()))
 
 
-def _cut_at_stop(tokenizer, tokens: list[int], stop: list[str]) -> tuple[str, list[int]]:
-    """(text before the first stop string, tokens up to the one that completes it)."""
+def _cut_at_stop(tokenizer, tokens: list[int], stop: list[str]) -> tuple[str, list[int], bool]:
+    """(text before the first stop string, tokens up to the one that completes it, whether a stop string was found)."""
     text = tokenizer.decode(tokens, skip_special_tokens=True)
     hits = [text.find(s) for s in stop if s in text]
     if not hits:
-        return text, tokens
+        return text, tokens, False
     cut = min(hits)
     lo, hi = 1, len(tokens)  # the shortest prefix whose text contains a stop string (containment is monotone)
     while lo < hi:
         mid = (lo + hi) // 2
         prefix = tokenizer.decode(tokens[:mid], skip_special_tokens=True)
         lo, hi = (lo, mid) if any(s in prefix for s in stop) else (mid + 1, hi)
-    return text[:cut], tokens[:lo]
+    return text[:cut], tokens[:lo], True
 
 
 def _prefill(model, cache, ids: list[list[int]], L: int, cfg: dict) -> torch.Tensor:
@@ -611,7 +612,7 @@ def sample(model, tokenizer, prompts: list[str], n: int = 1, *, max_new_tokens: 
     if any(len(x) == 0 for x in ids):
         raise ValueError(f"sample: prompt {[len(x) for x in ids].index(0)} is empty after tokenisation")
     order = sorted(range(len(prompts)), key=lambda i: -len(ids[i]))  # similar lengths together: less padding
-    texts, tokens = [None] * len(prompts), [None] * len(prompts)
+    texts, tokens, finish = [None] * len(prompts), [None] * len(prompts), [None] * len(prompts)
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
     shown = batches
     if progress:
@@ -629,13 +630,14 @@ def sample(model, tokenizer, prompts: list[str], n: int = 1, *, max_new_tokens: 
         model.train(training)
     for batch, rows in zip(batches, rows_of):
         for b, i in enumerate(batch):
-            texts[i], tokens[i] = [], []
+            texts[i], tokens[i], finish[i] = [], [], []
             for row in rows[b * n:(b + 1) * n]:
                 end = next((k for k, x in enumerate(row) if x in eos), len(row))
-                text, row = _cut_at_stop(tokenizer, row[:end], cfg["stop"])
+                text, kept, stopped = _cut_at_stop(tokenizer, row[:end], cfg["stop"])
                 texts[i].append(text)
-                tokens[i].append(row)
-    return SampleOutput(texts=texts, token_ids=tokens)
+                tokens[i].append(kept)
+                finish[i].append("stop" if stopped or end < len(row) else "length")
+    return SampleOutput(texts=texts, token_ids=tokens, finish=finish)
 
 
 def main() -> None:

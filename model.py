@@ -149,6 +149,19 @@ def load_tokenizer(spec: str):
     return tokenizer
 
 
+def turn_end_id(tokenizer) -> int:
+    """The token the chat template puts right after an assistant message (Gemma's <end_of_turn>, ChatML's
+    <|im_end|>, Llama-3's <|eot_id|>), read off a rendered one-turn conversation; tokenizer.eos_token may differ."""
+    mark = "Done."
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "Hi."}, {"role": "assistant", "content": mark}],
+                                         tokenize=False)
+    after = text[text.rindex(mark) + len(mark):].lstrip(" ")
+    ids = tokenizer(after, add_special_tokens=False).input_ids if after.strip() else []
+    if not ids:  # a template that ends a turn with nothing: the tokenizer's own EOS is all there is
+        return tokenizer.eos_token_id
+    return ids[0]
+
+
 def load_model(spec: str, *, device="cpu", dtype=None, load_in_4bit: bool = False, trainable_adapter: bool = False):
     """(model, tokenizer) for 'default', a hub id, a model folder or an adapter folder; model in eval mode."""
     from transformers import AutoModelForCausalLM
