@@ -91,3 +91,54 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"{SHARED_DATA} is absent (it is present in CI)")
     return SHARED_DATA
+
+
+# Llama-3's turn format: <|start_header_id|>ROLE<|end_header_id|>, a blank line, the text, <|eot_id|>.
+LLAMA3_TEMPLATE = ("{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
+                   "{{ m['content'] | trim }}<|eot_id|>{% endfor %}"
+                   "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}")
+
+
+def make_toy_armorm(folder: Path, seed: int = 0) -> Path:
+    """A 2-layer random reward model in the format of RLHFlow/ArmoRM-Llama3-8B-v0.1's folder: a config naming
+    LlamaForRewardModelWithGating with an auto_map to a modeling_custom.py that is NOT there, and one safetensors file
+    under ArmoRM's parameter names (model.* backbone, regression_layer, gating.layers.N, gating.logit_scale,
+    reward_transform_matrix). The tokenizer is SmolLM2's plus Llama-3's special tokens and turn format; "\\n\\n" is
+    one token, as in Llama-3, so the gating pattern encodes the same alone and inside a conversation."""
+    from safetensors.torch import save_file
+    from transformers import LlamaConfig, LlamaModel
+    import model
+    tokenizer = model.load_tokenizer("default")
+    tokenizer.add_special_tokens({"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>",
+                                  "additional_special_tokens": ["<|start_header_id|>", "<|end_header_id|>"]})
+    tokenizer.add_tokens(["\n\n"])
+    tokenizer.chat_template = LLAMA3_TEMPLATE
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id)
+    config.architectures = ["LlamaForRewardModelWithGating"]
+    config.auto_map = {"AutoModelForSequenceClassification": "modeling_custom.LlamaForRewardModelWithGating"}
+    objectives, width, n_hidden = 19, 16, 2
+    config.num_objectives, config.gating_temperature = objectives, 2.0
+    config.gating_hidden_dim, config.gating_n_hidden = width, n_hidden
+    torch.manual_seed(seed)
+    tensors = {f"model.{k}": v for k, v in LlamaModel(config).state_dict().items()}
+    tensors["regression_layer.weight"] = torch.randn(objectives, config.hidden_size) * 0.5
+    sizes = [config.hidden_size] + [width] * n_hidden + [objectives]
+    for i in range(n_hidden + 1):  # ArmoRM's gating Linears all carry a bias
+        tensors[f"gating.layers.{i}.weight"] = torch.randn(sizes[i + 1], sizes[i]) / sizes[i] ** 0.5
+        tensors[f"gating.layers.{i}.bias"] = torch.randn(sizes[i + 1]) * 0.1
+    tensors["gating.logit_scale"] = torch.tensor([2.5])
+    tensors["reward_transform_matrix"] = torch.eye(objectives) + 0.3 * torch.randn(objectives, objectives)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(folder / "model.safetensors"),
+              metadata={"format": "pt"})
+    config.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def toy_armorm_dir(tmp_path_factory) -> Path:
+    return make_toy_armorm(tmp_path_factory.mktemp("toy_armorm"))
