@@ -661,20 +661,146 @@ def _judge_scorer(rest: str, *, model: str | None = None, template: str | None =
     return Scorer(f"judge:{rest}", score, info)
 
 
-def _hf_scorer(ref: str, *, device: str = "cpu", batch_size: int = 8, max_length: int | None = None,
-               dtype=None) -> Scorer:
+def _flag(value: str) -> bool:
+    if value.lower() in ("1", "true", "yes"):
+        return True
+    if value.lower() in ("0", "false", "no"):
+        return False
+    raise ValueError("not a yes/no value")
+
+
+def _positive_int(value: str) -> int:
+    number = int(value)
+    if number < 1:
+        raise ValueError("not positive")
+    return number
+
+
+def _dtype_name(value: str) -> str:
+    if value not in ("float32", "bfloat16", "float16"):
+        raise ValueError("not float32, bfloat16 or float16")
+    return value
+
+
+HF_OPTIONS = {"trust_remote_code": _flag, "batch_size": _positive_int, "max_length": _positive_int,
+              "dtype": _dtype_name}
+
+
+def _hf_options(rest: str) -> tuple[str, dict]:
+    """'<id-or-folder>[?trust_remote_code=1&batch_size=N&max_length=N&dtype=NAME]' -> (id-or-folder, options)."""
+    ref, _, query = rest.partition("?")
+    if not ref:
+        raise ValueError(f"hf:{rest}: no hub id or folder before the options")
+    options = {}
+    for key, value in urllib.parse.parse_qsl(query, keep_blank_values=True):
+        if key not in HF_OPTIONS:
+            raise ValueError(f"hf:{rest}: unknown option '{key}' (known: {', '.join(HF_OPTIONS)})")
+        try:
+            options[key] = HF_OPTIONS[key](value)
+        except ValueError as err:
+            raise ValueError(f"hf:{rest}: option '{key}' got {value!r}: {err}") from None
+    return ref, options
+
+
+# ArmoRM (RLHFlow/ArmoRM-Llama3-8B-v0.1), run by eva's own code rather than its repository's modeling_custom.py.
+ARMORM = "LlamaForRewardModelWithGating"
+ARMORM_GATING_TEXT = "<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"  # the last assistant header
+
+
+def _checkpoint_tensors(ref: str, names: list[str]) -> dict:
+    """The named tensors (fp32) from a folder's or cached hub model's safetensors, one file or sharded by an index."""
+    from safetensors import safe_open
+    from transformers.utils import cached_file
+    index = cached_file(ref, "model.safetensors.index.json", _raise_exceptions_for_missing_entries=False)
+    if index:
+        weight_map = json.loads(Path(index).read_text())["weight_map"]
+        files = {name: weight_map.get(name, "model.safetensors") for name in names}
+    else:
+        files = {name: "model.safetensors" for name in names}
+    tensors = {}
+    for file in sorted(set(files.values())):
+        path = cached_file(ref, file, _raise_exceptions_for_missing_entries=False)
+        if path is None:
+            raise FileNotFoundError(f"hf:{ref}: {file} is missing")
+        with safe_open(path, framework="pt") as shard:
+            stored = set(shard.keys())
+            for name in (n for n in names if files[n] == file and n in stored):
+                tensors[name] = shard.get_tensor(name).float()
+    missing = [n for n in names if n not in tensors]
+    if missing:
+        raise ValueError(f"hf:{ref}: the reward head is not in the checkpoint ({missing[0]} missing); "
+                         "this is not a trained reward model")
+    return tensors
+
+
+def _load_armorm(ref: str, config: dict, device, dtype) -> tuple:
+    """ArmoRM as (backbone, head): a transformers LlamaModel (the checkpoint's model.* weights, no LM head) and the
+    fp32 tensors of its gating head: regression [K, H], gating [(weight, bias)] * (n_hidden + 1), logit_scale,
+    transform [K, K], temperature."""
+    from transformers import LlamaModel
+    backbone, loading = LlamaModel.from_pretrained(ref, dtype=dtype, output_loading_info=True)
+    if loading.get("missing_keys"):
+        raise ValueError(f"hf:{ref}: the Llama backbone is incomplete ({sorted(loading['missing_keys'])[0]} missing)")
+    n_layers = config.get("gating_n_hidden", 3) + 1  # ArmoRM's defaults when the config leaves them out
+    gating = [f"gating.layers.{i}.{p}" for i in range(n_layers) for p in ("weight", "bias")]
+    t = _checkpoint_tensors(ref, ["regression_layer.weight", "gating.logit_scale", "reward_transform_matrix", *gating])
+    t = {k: v.to(device) for k, v in t.items()}
+    head = {"regression": t["regression_layer.weight"], "logit_scale": t["gating.logit_scale"].reshape(()),
+            "transform": t["reward_transform_matrix"], "temperature": float(config.get("gating_temperature", 10)),
+            "gating": [(t[f"gating.layers.{i}.weight"], t[f"gating.layers.{i}.bias"]) for i in range(n_layers)]}
+    return backbone.to(device).eval(), head
+
+
+def _last_occurrence(row: list[int], pattern: list[int]) -> int | None:
+    for j in range(len(row) - len(pattern), -1, -1):
+        if row[j:j + len(pattern)] == pattern:
+            return j
+    return None
+
+
+def armorm_scores(hidden, lengths: list[int], gate_at: list[int], head: dict):
+    """ArmoRM's preference score per row, [B], from the backbone's final (normed) hidden states [B, T, H]:
+        r = W_reg h[last]                      (K objectives; last = lengths - 1, the last real token)
+        g = softmax(MLP(h[gate_at]) / temperature) * logit_scale    (MLP: Linear+ReLU, ..., Linear)
+        score = sum_k g_k (r @ transform)_k"""
+    import torch
+    rows = torch.arange(hidden.shape[0], device=hidden.device)
+    last = hidden[rows, torch.tensor(lengths, device=hidden.device) - 1].float()  # [B, H]
+    x = hidden[rows, torch.tensor(gate_at, device=hidden.device)].float()  # [B, H]
+    for i, (weight, bias) in enumerate(head["gating"]):
+        x = torch.nn.functional.linear(x, weight, bias)
+        x = torch.relu(x) if i < len(head["gating"]) - 1 else x
+    gate = torch.softmax(x / head["temperature"], dim=-1) * head["logit_scale"]  # [B, K]
+    rewards = last @ head["regression"].T @ head["transform"]  # [B, K]
+    return (gate * rewards).sum(-1)  # [B]
+
+
+def _hf_scorer(rest: str, *, device: str = "cpu", batch_size: int = 8, max_length: int | None = None,
+               dtype=None, trust_remote_code: bool = False) -> Scorer:
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer, PretrainedConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES
     from transformers.utils import logging as hf_logging
 
+    ref, query = _hf_options(rest)  # options in the spec win over keyword arguments, as for judge:
+    trust_remote_code = query.get("trust_remote_code", trust_remote_code)
+    batch_size = query.get("batch_size", batch_size)
+    max_length = query.get("max_length", max_length)
+    dtype = getattr(torch, query["dtype"]) if "dtype" in query else dtype
     try:
-        config, _ = PretrainedConfig.get_config_dict(ref)
+        config, _ = PretrainedConfig.get_config_dict(ref)  # reads config.json only; runs no code
     except (OSError, ValueError) as err:
         raise FileNotFoundError(f"hf:{ref}: no model folder or cached hub model "
                                 f"({str(err).strip().splitlines()[0]})") from None
-    remote = "AutoModelForSequenceClassification" in (config.get("auto_map") or {})
     architectures = config.get("architectures") or []
-    if not remote and not any(a.endswith("ForSequenceClassification") for a in architectures):
+    armorm = architectures == [ARMORM]  # eva's own code, with or without the opt-in
+    native = config.get("model_type") in MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES
+    remote = not armorm and "AutoModelForSequenceClassification" in (config.get("auto_map") or {}) and (
+        trust_remote_code or not native)
+    if remote and not trust_remote_code:
+        raise ValueError(f"hf:{ref}: this model's code is in its repository (auto_map), which eva runs only when "
+                         f"asked: --reward 'hf:{ref}?trust_remote_code=1'")
+    if not (armorm or remote or any(a.endswith("ForSequenceClassification") for a in architectures)):
         raise ValueError(f"hf:{ref}: no sequence-classification head (architectures {architectures}); a reward "
                          "model must load with AutoModelForSequenceClassification")
     device = torch.device(device)
@@ -683,20 +809,25 @@ def _hf_scorer(ref: str, *, device: str = "cpu", batch_size: int = 8, max_length
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # loading reports are checked below, not printed
     try:
-        model, loading = AutoModelForSequenceClassification.from_pretrained(
-            ref, trust_remote_code=remote, dtype=dtype, output_loading_info=True)
+        if armorm:
+            model, armo = _load_armorm(ref, config, device, dtype)
+        else:
+            model, loading = AutoModelForSequenceClassification.from_pretrained(
+                ref, trust_remote_code=remote, dtype=dtype, output_loading_info=True)
         tokenizer = AutoTokenizer.from_pretrained(ref, trust_remote_code=remote)
     finally:
         hf_logging.set_verbosity(verbosity)
-    fresh = [k for k in loading.get("missing_keys", []) if re.search(r"score|classifier|head|regression", k)]
-    if fresh:
-        raise ValueError(f"hf:{ref}: the classification head is not in the checkpoint ({fresh[0]} missing); "
-                         "this is not a trained reward model")
-    model.to(device).eval()
+    if not armorm:
+        fresh = [k for k in loading.get("missing_keys", []) if re.search(r"score|classifier|head|regression", k)]
+        if fresh:
+            raise ValueError(f"hf:{ref}: the classification head is not in the checkpoint ({fresh[0]} missing); "
+                             "this is not a trained reward model")
+        model.to(device).eval()
     # The head finds each row's last real token through config.pad_token_id. A configured pad id is the one the
     # model was trained with, so it is kept. Without one, each batch pads with an id that none of its rows
     # contains, so the head reads the true last token, as it does for a lone unpadded conversation.
-    configured_pad = getattr(model.config, "pad_token_id", None)
+    # eva's ArmoRM reads positions from the row lengths, so any id pads it.
+    configured_pad = (tokenizer.eos_token_id or 0) if armorm else getattr(model.config, "pad_token_id", None)
     vocab_size = getattr(model.config, "vocab_size", None) or len(tokenizer)
 
     def pad_for(rows: list[list[int]]) -> int:
@@ -721,6 +852,31 @@ def _hf_scorer(ref: str, *, device: str = "cpu", batch_size: int = 8, max_length
             return tokenizer(text, add_special_tokens=False)["input_ids"]
         return tokenizer(f"User: {_prompt_text(prompt)}\n\nAssistant: {response}")["input_ids"]
 
+    if armorm:
+        # ArmoRM gates on the hidden state where the last assistant header begins; its ids come from this tokenizer.
+        pattern = tokenizer.encode(ARMORM_GATING_TEXT, add_special_tokens=False)
+        if _last_occurrence(encode("Hi", "Hello"), pattern) is None:
+            raise ValueError(f"hf:{ref}: ArmoRM gates on {ARMORM_GATING_TEXT!r}, which this tokenizer's chat "
+                             "template does not produce (a Llama-3 tokenizer and template are needed)")
+
+    def forward(ids, mask, rows: list[list[int]]):
+        """[B] rewards of right-padded ids [B, T]."""
+        if armorm:
+            gate_at = [_last_occurrence(row, pattern) for row in rows]
+            if None in gate_at:
+                raise ValueError(f"hf:{ref}: a conversation lost its last assistant header {ARMORM_GATING_TEXT!r} "
+                                 f"to truncation at {limit} tokens; ArmoRM cannot gate it")
+            hidden = model(input_ids=ids, attention_mask=mask).last_hidden_state  # [B, T, H]
+            return armorm_scores(hidden, [len(row) for row in rows], gate_at, armo)
+        out = model(input_ids=ids, attention_mask=mask)
+        if isinstance(out, torch.Tensor):
+            values = out
+        elif getattr(out, "score", None) is not None:
+            values = out.score  # a remote-code head (such as ArmoRM's own) with a preference score, [B] or [B, 1]
+        else:
+            values = out.logits  # [B, num_labels]
+        return values.reshape(len(rows), -1)[:, 0]
+
     def score(prompts: list, responses: list[str]) -> list[float]:
         _check_lengths(prompts, responses)
         encoded = [encode(p, r) for p, r in zip(prompts, responses)]
@@ -743,29 +899,22 @@ def _hf_scorer(ref: str, *, device: str = "cpu", batch_size: int = 8, max_length
                 rows = order[start:start + batch_size]
                 width = max(len(encoded[i]) for i in rows)
                 # Right padding: HF heads find the last real token either as "first pad - 1" (older and remote
-                # code such as ArmoRM's) or "last non-pad" (current transformers); right padding serves both.
+                # code) or "last non-pad" (current transformers); right padding serves both.
                 pad_id = pad_for([encoded[i] for i in rows])
                 ids = torch.full((len(rows), width), pad_id, dtype=torch.long)  # [B, T]
                 mask = torch.zeros((len(rows), width), dtype=torch.long)  # [B, T]
                 for b, i in enumerate(rows):
                     ids[b, :len(encoded[i])] = torch.tensor(encoded[i])
                     mask[b, :len(encoded[i])] = 1
-                out = model(input_ids=ids.to(device), attention_mask=mask.to(device))
-                if isinstance(out, torch.Tensor):
-                    values = out
-                elif getattr(out, "score", None) is not None:
-                    values = out.score  # ArmoRM: [B, 1], its preference score
-                else:
-                    values = out.logits  # [B, num_labels]
-                values = values.float().reshape(len(rows), -1)[:, 0].cpu().tolist()  # [B]
-                for b, i in enumerate(rows):
-                    rewards[i] = values[b]
+                values = forward(ids.to(device), mask.to(device), [encoded[i] for i in rows])
+                for b, value in enumerate(values.float().cpu().tolist()):
+                    rewards[rows[b]] = value
         return rewards
-    return Scorer(f"hf:{ref}", score, info)
+    return Scorer(f"hf:{rest}", score, info)
 
 
 def load_reward(spec: str, *, device: str = "cpu", **options) -> Scorer:
-    """The reward back-end for a spec: "rules", "hf:<hub-id-or-folder>" or "judge:<base-url>[?model=...]"."""
+    """The reward back-end for a spec: "rules", "hf:<hub-id-or-folder>[?...]" or "judge:<base-url>[?model=...]"."""
     if spec == "rules":
         if options:
             raise ValueError(f"reward 'rules' takes no options, got {sorted(options)}")
@@ -775,6 +924,22 @@ def load_reward(spec: str, *, device: str = "cpu", **options) -> Scorer:
     if spec.startswith("judge:") and spec[6:]:
         return _judge_scorer(spec[6:], **options)
     raise ValueError(f"unknown reward back-end {spec!r}: expected 'rules', 'hf:<id-or-path>' or 'judge:<base-url>'")
+
+
+def check_spec(spec: str) -> None:
+    """Validate a --reward spec before anything loads: the back-end, its id or URL, and its options' names and values.
+    Loads no model and calls no endpoint; a judge spec also needs its model name and template file, as at load."""
+    try:
+        if spec == "rules":
+            return
+        if spec.startswith("hf:") and spec[3:]:
+            _hf_options(spec[3:])
+        elif spec.startswith("judge:") and spec[6:]:
+            _judge_scorer(spec[6:], check=False)  # parses and checks without calling the endpoint
+        else:
+            load_reward(spec)  # raises the unknown-back-end error
+    except (ValueError, FileNotFoundError) as err:
+        raise ValueError(f"--reward: {err}") from None
 
 
 def score_sharded(scorer: Scorer, prompts: list, responses: list[str]) -> list[float]:

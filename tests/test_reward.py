@@ -314,7 +314,7 @@ def test_hf_remote_code_head_is_detected(tmp_path):
     torch.manual_seed(0)
     model_module.TinyArmoRM(config).save_pretrained(folder)
     tok.save_pretrained(folder)
-    rewards = reward.load_reward(f"hf:{folder}").score(PROMPTS, RESPONSES)
+    rewards = reward.load_reward(f"hf:{folder}?trust_remote_code=1").score(PROMPTS, RESPONSES)  # opt-in only
     assert all(90 < x < 110 for x in rewards), f"the remote model's .score (around 100) was not used: {rewards}"
 
 
