@@ -164,18 +164,20 @@ def turn_end_id(tokenizer) -> int:
 
 def load_model(spec: str, *, device="cpu", dtype=None, load_in_4bit: bool = False, trainable_adapter: bool = False):
     """(model, tokenizer) for 'default', a hub id, a model folder or an adapter folder; model in eval mode."""
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
     device = torch.device(device)
     base, adapter = resolve(spec)
     tokenizer = load_tokenizer(spec)
     if dtype is None:
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    kwargs = dict(dtype=dtype, attn_implementation=attention_implementation(device))
+    kwargs = dict(dtype=dtype)
     if load_in_4bit:
         kwargs["quantization_config"] = four_bit_config(device)
         kwargs["device_map"] = {"": device}
     try:
-        model = AutoModelForCausalLM.from_pretrained(base, **kwargs)
+        config = AutoConfig.from_pretrained(base)
+        model = AutoModelForCausalLM.from_pretrained(base, config=config, **kwargs,
+                                                     attn_implementation=attention_implementation(config, device))
     except OSError as err:
         raise FileNotFoundError(f"model '{spec}': cannot load it ({str(err).splitlines()[0]})") from None
     if not load_in_4bit:
@@ -194,12 +196,20 @@ def load_model(spec: str, *, device="cpu", dtype=None, load_in_4bit: bool = Fals
     return model, tokenizer
 
 
-def attention_implementation(device: torch.device) -> str:
-    """flash-attn's kernels when installed on a GPU that runs them, PyTorch SDPA otherwise."""
-    if device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None:
-        if torch.cuda.get_device_capability(device)[0] >= 8:
-            return "flash_attention_2"
-    return "sdpa"
+def attention_implementation(config, device: torch.device, mapping=None) -> str | None:
+    """The attention kernel for the model class `config` loads as: flash-attn's where it is installed, the device
+    is a GPU of compute capability >= 8 and the class supports it; else PyTorch SDPA where the class supports it;
+    else eager (Gemma-2: SDPA cannot soft-cap attention logits). The class comes from `mapping`, an auto class's
+    config -> model class table (causal LMs by default); None (transformers' own default) for remote-code classes."""
+    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING
+    mapping = MODEL_FOR_CAUSAL_LM_MAPPING if mapping is None else mapping
+    if type(config) not in mapping:
+        return None
+    cls = mapping[type(config)]
+    if (cls._supports_flash_attn and device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None
+            and torch.cuda.get_device_capability(device)[0] >= 8):
+        return "flash_attention_2"
+    return "sdpa" if cls._supports_sdpa else "eager"
 
 
 def four_bit_config(device: torch.device):

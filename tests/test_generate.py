@@ -21,8 +21,9 @@ def tok():
 
 
 def tiny(tok, arch: str, seed: int = 0):
-    """A 2-layer random model of the given family with SmolLM2's tokenizer; untied head, wide init, so greedy varies."""
-    from transformers import Gemma2Config, LlamaConfig, MistralConfig, Qwen2Config, AutoModelForCausalLM
+    """A 2-layer random model of the given family with SmolLM2's tokenizer; untied head, wide init, so greedy varies.
+    Qwen3 (norms on queries and keys) is a family _decode_step does not know: it decodes through the model's forward."""
+    from transformers import Gemma2Config, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config, AutoModelForCausalLM
     common = dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=False,
                   bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
@@ -31,7 +32,8 @@ def tiny(tok, arch: str, seed: int = 0):
               # window 6 < prompt lengths, so the sliding mask matters; Gemma-2 soft-caps, so it runs eager attention
               "gemma2": lambda: Gemma2Config(**common, head_dim=8, sliding_window=6, attn_implementation="eager"),
               "qwen2": lambda: Qwen2Config(**common, use_sliding_window=True, sliding_window=6, max_window_layers=1),
-              "mistral": lambda: MistralConfig(**common, sliding_window=6)}[arch]()
+              "mistral": lambda: MistralConfig(**common, sliding_window=6),
+              "qwen3": lambda: Qwen3Config(**common, head_dim=8)}[arch]()
     torch.manual_seed(seed)
     return AutoModelForCausalLM.from_config(config).eval()
 
@@ -63,6 +65,24 @@ def test_greedy_matches_hf_generate(tok, arch):
         assert out.token_ids[i] == [ref[i], ref[i]], f"{arch} prompt {i}: greedy differs from transformers"
 
 
+
+def test_gemma2_end_of_turn_ends_a_row(toy_gemma2_dir):
+    """Gemma-2's turns end with <end_of_turn>, an EOS of its generation config but not tokenizer.eos_token (<eos>):
+    a row that emits it ends there, as "stop". Swapping the head rows of <end_of_turn> and the token greedy picks at
+    step k leaves steps < k unchanged and makes step k emit <end_of_turn>."""
+    m, t = model_lib.load_model(str(toy_gemma2_dir))
+    end_of_turn = t.convert_tokens_to_ids("<end_of_turn>")
+    assert end_of_turn != t.eos_token_id and end_of_turn in generate._eos_ids(m, t)
+    free = sample(m, t, PROMPTS[1:2], max_new_tokens=12, temperature=0)
+    row = free.token_ids[0][0]
+    assert len(row) == 12 and free.finish[0][0] == "length"
+    k = next(k for k in range(2, len(row)) if row[k] not in row[:k])
+    head = m.lm_head.weight.detach().clone()  # untied from the input embeddings, which the prompt reads
+    head[[row[k], end_of_turn]] = head[[end_of_turn, row[k]]]
+    m.lm_head.weight = torch.nn.Parameter(head)
+    out = sample(m, t, PROMPTS[1:2], max_new_tokens=12, temperature=0)
+    assert out.token_ids[0][0] == row[:k] and out.finish[0][0] == "stop", "<end_of_turn> did not end the row"
+
 def test_sliding_window_is_honoured(tok):
     """The window changes the tokens (so the test above can fail if our mask ignored it)."""
     m = tiny(tok, "mistral")
@@ -87,6 +107,9 @@ def test_eos_ends_one_row_not_the_others(tok, monkeypatch):
     assert out.token_ids[1] == [first[1][0][:cut]] * 2, "row did not stop at its EOS (or kept the EOS)"
     assert [r[0] for r in out.token_ids] == ref, "EOS handling differs from transformers"
     assert any(len(r[0]) == 16 for r in out.token_ids), "some other row should run to max_new_tokens"
+    assert out.finish[1] == ["stop", "stop"], "a row that ended by EOS is not 'stop'"
+    assert all(f == ("length" if len(s) == 16 else "stop") for r, fs in zip(out.token_ids, out.finish)
+               for s, f in zip(r, fs)), f"finish reasons {out.finish} do not match the row lengths"
     assert rows_per_step[0] == 6 and min(rows_per_step) < 6, "finished rows never left the batch"
 
 
@@ -145,11 +168,13 @@ def test_stop_string_spanning_tokens_ends_only_its_row(tok):
     out = sample(m, tok, PROMPTS, stop=[stop], **kw)
     assert out.texts[1][0] == text[:text.index(stop)], "text not cut just before the stop string"
     assert out.token_ids[1][0] == row[:6], "token ids should end with the token that completes the stop string"
+    assert out.finish[1][0] == "stop", "a row cut by a stop string is not 'stop'"
     for i in range(len(PROMPTS)):
         for j in range(2):
             if stop not in free.texts[i][j]:
                 assert out.token_ids[i][j] == free.token_ids[i][j], f"row {i},{j} without the stop string changed"
                 assert len(out.token_ids[i][j]) == 16, "max_new_tokens not respected exactly"
+                assert out.finish[i][j] == "length", f"row {i},{j} ran to max_new_tokens but is not 'length'"
 
 
 def test_max_new_tokens_exact(tok):
@@ -157,6 +182,7 @@ def test_max_new_tokens_exact(tok):
     for k in (1, 5):
         out = sample(m, tok, PROMPTS, n=2, max_new_tokens=k, temperature=1.0)
         assert all(len(s) == k for r in out.token_ids for s in r), f"max_new_tokens={k} not respected"
+        assert all(f == "length" for r in out.finish for f in r), f"max_new_tokens={k}: rows cut are not 'length'"
 
 
 def expected_law(logits: torch.Tensor, temperature: float, top_p: float, top_k: int) -> torch.Tensor:
@@ -263,13 +289,7 @@ def test_training_mode_is_restored(tok):
 def test_other_families_decode_through_the_model_forward(tok, monkeypatch):
     """A family _decode_step does not know (Qwen3: norms on queries and keys) decodes through the model's own forward
     with our attention function, still token-exact."""
-    from transformers import AutoModelForCausalLM, Qwen3Config
-    config = Qwen3Config(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=512,
-                         tie_word_embeddings=False, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-                         initializer_range=0.2)
-    torch.manual_seed(0)
-    m = AutoModelForCausalLM.from_config(config).eval()
+    m = tiny(tok, "qwen3")
     monkeypatch.setattr(generate, "_decode_step", lambda *a: pytest.fail("qwen3 is not a DECODE_FAMILIES model"))
     ref = hf_greedy(m, tok, PROMPTS, 12, generate._eos_ids(m, tok))
     out = sample(m, tok, PROMPTS, n=2, max_new_tokens=12, temperature=0, sync_every=3)
