@@ -737,8 +737,11 @@ def _load_armorm(ref: str, config: dict, device, dtype) -> tuple:
     """ArmoRM as (backbone, head): a transformers LlamaModel (the checkpoint's model.* weights, no LM head) and the
     fp32 tensors of its gating head: regression [K, H], gating [(weight, bias)] * (n_hidden + 1), logit_scale,
     transform [K, K], temperature."""
-    from transformers import LlamaModel
-    backbone, loading = LlamaModel.from_pretrained(ref, dtype=dtype, output_loading_info=True)
+    from transformers import MODEL_MAPPING, LlamaConfig, LlamaModel
+    import model as model_lib
+    attention = model_lib.attention_implementation(LlamaConfig(), device, MODEL_MAPPING)
+    backbone, loading = LlamaModel.from_pretrained(ref, dtype=dtype, output_loading_info=True,
+                                                   attn_implementation=attention)
     if loading.get("missing_keys"):
         raise ValueError(f"hf:{ref}: the Llama backbone is incomplete ({sorted(loading['missing_keys'])[0]} missing)")
     n_layers = config.get("gating_n_hidden", 3) + 1  # ArmoRM's defaults when the config leaves them out
@@ -812,8 +815,13 @@ def _hf_scorer(rest: str, *, device: str = "cpu", batch_size: int = 8, max_lengt
         if armorm:
             model, armo = _load_armorm(ref, config, device, dtype)
         else:
+            from transformers import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING, AutoConfig
+            import model as model_lib
+            hf_config = AutoConfig.from_pretrained(ref, trust_remote_code=remote)
+            attention = model_lib.attention_implementation(hf_config, device, MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING)
             model, loading = AutoModelForSequenceClassification.from_pretrained(
-                ref, trust_remote_code=remote, dtype=dtype, output_loading_info=True)
+                ref, config=hf_config, trust_remote_code=remote, dtype=dtype, output_loading_info=True,
+                attn_implementation=attention)
         tokenizer = AutoTokenizer.from_pretrained(ref, trust_remote_code=remote)
     finally:
         hf_logging.set_verbosity(verbosity)
