@@ -601,12 +601,6 @@ def endpoint_completer(base_url: str, model: str, *, temperature: float = 0.7, m
 
 # ============================================================================================ pairs and the mix
 
-def win_probabilities(rewards) -> np.ndarray:
-    """SPPO's P_i = mean_j sigmoid(r_i - r_j) over all N samples of a prompt (self included): [N] -> [N]."""
-    r = np.asarray(rewards, dtype=np.float64)  # [N]
-    return (1.0 / (1.0 + np.exp(-(r[:, None] - r[None, :])))).mean(axis=1)  # [N, N] -> [N]
-
-
 def make_pairs(prompts: list[dict], samples: list[dict], source: str) -> list[dict]:
     """One pair per sample record: chosen = highest reward, rejected = lowest (first of equals), none when the
     rewards all tie or the two texts are identical. Responses with a non-finite reward are left out. p_chosen and
@@ -627,7 +621,7 @@ def make_pairs(prompts: list[dict], samples: list[dict], source: str) -> list[di
         chosen, rejected = s["responses"][keep[best]], s["responses"][keep[worst]]
         if chosen == rejected:
             continue
-        p = win_probabilities(r)  # [n]
+        p = losses.win_probabilities(r[None])[0]  # [1, n] -> [n], float64
         pairs.append(dict(prompt_id=s["prompt_id"], prompt=by_id[s["prompt_id"]]["prompt"], chosen=chosen,
                           rejected=rejected, chosen_reward=float(r[best]), rejected_reward=float(r[worst]),
                           p_chosen=float(p[best]), p_rejected=float(p[worst]), source=source))

@@ -380,10 +380,6 @@ def test_make_pairs_best_worst_and_sppo_win_probabilities():
     assert p["p_rejected"] == pytest.approx((sig(-0.5) + sig(-1.0) + 0.5) / 3)
     assert p["prompt"] == prompts[0]["prompt"] and p["source"] == "original"
     assert pairs[1]["p_chosen"] == pytest.approx((0.5 + sig(1.0)) / 2), "NaN-rewarded responses do not count"
-    losses = pytest.importorskip("losses")
-    rewards = np.array([[0.5, 1.0, 0.0], [0.2, 0.2, 0.9]])
-    np.testing.assert_allclose(np.stack([creator.win_probabilities(r) for r in rewards]),
-                               losses.win_probabilities(rewards).numpy(), atol=1e-6)
     with pytest.raises(ValueError, match="no prompt record"):
         creator.make_pairs(prompts, [{"prompt_id": "zz", "responses": ["a"], "rewards": [1.0]}], "original")
 
