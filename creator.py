@@ -643,7 +643,7 @@ def mix(evolved_pairs: list[dict], original_pairs: list[dict], *, evolved_fracti
     n_e, n_o = len(evolved_pairs), len(original_pairs)
     if total is None:
         if n_e == 0 or evolved_fraction == 0:
-            want_e, want_o = (0, n_o) if n_e == 0 or evolved_fraction == 0 else (n_e, 0)
+            want_e, want_o = 0, n_o
         else:
             want_e = n_e
             want_o = min(n_o, int(math.floor(n_e * (1 - evolved_fraction) / evolved_fraction + 0.5)))
