@@ -1,43 +1,13 @@
 """The creator: which prompts are informative, which to evolve, how to rewrite them, and how to mix the pairs.
 
-eva's creator turns the solver's own rewards into a moving prompt set (Ye et al., arXiv 2411.00062):
+    informativeness(rewards) -> select(info, fraction) -> evolve(parents, complete) -> make_pairs -> mix
 
-  1. informativeness(rewards, metric)   one number per prompt from its N sampled rewards; the paper's default is
-                                        the reward gap max - min. A prompt whose N rewards all tie carries no
-                                        information and gets NaN under every metric.
-  2. select(info, fraction, rule)       weighted (min-max normalised info as weights, drawn without replacement,
-                                        the default), greedy (top fraction) or uniform.
-  3. evolve(parents, complete, ...)     a chain x -> x1 -> ... -> xK (K = depth, default 4) from every selected
-                                        prompt, one method drawn per link from EVOLVE_METHODS (5 in-depth, 5
-                                        in-breadth); the K children are kept, cleaned and de-duplicated.
-  4. make_pairs(prompts, samples)       chosen = best response, rejected = worst, SPPO win probabilities attached.
-  5. mix(evolved, original)             80% of the training pairs from evolved prompts, 20% from the pool.
-
-Verifiable constraints (reward "rules"). A prompt with IFEval constraints is handled as two parts: its *task* (the
-request itself) and its *constraint sentences*. The creator LLM only ever sees and rewrites the task; the constraints
-are kept in code and their sentences (reward.describe_instruction) are appended to the rewritten task, so an LLM
-rewrite can never drop or garble a constraint. A child records its task in the field "task". For a seed prompt that
-has no "task" field, the task is the prompt's sentences that read like no constraint (split_task); the constraint
-sentences are re-written canonically. The "add_constraints" method is done in code: it adds one IFEval constraint
-that conflicts with none already there (up to MAX_CONSTRAINTS) or tightens one (fewer words, more bullets, one more
-keyword, ...). It needs no LLM and yields a valid record whenever a step is left (none is left only for a full
-set of constraints all at their bounds, or beside a shape-fixing one such as JSON), so a weak creator (the embedded
-135M solver, whose rewrites are mostly rejected) still grows chains: when an LLM rewrite is rejected, that link of
-the chain is made by the in-code constraint step instead (counted as stats["fallback"]; the child's "fallback_from"
-names the rejected method). Without the rules reward (verifiable=False) every method, add_constraints included, is
-an LLM rewrite of the whole prompt, children carry no IFEval constraints, and a rejected link yields no child: the
-chain goes on from the last kept prompt, so it can end up shorter than K.
-
-Children are prompt records (DESIGN.md s3: id, prompt, instruction_id_list, kwargs, parent, iteration, method) plus
-"task" (the request without its constraint sentences; None for a prompt whose task could not be split off), "root"
-(the selected pool prompt the chain grew from), "step" (1..K along the chain) and "fallback_from" (the LLM method
-whose rejected rewrite the in-code constraint step replaced, else None). Ids are "<root>.i<iteration>.<step>".
-
-Back-ends of `complete` (a callable: list of creator instructions -> list of raw outputs, None for a failed call):
-local_completer (the solver itself, "self-play", or any other local model, through generate.sample and sharded over
-ranks) and endpoint_completer (any OpenAI-compatible server: vLLM, LiteLLM, a hosted model, via endpoint.chat_many).
-
-Run `python creator.py runs/<name>` to print the lineage summary of a run's evolved prompts.
+informativeness is the reward gap max - min by default (NaN where a prompt's rewards all tie); select draws prompts
+weighted by it; evolve grows a chain of up to `depth` rewrites from each selected prompt, one EVOLVE_METHODS method
+per link, cleaned and de-duplicated. Under the rules reward the creator LLM rewrites only a prompt's task and the
+constraints stay in code (instructions.py): add_constraints is the in-code constraint_step, which also replaces a
+rejected rewrite. `complete` is local_completer (the solver itself, or any local model) or endpoint_completer (an
+OpenAI-compatible server). make_pairs pairs each prompt's best and worst response; mix takes 80% of them evolved.
 """
 import json
 import math
@@ -46,12 +16,12 @@ import sys
 import zlib
 from collections import Counter
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
-import reward
+import instructions
+import losses
 
 # ============================================================================================ informativeness
 
@@ -158,19 +128,6 @@ def select(info: np.ndarray, fraction: float = 0.25, rule: str = "weighted", see
     keys = np.log(rng.random(positive.size)) / weights[positive]  # log(u ** (1/w)): larger is earlier drawn
     chosen = positive[np.argsort(-keys, kind="stable")[:k]]
     return sorted(int(i) for i in chosen)
-
-
-def summarize_info(info) -> dict:
-    """The distribution of a pool's informativeness for the report: count, share informative, mean and quantiles."""
-    info = np.asarray(list(info), dtype=np.float64)  # [P]
-    finite = info[np.isfinite(info)]
-    positive = finite[finite > 0]
-    quantiles = np.quantile(finite, [0.1, 0.25, 0.5, 0.75, 0.9]).tolist() if finite.size else [None] * 5
-    return dict(n=int(info.size), informative=int(positive.size),
-                informative_share=float(positive.size / info.size) if info.size else 0.0,
-                mean=float(finite.mean()) if finite.size else None,
-                p10=quantiles[0], p25=quantiles[1], median=quantiles[2], p75=quantiles[3], p90=quantiles[4],
-                max=float(finite.max()) if finite.size else None)
 
 
 # ============================================================================================ evolve methods
@@ -384,7 +341,7 @@ def _near_text(record: dict) -> str:
     # Near-duplicates are judged on the task: the constraint sentences two prompts share would otherwise make a
     # wholly new request look like a copy of its parent (and the constraints themselves are in the signature).
     task = record.get("task")
-    return task if isinstance(task, str) and task.strip() else (split_task(record) or record["prompt"])
+    return task if isinstance(task, str) and task.strip() else (instructions.split_task(record) or record["prompt"])
 
 
 def _new_index() -> dict:
@@ -426,221 +383,6 @@ def deduplicate(records: list[dict], pool: list[dict] = (), threshold: float = 0
     return kept, dropped
 
 
-# ============================================================================================ verifiable constraints
-
-MAX_CONSTRAINTS = 4
-# Never added in code and, when a prompt already has one, nothing is added beside it: each of them fixes the whole
-# shape of the answer (a JSON object, one of three fixed sentences, two answers, the prompt repeated first).
-EXCLUSIVE_IDS = frozenset({"detectable_format:json_format", "detectable_format:constrained_response",
-                           "combination:two_responses", "combination:repeat_prompt"})
-_CONFLICT_GROUPS = (
-    {"change_case:english_lowercase", "change_case:english_capital", "change_case:capital_word_frequency"},
-    {"length_constraints:number_paragraphs", "length_constraints:nth_paragraph_first_word",
-     "detectable_format:multiple_sections"},
-    {"length_constraints:number_words", "length_constraints:number_sentences"},
-    {"startend:end_checker", "detectable_content:postscript"},
-)
-_END_PHRASES = ("Hope this helps.", "That is all for now.", "Thanks for reading.", "Let me know if you have questions.")
-_LETTERS = "eatonsr"
-_GENERIC_WORDS = ("light", "journey", "window", "garden", "promise", "quiet", "river", "morning")
-_STOPWORDS = frozenset(
-    "about above after again against also among and another answer any are around because been before being below "
-    "between both but can could does doing down during each even every explain few for from give have having her "
-    "here hers him his how into its itself just like little make many more most much must need only other our out "
-    "over own please reply response same she short should some such tell than that the their them then there these "
-    "they this those through too under until very want what when where which while who whom why will with within "
-    "would write your yours describe story poem haiku limerick something someone things thing using used".split())
-
-
-def content_words(text: str) -> list[str]:
-    """Lower-case words of four or more letters that are not stop words, unique, in order of appearance."""
-    seen = []
-    for w in re.findall(r"[A-Za-z]{4,}", text):
-        w = w.lower()
-        if w not in _STOPWORDS and w not in seen:
-            seen.append(w)
-    return seen
-
-
-def _required_strings(ids: list[str], kwargs: list[dict]) -> list[str]:
-    out = []
-    for iid, kw in zip(ids, kwargs):
-        out += list(kw.get("keywords") or []) + [kw[k] for k in ("keyword", "end_phrase", "first_word") if k in kw]
-    return out
-
-
-def compatible(ids: list[str], kwargs: list[dict]) -> bool:
-    """True when a set of constraints can all be met by one answer (as far as these rules know)."""
-    if len(set(ids)) != len(ids):
-        return False
-    if len(ids) > 1 and EXCLUSIVE_IDS & set(ids):
-        return False
-    if any(len(group & set(ids)) > 1 for group in _CONFLICT_GROUPS):
-        return False
-    required = _required_strings(ids, kwargs)
-    if "punctuation:no_comma" in ids and any("," in s for s in required):
-        return False
-    forbidden = {w.lower() for kw in kwargs for w in kw.get("forbidden_words") or []}
-    required_words = {w.lower() for s in required for w in re.findall(r"\w+", s)}
-    return not forbidden & required_words
-
-
-def _tightened(iid: str, kw: dict, task: str, ids: list[str], kwargs: list[dict]) -> dict | None:
-    """A strictly harder version of one constraint's kwargs, or None when it has none (or is at its bound)."""
-    kw = dict(kw)
-    less = kw.get("relation", kw.get("let_relation", kw.get("capital_relation"))) == "less than"
-    if iid == "length_constraints:number_words":
-        n = kw["num_words"]
-        new = max(20, int(n * 0.75)) if less else n + max(10, n // 4)
-        ok = new < n if less else new <= 400
-        return {**kw, "num_words": new} if ok else None
-    if iid == "length_constraints:number_sentences":
-        n = kw["num_sentences"]
-        return ({**kw, "num_sentences": n - 1} if n - 1 >= 2 else None) if less else (
-            {**kw, "num_sentences": n + 1} if n + 1 <= 12 else None)
-    bumps = {"length_constraints:number_paragraphs": ("num_paragraphs", 5),
-             "detectable_format:number_bullet_lists": ("num_bullets", 7),
-             "detectable_format:number_highlighted_sections": ("num_highlights", 5),
-             "detectable_content:number_placeholders": ("num_placeholders", 5),
-             "detectable_format:multiple_sections": ("num_sections", 5)}
-    if iid in bumps:
-        key, top = bumps[iid]
-        return {**kw, key: kw[key] + 1} if kw[key] + 1 <= top else None
-    if iid == "keywords:frequency":
-        n = kw["frequency"]
-        return ({**kw, "frequency": n - 1} if n - 1 >= 2 else None) if less else (
-            {**kw, "frequency": n + 1} if n + 1 <= 6 else None)
-    if iid == "keywords:letter_frequency":
-        n = kw["let_frequency"]
-        return ({**kw, "let_frequency": n - 2} if n - 2 >= 3 else None) if less else (
-            {**kw, "let_frequency": n + 3} if n + 3 <= 30 else None)
-    if iid == "change_case:capital_word_frequency":
-        n = kw["capital_frequency"]
-        return ({**kw, "capital_frequency": n - 1} if n - 1 >= 2 else None) if less else (
-            {**kw, "capital_frequency": n + 1} if n + 1 <= 10 else None)
-    if iid in ("keywords:existence", "keywords:forbidden_words"):
-        key = "keywords" if iid == "keywords:existence" else "forbidden_words"
-        if len(kw[key]) >= 4:
-            return None
-        taken = {w.lower() for s in _required_strings(ids, kwargs) for w in re.findall(r"\w+", s)}
-        taken |= {w.lower() for k in kwargs for w in k.get("forbidden_words") or []}
-        words = [w for w in content_words(task) + list(_GENERIC_WORDS) if w not in taken]
-        # A forbidden word should be one the answer would naturally use: only the task's own words qualify.
-        if key == "forbidden_words":
-            words = [w for w in content_words(task) if w not in taken]
-        return {**kw, key: kw[key] + [words[0]]} if words else None
-    return None
-
-
-def _addable(task: str, ids: list[str], kwargs: list[dict], rng: np.random.Generator) -> list[tuple[str, dict]]:
-    """New constraints that suit a short answer and conflict with none of (ids, kwargs); parameters drawn by rng."""
-    words = [w for w in content_words(task)
-             if w not in {x.lower() for s in _required_strings(ids, kwargs) for x in re.findall(r"\w+", s)}]
-
-    def pick(options):
-        return options[int(rng.integers(len(options)))]
-
-    candidates = [
-        ("punctuation:no_comma", {}),
-        ("change_case:english_lowercase", {}),
-        ("change_case:english_capital", {}),
-        ("detectable_format:title", {}),
-        ("startend:quotation", {}),
-        ("startend:end_checker", {"end_phrase": pick(_END_PHRASES)}),
-        ("detectable_content:postscript", {"postscript_marker": pick(("P.S.", "P.P.S"))}),
-        ("length_constraints:number_words", {"relation": "less than", "num_words": int(pick((60, 80, 100, 120)))}),
-        ("length_constraints:number_sentences", {"relation": "less than", "num_sentences": int(pick((4, 5, 6)))}),
-        ("length_constraints:number_paragraphs", {"num_paragraphs": int(pick((2, 3)))}),
-        ("detectable_format:number_bullet_lists", {"num_bullets": int(pick((2, 3, 4)))}),
-        ("detectable_format:number_highlighted_sections", {"num_highlights": int(pick((1, 2, 3)))}),
-        ("detectable_content:number_placeholders", {"num_placeholders": int(pick((1, 2)))}),
-        ("keywords:existence", {"keywords": [pick(words or list(_GENERIC_WORDS))]}),
-        ("keywords:frequency", {"keyword": pick(words or list(_GENERIC_WORDS)), "relation": "at least",
-                                "frequency": 2}),
-        ("keywords:letter_frequency", {"letter": pick(_LETTERS), "let_relation": "at least",
-                                       "let_frequency": int(pick((3, 5, 8)))}),
-    ]
-    if words:
-        candidates.append(("keywords:forbidden_words", {"forbidden_words": [pick(words)]}))
-    return [(i, k) for i, k in candidates if i not in ids and compatible(ids + [i], kwargs + [k])]
-
-
-def constraint_step(task: str, ids: list[str], kwargs: list[dict], rng: np.random.Generator,
-                    max_constraints: int = MAX_CONSTRAINTS, tighten: bool = True
-                    ) -> tuple[list[str], list[dict], str] | None:
-    """Add one verifiable constraint or tighten one: (new ids, new kwargs, "added <id>" / "tightened <id>"),
-    or None when neither is possible. Adding and tightening are equally likely when both are possible; the new
-    set is always compatible(), never longer than max_constraints, and a full set keeps a tightenable constraint."""
-    tightenings = []
-    for j, (iid, kw) in enumerate(zip(ids, kwargs) if tighten else ()):
-        new = _tightened(iid, kw, task, ids, kwargs)
-        if new is not None and compatible(ids, kwargs[:j] + [new] + kwargs[j + 1:]):
-            tightenings.append((j, new))
-    additions = _addable(task, ids, kwargs, rng) if len(ids) < max_constraints else []
-    if len(ids) + 1 >= max_constraints and not tightenings:
-        # The set is about to be full: keep something in it that can still be tightened, so later links of the
-        # chain (and later iterations) still have a constraint step to take.
-        additions = [(i, k) for i, k in additions if _tightened(i, k, task, ids + [i], kwargs + [k]) is not None]
-    if not tightenings and not additions:
-        return None
-    if additions and (not tightenings or rng.random() < 0.5):
-        iid, kw = additions[int(rng.integers(len(additions)))]
-        return ids + [iid], kwargs + [kw], f"added {iid}"
-    j, new = tightenings[int(rng.integers(len(tightenings)))]
-    return ids, kwargs[:j] + [new] + kwargs[j + 1:], f"tightened {ids[j]}"
-
-
-# Sentences that read like an answer-format rule rather than the task itself (used to split seed prompts and to drop
-# rules a creator LLM slipped into a rewritten task: the constraints are owned by code).
-_NUM = r"(?:\d+|one|a single|two|three|four|five|six|seven|eight|nine|ten|twelve|fifteen|twenty|thirty|fifty)"
-_RULE_CUES = re.compile(
-    r"\byour (?:entire |whole |full )?(?:response|answer|reply|output)\b"
-    rf"|\b(?:less|fewer|more) than {_NUM}\b|\bat (?:least|most) {_NUM}\b|\bexactly {_NUM}\b"
-    rf"|\b{_NUM} or (?:more|fewer|less)\b"
-    rf"|\b{_NUM} (?:words|sentences?|paragraphs?|bullet|bullets|sections|placeholders?|times)\b|\bunder {_NUM} words\b"
-    r"|\b(?:lower ?case|upper ?case|capital letters|capitali[sz]ed|all caps|capitals)\b|\bcommas?\b|<<|>>"
-    r"|\bjson\b|\bbullet|\bhighlight|\bplaceholders?\b|\bp\.\s?p?\.?\s?s\b|\bpostscript\b|\*{3,}|\basterisks?\b"
-    r"|\bquotation marks?\b|\bdouble quotes?\b|\b(?:word|words|letter|keyword|keywords)\s+[\"\u201c]"
-    r"|\bkeywords?\b|\bword for word\b|\brestat|\brepeat (?:the|my) request\b|\bmarkdown\b|\bsquare brackets\b"
-    r"|\btitle\b|\b(?:two|2) different (?:responses|versions|answers)\b|\bemphasis\b|\bmy answer is\b"
-    r"|\b(?:first|second|third|last|\d+(?:st|nd|rd|th)) paragraph\b"
-    r"|\b(?:end|finish|close|start|begin) (?:your|with|by)\b|\bexact (?:phrases?|words)\b", re.I)
-
-
-def _sentences(text: str) -> list[str]:
-    return reward.split_sentences(text) if hasattr(reward, "split_sentences") else \
-        [s for s in re.split(r"(?<=[.!?])\s+", text.strip()) if s]
-
-
-def split_task(record: dict, verifiable: bool = True) -> str | None:
-    """The task part of a prompt (the request without its constraint sentences), or None when none can be found.
-
-    A record's own "task" field wins. Without verifiable constraints the task is the whole prompt. Otherwise the
-    task is the prompt's sentences that match none of the rule cues, in order (constraint sentences may come before,
-    between or after the task sentences, as in IFEval).
-    """
-    if isinstance(record.get("task"), str) and record["task"].strip():
-        return record["task"].strip()
-    text = record["prompt"].strip()
-    if not verifiable or not record.get("instruction_id_list"):
-        return text
-    task = [s for s in _sentences(text) if not _RULE_CUES.search(s)]
-    return " ".join(task) if task else None
-
-
-def drop_rule_sentences(text: str) -> str:
-    """text without the sentences that read like answer-format rules."""
-    return " ".join(s for s in _sentences(text) if not _RULE_CUES.search(s)).strip()
-
-
-def compose_prompt(task: str, ids: list[str], kwargs: list[dict]) -> str:
-    """The prompt a user would send: the task, then one sentence per constraint."""
-    task = task.strip()
-    if task and task[-1] not in ".!?:;\"')]":
-        task += "."
-    return " ".join([task] + [reward.describe_instruction(i, k) for i, k in zip(ids, kwargs)])
-
-
 # ============================================================================================ evolve
 
 def _constraints(record: dict, where: str) -> tuple[list[str], list[dict]]:
@@ -648,12 +390,15 @@ def _constraints(record: dict, where: str) -> tuple[list[str], list[dict]]:
     raw = record.get("kwargs") or [{}] * len(ids)
     if len(raw) != len(ids):
         raise ValueError(f"creator: {where}: 'kwargs' must have one dict per instruction id ({len(ids)})")
-    return ids, [reward.clean_kwargs(i, k, where) for i, k in zip(ids, raw)]
+    return ids, [instructions.clean_kwargs(i, k, where) for i, k in zip(ids, raw)]
 
 
 def _child(node: dict, *, task: str, ids: list[str], kwargs: list[dict], method: str, iteration: int, step: int,
            root: str, fallback_from: str | None, verifiable: bool) -> dict:
-    return {"id": None, "prompt": compose_prompt(task, ids, kwargs) if verifiable else task,
+    """A child prompt record, plus "task" (the request without its constraint sentences), "root" (the pool prompt
+    its chain grew from), "step" (1..K along the chain) and "fallback_from" (the LLM method whose rejected rewrite
+    the in-code constraint step replaced). evolve sets its id: "<root>.i<iteration>.<step>"."""
+    return {"id": None, "prompt": instructions.compose_prompt(task, ids, kwargs) if verifiable else task,
             "instruction_id_list": ids, "kwargs": kwargs, "parent": node["id"], "iteration": iteration,
             "method": method, "task": task, "root": root, "step": step, "fallback_from": fallback_from}
 
@@ -665,13 +410,13 @@ def _constraint_child(node: dict, task: str | None, ids: list[str], kwargs: list
     With a task the child's prompt is re-composed (task + every constraint's sentence). Without one (a prompt whose
     task could not be split off) a constraint can only be added: its sentence goes after the unchanged old text.
     """
-    stepped = constraint_step(task if task is not None else node["prompt"], ids, kwargs, rng, max_constraints,
-                              tighten=task is not None)
+    stepped = instructions.constraint_step(task if task is not None else node["prompt"], ids, kwargs, rng,
+                                           max_constraints, tighten=task is not None)
     if stepped is None:
         return None
     new_ids, new_kwargs, action = stepped
-    prompt = compose_prompt(task, new_ids, new_kwargs) if task is not None else \
-        node["prompt"].strip() + " " + reward.describe_instruction(new_ids[-1], new_kwargs[-1])
+    prompt = instructions.compose_prompt(task, new_ids, new_kwargs) if task is not None else \
+        node["prompt"].strip() + " " + instructions.describe_instruction(new_ids[-1], new_kwargs[-1])
     return ({"id": None, "prompt": prompt, "instruction_id_list": new_ids, "kwargs": new_kwargs,
              "parent": node["id"], "method": "add_constraints", "task": task}, action)
 
@@ -679,7 +424,7 @@ def _constraint_child(node: dict, task: str | None, ids: list[str], kwargs: list
 def evolve(parents: list[dict], complete: Callable[[list[str]], list[str | None]], *, depth: int = 4,
            kinds: str = "all", seed: int = 0, iteration: int = 1, verifiable: bool = True, pool: list[dict] = (),
            fallback: bool = True, near_duplicate: float = 0.85, max_ratio: float = 2.0,
-           max_constraints: int = MAX_CONSTRAINTS) -> tuple[list[dict], dict]:
+           max_constraints: int = instructions.MAX_CONSTRAINTS) -> tuple[list[dict], dict]:
     """Evolve every parent into a chain of up to `depth` children; returns (children, stats).
 
     One link per step for all chains at once, so `complete` is called once per step with every chain's creator
@@ -718,7 +463,7 @@ def evolve(parents: list[dict], complete: Callable[[list[str]], list[str | None]
         where = f"parent {p.get('id')}"
         ids, kwargs = _constraints(p, where) if verifiable else ([], [])
         nodes.append(p)
-        tasks.append(split_task(p, verifiable))
+        tasks.append(instructions.split_task(p, verifiable))
         cons.append((ids, kwargs))
     rngs = [np.random.default_rng([seed & 0x7FFFFFFFFFFFFFFF, c]) for c in range(len(parents))]
     children = []
@@ -739,7 +484,7 @@ def evolve(parents: list[dict], complete: Callable[[list[str]], list[str | None]
             if c in outputs:
                 text, reason = clean_rewrite(tasks[c], outputs[c], max_ratio=max_ratio)
                 if text is not None and verifiable and ids:
-                    kept_text = drop_rule_sentences(text)
+                    kept_text = instructions.drop_rule_sentences(text)
                     stats["rule_sentences_dropped"] += int(kept_text != text.strip())
                     text, reason = (kept_text, "ok") if kept_text else (None, "empty")
                 if text is None:
@@ -856,12 +601,6 @@ def endpoint_completer(base_url: str, model: str, *, temperature: float = 0.7, m
 
 # ============================================================================================ pairs and the mix
 
-def win_probabilities(rewards) -> np.ndarray:
-    """SPPO's P_i = mean_j sigmoid(r_i - r_j) over all N samples of a prompt (self included): [N] -> [N]."""
-    r = np.asarray(rewards, dtype=np.float64)  # [N]
-    return (1.0 / (1.0 + np.exp(-(r[:, None] - r[None, :])))).mean(axis=1)  # [N, N] -> [N]
-
-
 def make_pairs(prompts: list[dict], samples: list[dict], source: str) -> list[dict]:
     """One pair per sample record: chosen = highest reward, rejected = lowest (first of equals), none when the
     rewards all tie or the two texts are identical. Responses with a non-finite reward are left out. p_chosen and
@@ -882,7 +621,7 @@ def make_pairs(prompts: list[dict], samples: list[dict], source: str) -> list[di
         chosen, rejected = s["responses"][keep[best]], s["responses"][keep[worst]]
         if chosen == rejected:
             continue
-        p = win_probabilities(r)  # [n]
+        p = losses.win_probabilities(r[None])[0]  # [1, n] -> [n], float64
         pairs.append(dict(prompt_id=s["prompt_id"], prompt=by_id[s["prompt_id"]]["prompt"], chosen=chosen,
                           rejected=rejected, chosen_reward=float(r[best]), rejected_reward=float(r[worst]),
                           p_chosen=float(p[best]), p_rejected=float(p[worst]), source=source))
@@ -904,7 +643,7 @@ def mix(evolved_pairs: list[dict], original_pairs: list[dict], *, evolved_fracti
     n_e, n_o = len(evolved_pairs), len(original_pairs)
     if total is None:
         if n_e == 0 or evolved_fraction == 0:
-            want_e, want_o = (0, n_o) if n_e == 0 or evolved_fraction == 0 else (n_e, 0)
+            want_e, want_o = 0, n_o
         else:
             want_e = n_e
             want_o = min(n_o, int(math.floor(n_e * (1 - evolved_fraction) / evolved_fraction + 0.5)))
@@ -920,68 +659,3 @@ def mix(evolved_pairs: list[dict], original_pairs: list[dict], *, evolved_fracti
     out = [{**evolved_pairs[int(i)], "source": "evolved"} for i in pick_e]
     out += [{**original_pairs[int(i)], "source": "original"} for i in pick_o]
     return [out[int(i)] for i in rng.permutation(len(out))]
-
-
-# ============================================================================================ lineage
-
-def report_lineage(pool: list[dict], *, examples: int = 3) -> dict:
-    """How a pool grew: evolved prompts per method, per kind, per iteration (and method), fallbacks, and a few of
-    the longest chains, root first (each link: id, iteration, method, prompt)."""
-    by_id = {r["id"]: r for r in pool}
-    evolved = [r for r in pool if r.get("parent") is not None]
-    per_iteration: dict[int, Counter] = {}
-    for r in evolved:
-        per_iteration.setdefault(int(r.get("iteration", 0)), Counter())[r.get("method")] += 1
-
-    def chain(r: dict) -> list[dict]:
-        links, seen = [r], {r["id"]}
-        while links[-1].get("parent") in by_id and links[-1]["parent"] not in seen:
-            links.append(by_id[links[-1]["parent"]])
-            seen.add(links[-1]["id"])
-        return links[::-1]
-
-    parents = {r.get("parent") for r in evolved}
-    leaves = sorted((r for r in evolved if r["id"] not in parents), key=lambda r: (-len(chain(r)), str(r["id"])))
-    chosen_roots, shown = set(), []
-    for leaf in leaves:  # one chain per root, so the examples show different seeds
-        links = chain(leaf)
-        if links[0]["id"] in chosen_roots:
-            continue
-        chosen_roots.add(links[0]["id"])
-        shown.append([dict(id=x["id"], iteration=x.get("iteration", 0), method=x.get("method"),
-                           prompt=x["prompt"]) for x in links])
-        if len(shown) == examples:
-            break
-    per_method = Counter(r.get("method") for r in evolved)
-    return dict(
-        pool=len(pool), original=len(pool) - len(evolved), evolved=len(evolved),
-        per_method=dict(per_method),
-        per_kind=dict(Counter(EVOLVE_METHODS[m].kind for m in per_method.elements() if m in EVOLVE_METHODS)),
-        per_iteration={t: sum(c.values()) for t, c in sorted(per_iteration.items())},
-        per_iteration_method={t: dict(c) for t, c in sorted(per_iteration.items())},
-        fallbacks=sum(1 for r in evolved if r.get("fallback_from")),
-        roots=len({chain(r)[0]["id"] for r in evolved}),
-        examples=shown)
-
-
-def main(argv: list[str] | None = None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) != 1:
-        sys.exit("usage: python creator.py runs/<name>")
-    run = Path(argv[0])
-    records = {}
-    for path in sorted(run.glob("iter_*/pool.jsonl")) + sorted(run.glob("iter_*/evolved.jsonl")):
-        for line in path.read_text().splitlines():
-            if line.strip():
-                r = json.loads(line)
-                records[r["id"]] = r
-    if not records:
-        raise FileNotFoundError(f"creator: no iter_*/pool.jsonl or evolved.jsonl under {run}")
-    print(json.dumps(report_lineage(list(records.values())), indent=1))
-
-
-if __name__ == "__main__":
-    try:
-        main()
-    except (FileNotFoundError, ValueError) as err:
-        sys.exit(f"error: {err}")

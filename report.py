@@ -1,18 +1,24 @@
 """The end-of-run report: a table per iteration, held-out accuracy at the start and end, a plot, example chains.
 
-    python report.py runs/demo          # (re)writes runs/demo/report.md and runs/demo/report.png
+    python report.py runs/demo             # (re)writes runs/demo/report.md and runs/demo/report.png
+    python report.py runs/demo --lineage   # prints how the pool grew (report_lineage) as JSON
 
 It only reads what train_eva.py wrote to the run folder (metrics.jsonl, iter_<t>/*.jsonl, eval_*.json).
 """
+import argparse
 import json
 import sys
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
 
+import creator
+import files
+
 
 def _jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    return files.read_jsonl(path) if path.exists() else []
 
 
 def _phase(folder: Path, phase: str) -> dict:
@@ -41,9 +47,62 @@ def _fmt(value, digits=3) -> str:
     return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
 
 
+def summarize_info(info) -> dict:
+    """The distribution of a pool's informativeness for the report: count, share informative, mean and quantiles."""
+    info = np.asarray(list(info), dtype=np.float64)  # [P]
+    finite = info[np.isfinite(info)]
+    positive = finite[finite > 0]
+    quantiles = np.quantile(finite, [0.1, 0.25, 0.5, 0.75, 0.9]).tolist() if finite.size else [None] * 5
+    return dict(n=int(info.size), informative=int(positive.size),
+                informative_share=float(positive.size / info.size) if info.size else 0.0,
+                mean=float(finite.mean()) if finite.size else None,
+                p10=quantiles[0], p25=quantiles[1], median=quantiles[2], p75=quantiles[3], p90=quantiles[4],
+                max=float(finite.max()) if finite.size else None)
+
+
+def report_lineage(pool: list[dict], *, examples: int = 3) -> dict:
+    """How a pool grew: evolved prompts per method, per kind, per iteration (and method), fallbacks, and a few of
+    the longest chains, root first (each link: id, iteration, method, prompt)."""
+    by_id = {r["id"]: r for r in pool}
+    evolved = [r for r in pool if r.get("parent") is not None]
+    per_iteration: dict[int, Counter] = {}
+    for r in evolved:
+        per_iteration.setdefault(int(r.get("iteration", 0)), Counter())[r.get("method")] += 1
+
+    def chain(r: dict) -> list[dict]:
+        links, seen = [r], {r["id"]}
+        while links[-1].get("parent") in by_id and links[-1]["parent"] not in seen:
+            links.append(by_id[links[-1]["parent"]])
+            seen.add(links[-1]["id"])
+        return links[::-1]
+
+    parents = {r.get("parent") for r in evolved}
+    leaves = sorted((r for r in evolved if r["id"] not in parents), key=lambda r: (-len(chain(r)), str(r["id"])))
+    chosen_roots, shown = set(), []
+    for leaf in leaves:  # one chain per root, so the examples show different seeds
+        links = chain(leaf)
+        if links[0]["id"] in chosen_roots:
+            continue
+        chosen_roots.add(links[0]["id"])
+        shown.append([dict(id=x["id"], iteration=x.get("iteration", 0), method=x.get("method"),
+                           prompt=x["prompt"]) for x in links])
+        if len(shown) == examples:
+            break
+    per_method = Counter(r.get("method") for r in evolved)
+    return dict(
+        pool=len(pool), original=len(pool) - len(evolved), evolved=len(evolved),
+        per_method=dict(per_method),
+        per_kind=dict(Counter(creator.EVOLVE_METHODS[m].kind for m in per_method.elements()
+                              if m in creator.EVOLVE_METHODS)),
+        per_iteration={t: sum(c.values()) for t, c in sorted(per_iteration.items())},
+        per_iteration_method={t: dict(c) for t, c in sorted(per_iteration.items())},
+        fallbacks=sum(1 for r in evolved if r.get("fallback_from")),
+        roots=len({chain(r)[0]["id"] for r in evolved}),
+        examples=shown)
+
+
 def evolution_section(run: Path) -> str:
     """How the pool grew (per method, per iteration), informativeness before and after, a few example chains."""
-    import creator
     final_pool = []
     for t in range(1000):
         folder = run / f"iter_{t}"
@@ -51,7 +110,7 @@ def evolution_section(run: Path) -> str:
             break
         final_pool = _jsonl(folder / "pool_next.jsonl") or _jsonl(folder / "pool.jsonl") + _jsonl(
             folder / "evolved.jsonl")
-    lineage = creator.report_lineage(final_pool)
+    lineage = report_lineage(final_pool)
     if not lineage["evolved"]:
         return ""
     text = ["", "## How the pool grew", "",
@@ -66,7 +125,7 @@ def evolution_section(run: Path) -> str:
         for name, label in (("samples.jsonl", "pool"), ("evolved_samples.jsonl", "evolved")):
             infos = [s["info"] for s in _jsonl(folder / name)]
             if infos and (label == "evolved" or folder.name != "iter_0"):
-                summary = creator.summarize_info(infos)
+                summary = summarize_info(infos)
                 text.append(f"| {folder.name.split('_')[1]} ({label}) | {summary['n']} | "
                             f"{summary['informative_share']:.2f} | {_fmt(summary['mean'])} |")
     text += ["", "## Example evolved chains (root first)", ""]
@@ -134,7 +193,25 @@ def plot(run: Path, rows: list[dict], start: dict | None, end: dict | None) -> N
     plt.close(fig)
 
 
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("run", help="a run folder written by train_eva.py")
+    parser.add_argument("--lineage", action="store_true", help="print the pool's lineage as JSON instead")
+    args = parser.parse_args(argv)
+    run = Path(args.run)
+    if not args.lineage:
+        print(write_report(run))
+        return
+    records = {}
+    for path in sorted(run.glob("iter_*/pool.jsonl")) + sorted(run.glob("iter_*/evolved.jsonl")):
+        records.update((r["id"], r) for r in files.read_jsonl(path))
+    if not records:
+        raise FileNotFoundError(f"report: no iter_*/pool.jsonl or evolved.jsonl under {run}")
+    print(json.dumps(report_lineage(list(records.values())), indent=1))
+
+
 if __name__ == "__main__":
-    if len(sys.argv) != 2:
-        sys.exit("usage: python report.py <run folder>")
-    print(write_report(Path(sys.argv[1])))
+    try:
+        main()
+    except (FileNotFoundError, ValueError) as err:
+        sys.exit(f"error: {err}")

@@ -19,7 +19,6 @@ Absolute numbers on a shared machine are noise: read the ratios, and the load av
 """
 import argparse
 import contextlib
-import json
 import os
 import sys
 import time
@@ -29,6 +28,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+import files  # noqa: E402
+
 FALLBACK_PROMPTS = ["Write a short poem about the sea.", "Explain photosynthesis to a ten-year-old.",
                     "Give three tips for learning a new language.", "What is the difference between a list and a tuple "
                     "in Python?", "Describe your ideal weekend in one paragraph.", "Summarise the plot of Hamlet."]
@@ -37,7 +38,7 @@ FALLBACK_PROMPTS = ["Write a short poem about the sea.", "Explain photosynthesis
 def load_prompts(count: int) -> list[str]:
     path = ROOT.parent / "shared" / "data" / "ifeval_input_data.jsonl"
     if path.is_file():
-        prompts = [json.loads(line)["prompt"] for line in path.open()]
+        prompts = [r["prompt"] for r in files.read_jsonl(path)]
     else:
         prompts = FALLBACK_PROMPTS
     return [prompts[i % len(prompts)] for i in range(count)]

@@ -29,6 +29,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import files  # noqa: E402
 import reward  # noqa: E402
 from eval.winrate import win_rate  # noqa: E402
 
@@ -95,7 +96,7 @@ def measure(folders: dict, heldout: dict, opts) -> dict:
             assert [r["id"] for r in arm_records] == [r["id"] for r in records], "held-out sets differ between arms"
             rewards = [reward.rules_reward(r, a) for r, a in zip(records, answers)]
             row["win_rate_vs_iter0"] = win_rate(rewards, base_rewards, n_boot=1000, seed=0)
-            pairs = [json.loads(x) for x in (folders[arm] / "iter_1" / "pairs.jsonl").read_text().splitlines()]
+            pairs = files.read_jsonl(folders[arm] / "iter_1" / "pairs.jsonl")
             row["pairs"] = len(pairs)
             row["evolved_pairs"] = sum(p["source"] == "evolved" for p in pairs)
         if opts.ifeval:
@@ -175,11 +176,9 @@ def main() -> None:
     if "--heldout_prompts" in opts.train_args:
         heldout_path = opts.train_args[opts.train_args.index("--heldout_prompts") + 1]
     heldout = {}
-    for line in Path(heldout_path).read_text().splitlines():
-        if line.strip():
-            r = json.loads(line)
-            r.setdefault("id", r.get("key"))
-            heldout[str(r["id"])] = r
+    for r in files.read_jsonl(heldout_path):
+        r.setdefault("id", r.get("key"))
+        heldout[str(r["id"])] = r
     start = time.time()
     results = {}
     jobs = [(opts.losses[0], s) for s in opts.seeds] + [(loss, opts.seeds[0]) for loss in opts.losses[1:]]

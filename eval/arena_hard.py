@@ -33,6 +33,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from eval import common  # noqa: E402
+import files  # noqa: E402
 import parallel  # noqa: E402
 
 CONTINUE = "Continue your judgment and finish by outputting a final verdict label."  # asked when no label was found
@@ -108,7 +109,7 @@ def bt_win_rate(ratings: dict[str, float], model: str, baseline: str, scale: flo
 
 def read_questions(path) -> list[dict]:
     questions = []
-    for n, row in common.read_jsonl(path):
+    for n, row in files.numbered_jsonl(path):
         where = f"{path}:{n}"
         common.field(row, "question_id", where)
         turns = common.field(row, "turns", where, list)
@@ -121,7 +122,7 @@ def read_questions(path) -> list[dict]:
 def read_answers(path) -> dict:
     """question_id -> first-turn answer text, from a file in arena-hard-auto's model_answer format."""
     answers = {}
-    for n, row in common.read_jsonl(path):
+    for n, row in files.numbered_jsonl(path):
         where = f"{path}:{n}"
         choices = common.field(row, "choices", where, list)
         try:
@@ -196,7 +197,7 @@ def main(argv: list[str] | None = None) -> None:
                                         **common.sample_kwargs(args))
         if not parallel.is_main():
             return
-        common.write_jsonl(answers_path, [
+        files.write_jsonl(answers_path, [
             dict(question_id=q["question_id"], answer_id=uuid.uuid4().hex, model_id=args.model_name,
                  choices=[dict(index=0, turns=[dict(content=t, token_len=common.token_count(tokenizer, t))])],
                  tstamp=time.time()) for q, t in zip(questions, texts)])
@@ -218,7 +219,7 @@ def main(argv: list[str] | None = None) -> None:
                 raise ValueError(f"question {q['question_id']}: not in the {name}")
 
     judgments = judge_questions(args, config, questions, answers, baseline)
-    common.write_jsonl(common.beside(args.out, "judgments.jsonl"), judgments)
+    files.write_jsonl(common.beside(args.out, "judgments.jsonl"), judgments)
     outcomes = [o for j in judgments for o in battle_outcomes(j["games"][0]["score"], j["games"][1]["score"],
                                                               args.weight)]
     result = arena_score(outcomes)

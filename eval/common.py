@@ -1,13 +1,12 @@
 """Plumbing shared by the eval/ scripts: reading benchmark files, generating answers, asking a judge, writing results.
 
 Not a script. The benchmark scripts import it as `common` (each puts eval/ and the repo root on sys.path), so this
-file holds only what every one of them needs once: file readers that name the file and line on bad input, atomic
-writers, the generation flags and the sharded answer generator, the judge flags and a judge call that retries
-failures a second time and reports what still failed by question id.
+file holds only what every one of them needs once: JSON and YAML readers that name the file and line on bad input
+(JSON Lines go through files.py), an atomic JSON writer, the generation flags and the sharded answer generator, the
+judge flags and a judge call that retries failures a second time and reports what still failed by question id.
 """
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Callable
@@ -17,29 +16,12 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import endpoint  # noqa: E402  (needs the repo root on sys.path)
+import files  # noqa: E402
 import parallel  # noqa: E402
 
 
 # ------------------------------------------------------------------------------------------------- files
-def read_jsonl(path: str | Path) -> list[tuple[int, dict]]:
-    """(line number, record) for every non-blank line; one-line errors naming file and line."""
-    file = Path(path)
-    if not file.is_file():
-        raise FileNotFoundError(f"{path}: no such file")
-    rows = []
-    with open(file, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{n}: not valid JSON ({err.msg})") from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{path}:{n}: expected a JSON object, got {type(row).__name__}")
-            rows.append((n, row))
-    return rows
-
+# JSON Lines are read and written with files.py (numbered_jsonl, write_jsonl); these are the other formats.
 
 def read_json(path: str | Path):
     file = Path(path)
@@ -79,20 +61,8 @@ def field(row: dict, key: str, where: str, kind: type | tuple = object):
     return row[key]
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    # a killed run never leaves a half file that looks whole
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def write_json(path: str | Path, obj) -> None:
-    _write_atomic(Path(path), json.dumps(obj, indent=1, ensure_ascii=False) + "\n")
-
-
-def write_jsonl(path: str | Path, rows: list[dict]) -> None:
-    _write_atomic(Path(path), "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    files.write_atomic(path, json.dumps(obj, indent=1, ensure_ascii=False) + "\n")
 
 
 def beside(out: str | Path, suffix: str) -> Path:

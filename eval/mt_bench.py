@@ -31,6 +31,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from eval import common  # noqa: E402
+import files  # noqa: E402
 import parallel  # noqa: E402
 
 TEMPERATURE = {"writing": 0.7, "roleplay": 0.7, "extraction": 0.0, "math": 0.0, "coding": 0.0, "reasoning": 0.0,
@@ -60,7 +61,7 @@ def aggregate(judgments: list[dict]) -> dict:
 
 def read_by_id(path, what: str, check) -> dict:
     table = {}
-    for n, row in common.read_jsonl(path):
+    for n, row in files.numbered_jsonl(path):
         where = f"{path}:{n}"
         check(row, where)
         table[common.field(row, "question_id", where)] = row
@@ -157,7 +158,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.show:
         rows = []
-        for n, row in common.read_jsonl(args.show):
+        for n, row in files.numbered_jsonl(args.show):
             common.field(row, "turn", f"{args.show}:{n}", int)
             common.field(row, "score", f"{args.show}:{n}", (int, float))
             rows.append(row)
@@ -176,7 +177,7 @@ def main(argv: list[str] | None = None) -> None:
         texts = generate_two_turns(model, tokenizer, questions, args)
         if not parallel.is_main():
             return
-        common.write_jsonl(answers_path, [dict(question_id=q["question_id"], answer_id=uuid.uuid4().hex,
+        files.write_jsonl(answers_path, [dict(question_id=q["question_id"], answer_id=uuid.uuid4().hex,
                                                model_id=args.model_name, choices=[dict(index=0, turns=t)],
                                                tstamp=time.time()) for q, t in zip(questions, texts)])
     elif not args.answers:
@@ -187,7 +188,7 @@ def main(argv: list[str] | None = None) -> None:
     if not args.judge_prompts:
         raise ValueError("judging needs --judge_prompts")
     prompts = {}
-    for n, row in common.read_jsonl(args.judge_prompts):
+    for n, row in files.numbered_jsonl(args.judge_prompts):
         _check_prompt(row, f"{args.judge_prompts}:{n}")
         prompts[row["name"]] = row
     for name in PROMPT_NAMES.values():
@@ -204,7 +205,7 @@ def main(argv: list[str] | None = None) -> None:
     args.judge_model = args.judge_model or "gpt-4"  # FastChat's default judge
 
     judgments = judge_all(args, questions, answers, prompts, refs)
-    common.write_jsonl(common.beside(args.out, "judgments.jsonl"), judgments)
+    files.write_jsonl(common.beside(args.out, "judgments.jsonl"), judgments)
     result = aggregate(judgments)
     failed = [f"{j['question_id']}/turn{j['turn']}" for j in judgments if j["failed"]]
     by_cat = {}

@@ -21,6 +21,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from eval import common  # noqa: E402
+import files  # noqa: E402
 import parallel  # noqa: E402
 import reward  # noqa: E402
 
@@ -51,7 +52,7 @@ def win_rate(rewards_a: list[float], rewards_b: list[float], n_boot: int = 1000,
 
 def read_prompts(path: str | Path) -> list[dict]:
     records = []
-    for n, row in common.read_jsonl(path):
+    for n, row in files.numbered_jsonl(path):
         common.field(row, "prompt", f"{path}:{n}", str)
         records.append(row)
     if not records:

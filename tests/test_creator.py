@@ -1,5 +1,5 @@
-"""Tests of creator.py: metrics, selection, templates, parsing, de-duplication, constraint steps, chains, pairs, the
-mix, lineage, and the endpoint back-end over real HTTP against a local server.
+"""Tests of creator.py: metrics, selection, templates, parsing, de-duplication, constraint steps (instructions.py),
+chains, pairs, the mix, lineage (report.py), and the endpoint back-end over real HTTP against a local server.
 
     .venv/bin/python -m pytest tests/test_creator.py -x -q
 """
@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 import creator
-import reward
+import instructions
+import report
 
 NAN = float("nan")
 
@@ -110,7 +111,7 @@ def test_weighted_takes_only_positive_weights_when_too_few():
 
 
 def test_summarize_info():
-    s = creator.summarize_info([0.0, 0.5, 1.0, NAN])
+    s = report.summarize_info([0.0, 0.5, 1.0, NAN])
     assert s["n"] == 4 and s["informative"] == 2 and s["median"] == 0.5 and s["max"] == 1.0
     json.dumps(s)
 
@@ -213,19 +214,19 @@ def test_near_duplicates_must_share_constraints():
 
 def test_split_task_keeps_the_request_and_drops_rule_sentences():
     r = seed_records()
-    assert creator.split_task(r[0]) == "Write a short poem about the first snowfall of the year."
-    assert creator.split_task(r[1]) == "Why do leaves change color in autumn?"
-    assert creator.split_task({**r[1], "task": "Own task."}) == "Own task."
-    assert creator.split_task(r[1], verifiable=False) == r[1]["prompt"]
+    assert instructions.split_task(r[0]) == "Write a short poem about the first snowfall of the year."
+    assert instructions.split_task(r[1]) == "Why do leaves change color in autumn?"
+    assert instructions.split_task({**r[1], "task": "Own task."}) == "Own task."
+    assert instructions.split_task(r[1], verifiable=False) == r[1]["prompt"]
     interleaved = {**r[1], "prompt": "I get nervous before job interviews. The word \"practice\" should appear 2 or "
                                      "more times. What can I do?"}
-    assert creator.split_task(interleaved) == "I get nervous before job interviews. What can I do?"
+    assert instructions.split_task(interleaved) == "I get nervous before job interviews. What can I do?"
 
 
 def test_tightening_number_words():
     rng = np.random.default_rng(0)
     ids, kwargs = ["length_constraints:number_words"], [{"relation": "less than", "num_words": 80}]
-    out = creator.constraint_step("Write a poem.", ids, kwargs, rng, max_constraints=1)
+    out = instructions.constraint_step("Write a poem.", ids, kwargs, rng, max_constraints=1)
     assert out == (ids, [{"relation": "less than", "num_words": 60}], "tightened length_constraints:number_words")
 
 
@@ -238,27 +239,27 @@ def test_constraint_steps_stay_valid_compatible_and_bounded():
                   (["punctuation:no_comma", "detectable_format:title"], [{}, {}])]
         ids, kwargs = starts[s % 3]
         for step in range(12):
-            out = creator.constraint_step(task, ids, kwargs, rng)
+            out = instructions.constraint_step(task, ids, kwargs, rng)
             if out is None:  # only once the set is full and every constraint is at its bound
-                assert step >= 4 and len(ids) == creator.MAX_CONSTRAINTS, (step, ids, kwargs)
-                assert all(creator._tightened(i, k, task, ids, kwargs) is None for i, k in zip(ids, kwargs))
+                assert step >= 4 and len(ids) == instructions.MAX_CONSTRAINTS, (step, ids, kwargs)
+                assert all(instructions._tightened(i, k, task, ids, kwargs) is None for i, k in zip(ids, kwargs))
                 break
             ids, kwargs, action = out
             actions.add(action.split()[0])
-            assert len(ids) <= creator.MAX_CONSTRAINTS and creator.compatible(ids, kwargs), (ids, kwargs)
-            reward.validate_record({"id": "x", "instruction_id_list": ids, "kwargs": kwargs})
+            assert len(ids) <= instructions.MAX_CONSTRAINTS and instructions.compatible(ids, kwargs), (ids, kwargs)
+            instructions.validate_record({"id": "x", "instruction_id_list": ids, "kwargs": kwargs})
             if s % 3 == 0:
                 assert "change_case:english_capital" not in ids and "change_case:capital_word_frequency" not in ids
     assert actions == {"added", "tightened"}
 
 
 def test_compatible_rules():
-    assert not creator.compatible(["change_case:english_lowercase", "change_case:english_capital"], [{}, {}])
-    assert not creator.compatible(["detectable_format:json_format", "detectable_format:title"], [{}, {}])
-    assert not creator.compatible(["punctuation:no_comma", "startend:end_checker"], [{}, {"end_phrase": "Yes, bye."}])
-    assert not creator.compatible(["keywords:existence", "keywords:forbidden_words"],
+    assert not instructions.compatible(["change_case:english_lowercase", "change_case:english_capital"], [{}, {}])
+    assert not instructions.compatible(["detectable_format:json_format", "detectable_format:title"], [{}, {}])
+    assert not instructions.compatible(["punctuation:no_comma", "startend:end_checker"], [{}, {"end_phrase": "Yes, bye."}])
+    assert not instructions.compatible(["keywords:existence", "keywords:forbidden_words"],
                                   [{"keywords": ["snow"]}, {"forbidden_words": ["snow"]}])
-    assert creator.compatible(["punctuation:no_comma", "detectable_format:title"], [{}, {}])
+    assert instructions.compatible(["punctuation:no_comma", "detectable_format:title"], [{}, {}])
 
 
 # ------------------------------------------------------------------------------------------------ evolve
@@ -295,9 +296,9 @@ def test_chain_of_depth_k_yields_k_children_with_lineage():
         assert [c["parent"] for c in chain[1:]] == [c["id"] for c in chain[:-1]]
         for c in chain:
             assert c["iteration"] == 2 and c["method"] in creator.EVOLVE_METHODS
-            reward.validate_record(c, "test")
+            instructions.validate_record(c, "test")
             # the constraint sentences are all there, intact, after the task
-            sentences = [reward.describe_instruction(i, k) for i, k in zip(c["instruction_id_list"], c["kwargs"])]
+            sentences = [instructions.describe_instruction(i, k) for i, k in zip(c["instruction_id_list"], c["kwargs"])]
             assert c["prompt"].endswith(" ".join(sentences)), c["prompt"]
             assert c["prompt"].startswith(c["task"].rstrip("."))
     # the creator LLM only ever saw tasks, never the constraint sentences
@@ -379,10 +380,6 @@ def test_make_pairs_best_worst_and_sppo_win_probabilities():
     assert p["p_rejected"] == pytest.approx((sig(-0.5) + sig(-1.0) + 0.5) / 3)
     assert p["prompt"] == prompts[0]["prompt"] and p["source"] == "original"
     assert pairs[1]["p_chosen"] == pytest.approx((0.5 + sig(1.0)) / 2), "NaN-rewarded responses do not count"
-    losses = pytest.importorskip("losses")
-    rewards = np.array([[0.5, 1.0, 0.0], [0.2, 0.2, 0.9]])
-    np.testing.assert_allclose(np.stack([creator.win_probabilities(r) for r in rewards]),
-                               losses.win_probabilities(rewards).numpy(), atol=1e-6)
     with pytest.raises(ValueError, match="no prompt record"):
         creator.make_pairs(prompts, [{"prompt_id": "zz", "responses": ["a"], "rewards": [1.0]}], "original")
 
@@ -407,13 +404,13 @@ def test_report_lineage_counts_and_chains():
     parents = seed_records()
     kids1, _ = creator.evolve(parents, numbered_completer(), depth=2, seed=0, iteration=1, pool=parents)
     kids2, _ = creator.evolve(kids1[:1], numbered_completer(), depth=2, seed=0, iteration=2, pool=parents + kids1)
-    report = creator.report_lineage(parents + kids1 + kids2, examples=2)
-    assert report["evolved"] == 8 and report["original"] == 3
-    assert report["per_iteration"] == {1: 6, 2: 2} and sum(report["per_method"].values()) == 8
-    assert report["roots"] == 3 and len(report["examples"]) == 2
-    longest = report["examples"][0]
+    lineage = report.report_lineage(parents + kids1 + kids2, examples=2)
+    assert lineage["evolved"] == 8 and lineage["original"] == 3
+    assert lineage["per_iteration"] == {1: 6, 2: 2} and sum(lineage["per_method"].values()) == 8
+    assert lineage["roots"] == 3 and len(lineage["examples"]) == 2
+    longest = lineage["examples"][0]
     assert len(longest) == 4 and longest[0]["method"] is None and [x["iteration"] for x in longest] == [0, 1, 2, 2]
-    json.dumps(report)
+    json.dumps(lineage)
 
 
 # ------------------------------------------------------------------------------------------------ endpoint back-end
@@ -482,8 +479,8 @@ def test_cli_prints_the_lineage_of_a_run(tmp_path, capsys):
     for folder, name, records in (("iter_0", "pool.jsonl", parents), ("iter_1", "evolved.jsonl", kids)):
         (tmp_path / folder).mkdir()
         (tmp_path / folder / name).write_text("".join(json.dumps(r) + "\n" for r in records))
-    creator.main([str(tmp_path)])
-    report = json.loads(capsys.readouterr().out)
-    assert report["evolved"] == 6 and report["per_iteration"] == {"1": 6}
+    report.main([str(tmp_path), "--lineage"])
+    lineage = json.loads(capsys.readouterr().out)
+    assert lineage["evolved"] == 6 and lineage["per_iteration"] == {"1": 6}
     with pytest.raises(FileNotFoundError, match="no iter_"):
-        creator.main([str(tmp_path / "missing")])
+        report.main([str(tmp_path / "missing"), "--lineage"])

@@ -2,7 +2,7 @@
 
 Run: .venv/bin/python -m pytest tests/test_data.py -x -q
 Format (DESIGN.md s3), IFEval argument names, no overlap between the two files, constraints that a ~90-word answer
-can meet, no self-contradicting constraint pairs, and every record accepted by reward.validate_record.
+can meet, no self-contradicting constraint pairs, and every record accepted by instructions.validate_record.
 """
 import json
 import re
@@ -286,9 +286,9 @@ def test_no_text_copied_from_public_prompt_sets(records):
 
 
 def test_records_pass_reward_validate_record(records):
-    import reward  # written by the reward helper; part of the repo in CI
+    import instructions
 
-    missing = set(ARGS) - set(reward.SUPPORTED_IDS)
-    assert not missing, f"reward.SUPPORTED_IDS lacks {sorted(missing)}"
+    missing = set(ARGS) - set(instructions.SUPPORTED_IDS)
+    assert not missing, f"instructions.SUPPORTED_IDS lacks {sorted(missing)}"
     for which, r in records:
-        reward.validate_record(r, where=f"{which}_prompts.jsonl {r['id']}")
+        instructions.validate_record(r, where=f"{which}_prompts.jsonl {r['id']}")

@@ -1,6 +1,6 @@
-"""Tests of reward.py: every supported IFEval rule passing and failing, edge cases, the IFEval file, the HF reward
-model back-end (tiny random classifiers built here, one with ArmoRM-style remote code) and the LLM judge over real
-HTTP against a local server. Run: .venv/bin/python -m pytest tests/test_reward.py -x -q
+"""Tests of reward.py and instructions.py: every supported IFEval rule passing and failing, edge cases, the IFEval
+file, the HF reward model back-end (tiny random classifiers built here, one with ArmoRM-style remote code) and the
+LLM judge over real HTTP against a local server. Run: .venv/bin/python -m pytest tests/test_reward.py -x -q
 """
 import json
 import math
@@ -13,7 +13,9 @@ import pytest
 import torch
 
 import endpoint
+import instructions
 import reward
+from eval import ifeval
 
 # (id, kwargs, a response that follows it, a response that does not)
 CASES = [
@@ -79,21 +81,21 @@ def record(instruction_id: str, kwargs: dict, rid: str = "t") -> dict:
 @pytest.mark.parametrize("instruction_id,kwargs,good,bad", CASES)
 def test_rule_passes_and_fails(instruction_id, kwargs, good, bad):
     rec = record(instruction_id, kwargs)
-    assert reward.check_instructions(rec, good) == [True], f"{instruction_id} should pass: {good!r}"
-    assert reward.check_instructions(rec, bad) == [False], f"{instruction_id} should fail: {bad!r}"
+    assert instructions.check_instructions(rec, good) == [True], f"{instruction_id} should pass: {good!r}"
+    assert instructions.check_instructions(rec, bad) == [False], f"{instruction_id} should fail: {bad!r}"
 
 
 def test_every_supported_id_is_tested_and_described():
-    assert len(reward.SUPPORTED_IDS) >= 24
-    assert {c[0] for c in CASES} == set(reward.SUPPORTED_IDS)
+    assert len(instructions.SUPPORTED_IDS) >= 24
+    assert {c[0] for c in CASES} == set(instructions.SUPPORTED_IDS)
     for instruction_id, kwargs, _, _ in CASES:
-        sentence = reward.describe_instruction(instruction_id, kwargs)
+        sentence = instructions.describe_instruction(instruction_id, kwargs)
         assert sentence[0].isupper() and sentence.rstrip()[-1] in ".?\"", sentence
         for value in kwargs.values():
             if isinstance(value, (int, str)) and not instruction_id.endswith("repeat_prompt"):
                 shown = {"less than": "fewer than"}.get(value, str(value))
                 assert shown in sentence, (instruction_id, value, sentence)
-    assert reward.describe_instruction("keywords:existence", {"keywords": ["a"]}) == \
+    assert instructions.describe_instruction("keywords:existence", {"keywords": ["a"]}) == \
         'Include the keyword "a" in your response.'
 
 
@@ -102,36 +104,36 @@ def test_empty_and_whitespace_responses_follow_nothing():
     rec = {"id": "e", "prompt": "p", "instruction_id_list": ["punctuation:no_comma", "keywords:forbidden_words"],
            "kwargs": [{}, {"forbidden_words": ["x"]}]}
     for response in ("", "   \n\t"):
-        assert reward.check_instructions(rec, response) == [False, False]
+        assert instructions.check_instructions(rec, response) == [False, False]
         assert reward.rules_reward(rec, response) == 0.0
 
 
 def test_edge_cases():
     lower = record("change_case:english_lowercase", {})
     # The official checker looks at the whole text: uppercase inside a code block breaks "all lowercase".
-    assert reward.check_instructions(lower, "here is code:\n```sql\nSELECT 1;\n```") == [False]
-    assert reward.check_instructions(lower, "trailing whitespace is fine   \n") == [True]
+    assert instructions.check_instructions(lower, "here is code:\n```sql\nSELECT 1;\n```") == [False]
+    assert instructions.check_instructions(lower, "trailing whitespace is fine   \n") == [True]
     end = record("startend:end_checker", {"end_phrase": "Bye now."})
-    assert reward.check_instructions(end, '"Well, bye now."\n') == [True]  # quotes and case are ignored at the end
+    assert instructions.check_instructions(end, '"Well, bye now."\n') == [True]  # quotes and case are ignored at the end
     quote = record("startend:quotation", {})
-    assert reward.check_instructions(quote, '"') == [False]
+    assert instructions.check_instructions(quote, '"') == [False]
     paragraphs = record("length_constraints:number_paragraphs", {"num_paragraphs": 2})
-    assert reward.check_instructions(paragraphs, "A * * * B") == [False]
-    assert reward.check_instructions(paragraphs, "A\n***\nB\n***\n") == [True]  # a trailing divider is dropped
+    assert instructions.check_instructions(paragraphs, "A * * * B") == [False]
+    assert instructions.check_instructions(paragraphs, "A\n***\nB\n***\n") == [True]  # a trailing divider is dropped
     sections = record("detectable_format:multiple_sections", {"section_spliter": "SECTION", "num_sections": 2})
-    assert reward.check_instructions(sections, "Section 1 a Section 2 b") == [False]  # the splitter is case-exact
-    assert reward.check_instructions(record("detectable_format:json_format", {}), "") == [False]
-    assert reward.check_instructions(record("detectable_format:json_format", {}), "```\n[1, 2]\n```") == [True]
+    assert instructions.check_instructions(sections, "Section 1 a Section 2 b") == [False]  # the splitter is case-exact
+    assert instructions.check_instructions(record("detectable_format:json_format", {}), "") == [False]
+    assert instructions.check_instructions(record("detectable_format:json_format", {}), "```\n[1, 2]\n```") == [True]
 
 
 def test_text_utilities():
-    assert reward.count_words("It's 3.5 well-known") == 6  # It, s, 3, 5, well, known (as RegexpTokenizer(r"\w+"))
-    assert reward.split_sentences("Hello world. This is Dr. Smith! Is it 3.14? Yes") == \
+    assert instructions.count_words("It's 3.5 well-known") == 6  # It, s, 3, 5, well, known (as RegexpTokenizer(r"\w+"))
+    assert instructions.split_sentences("Hello world. This is Dr. Smith! Is it 3.14? Yes") == \
         ["Hello world.", "This is Dr. Smith!", "Is it 3.14?", "Yes"]
-    assert reward.count_sentences('He said "hi." Then J. K. Rowling left...') == 2
-    assert reward.count_sentences("1. First item\n2. Second item.") == 1
-    assert reward.count_sentences("") == 0 and reward.count_sentences(" ... ") == 0
-    assert reward.word_tokens("DON'T say \"HELLO,\" to the U.S.A. WELL-KNOWN") == \
+    assert instructions.count_sentences('He said "hi." Then J. K. Rowling left...') == 2
+    assert instructions.count_sentences("1. First item\n2. Second item.") == 1
+    assert instructions.count_sentences("") == 0 and instructions.count_sentences(" ... ") == 0
+    assert instructions.word_tokens("DON'T say \"HELLO,\" to the U.S.A. WELL-KNOWN") == \
         ["DO", "N'T", "say", "HELLO", "to", "the", "U.S.A", "WELL-KNOWN"]
 
 
@@ -141,7 +143,7 @@ def test_reward_is_fraction_and_accuracies():
     assert reward.rules_reward(rec, "no commas and lowercase") == pytest.approx(2 / 3)
     one = record("startend:quotation", {})
     # The loose variant drops a chatty first line, so it passes where strict fails.
-    acc = reward.ifeval_accuracy([rec, one], ["<<t>> all, lower", 'Sure:\n"quoted"'])
+    acc = ifeval.ifeval_accuracy([rec, one], ["<<t>> all, lower", 'Sure:\n"quoted"'])
     assert acc["n_prompts"] == 2 and acc["n_instructions"] == 4
     assert acc["prompt_level"] == 0.0 and acc["instruction_level"] == pytest.approx(2 / 4)
     assert acc["prompt_level_loose"] == 0.5 and acc["instruction_level_loose"] == pytest.approx(3 / 4)
@@ -151,15 +153,15 @@ def test_reward_is_fraction_and_accuracies():
 
 def test_bad_records_give_one_line_errors():
     with pytest.raises(ValueError, match=r"pool.jsonl:3 prompt 7: unknown instruction id 'keywords:nope'"):
-        reward.validate_record(record("keywords:nope", {}, rid="7"), "pool.jsonl:3")
+        instructions.validate_record(record("keywords:nope", {}, rid="7"), "pool.jsonl:3")
     with pytest.raises(ValueError, match="'language:response_language' is not supported: needs a language detector"):
-        reward.check_instructions(record("language:response_language", {"language": "fr"}), "bonjour")
+        instructions.check_instructions(record("language:response_language", {"language": "fr"}), "bonjour")
     with pytest.raises(ValueError, match="needs kwarg 'num_words'"):
-        reward.validate_record(record("length_constraints:number_words", {"relation": "at least"}))
+        instructions.validate_record(record("length_constraints:number_words", {"relation": "at least"}))
     with pytest.raises(ValueError, match="kwarg 'relation' must be one of"):
-        reward.describe_instruction("length_constraints:number_words", {"relation": "at most", "num_words": 3})
+        instructions.describe_instruction("length_constraints:number_words", {"relation": "at most", "num_words": 3})
     with pytest.raises(ValueError, match="takes no kwarg 'colour'"):
-        reward.validate_record(record("punctuation:no_comma", {"colour": "red"}))
+        instructions.validate_record(record("punctuation:no_comma", {"colour": "red"}))
     with pytest.raises(ValueError, match="item 1 prompt b: unknown instruction id 'x:y'"):
         reward.load_reward("rules").score([record("punctuation:no_comma", {}), record("x:y", {}, rid="b")],
                                           ["a", "b"])
@@ -167,24 +169,24 @@ def test_bad_records_give_one_line_errors():
         reward.load_reward("armorm")
     # None values (the Hugging Face copy of IFEval lists every kwarg of every id) mean "absent".
     rec = record("punctuation:no_comma", {"num_words": None, "keywords": None})
-    assert reward.check_instructions(rec, "fine") == [True]
+    assert instructions.check_instructions(rec, "fine") == [True]
 
 
 def test_ifeval_file_coverage(shared_data):
     records = [json.loads(line) for line in (shared_data / "ifeval_input_data.jsonl").read_text().splitlines()]
     assert len(records) == 541
-    supported = [r for r in records if reward.is_supported(r)]
+    supported = [r for r in records if instructions.is_supported(r)]
     assert len(supported) == 510, "coverage changed: update the README and scripts/ifeval_coverage.py output"
     for r in supported:
-        reward.validate_record(r, "ifeval_input_data.jsonl")
+        instructions.validate_record(r, "ifeval_input_data.jsonl")
     scorer = reward.load_reward("rules")
     for response in ("", "a short answer, with a comma.", supported[0]["prompt"]):
         rewards = scorer.score(supported, [response] * len(supported))
         assert all(0.0 <= x <= 1.0 for x in rewards)
-    acc = reward.ifeval_accuracy(records, [r["prompt"] for r in records], unsupported="skip")
+    acc = ifeval.ifeval_accuracy(records, [r["prompt"] for r in records], unsupported="skip")
     assert acc["n_prompts"] == 510 and acc["n_skipped"] == 31 and 0.0 < acc["instruction_level"] < 1.0
     with pytest.raises(ValueError, match="language:response_language"):
-        reward.ifeval_accuracy(records, [""] * len(records))
+        ifeval.ifeval_accuracy(records, [""] * len(records))
 
 
 # ------------------------------------------------------------------------------------------ Hugging Face back-end
