@@ -569,7 +569,8 @@ def _decode_n_tokens(model, tokenizer, step, cache, logits: torch.Tensor, first:
         if (t + 1) % s.sync_every == 0:  # the only host syncs of the loop
             for b in (~done).nonzero().squeeze(1).tolist() if s.stop else []:  # stop strings, on the text so far
                 text = tokenizer.decode(out[alive[b], :t + 1].tolist(), skip_special_tokens=True)
-                done[b] = any(x in text for x in s.stop)
+                if any(x in text for x in s.stop):
+                    done[b] = True
             n_done = int(done.sum())
             if n_done == len(done):
                 break
