@@ -1,43 +1,22 @@
-"""Batched sampling: N responses for each of many prompts, from any causal LM that Hugging Face loads.
+"""Batched sampling: n responses for each of many prompts, from any causal LM that Hugging Face loads.
 
-    from generate import sample
+One batch of P prompts (R = P * n rows), in the order of this file's last section:
+  _prefill          the prompts, longest first, through the model's own forward in padded groups; their keys and
+                    values are kept ONCE per prompt in a preallocated cache (_Layer), beside a block per sample
+  _decode_n_tokens  one token per row per step: draw it (_sample_from_logits, with uniforms hashed from the row's
+                    seed and the step), run the decoder on it (_decode_one_token); every sync_every steps check stop
+                    strings and let finished rows leave the batch
+Attention (_attend) reads a prompt's keys once for all its n samples, with one exact softmax over prompt and own
+tokens. Llama, Mistral, Qwen2 and Gemma-2 decode through _decode_step (the decoder written out from the model's own
+modules); other families through their forward with eva's attention function ("eva_decode").
+
     out = sample(model, tok, ["Write a haiku about rain."], n=4, temperature=0.7, top_p=0.9, max_new_tokens=128)
-    out.texts[0]      # 4 strings;  out.token_ids[0] -> 4 lists of token ids;  out.finish[0] -> "stop" | "length"
-
+    out.texts[0], out.token_ids[0], out.finish[0]   # 4 strings, 4 token id lists, 4 of "stop" | "length"
     python generate.py --model default --prompt "Write a haiku about rain." -n 4 --temperature 0.7 --top_p 0.9
-    python bench/bench_generate.py        # ours vs transformers' generate, same settings, ratio printed
-
-One batch of P prompts (R = P * n sample rows):
-1. prefill: the prompts, longest first, in groups padded to the group's longest, through the model's own forward
-   and attention (flash-attn's kernels where model.py picked them, else SDPA / eager) with a 4-D mask we build
-   (left padding, sliding windows). Their keys/values are kept ONCE per prompt in a preallocated per-layer buffer
-   beside a block per sample for the tokens it will generate (_Layer).
-2. decode: one token per row per step, logits for the last position only. For Llama/SmolLM, Mistral, Qwen2 and
-   Gemma-2 the decoder is written out here (_decode_step: the model's own modules, no per-layer glue); other
-   families go through the model's forward with our attention function (registered with transformers as
-   "eva_decode"). Attention gathers the rows by prompt, so a prompt's keys are read once for all n samples (one
-   matmul), each sample's own tokens sit in its own block (one batched matmul), and one exact softmax spans both.
-   Sampling and EOS stay on the device.
-3. every `sync_every` steps (every step on a CPU, 8 on a GPU) one host sync: stop strings are checked on the
-   decoded text and finished rows leave the batch (they only index the cache; a quarter of the prompts finished,
-   the cache is compacted).
-On a CPU, prefill and decode alike, the linear layers run on weights reordered once per call for oneDNN's GEMM
-(_packed_linears; 2.2-2.6x torch's MKL path on an AMD EPYC, see bench/bench_generate.py). `compile=True` wraps the
-decode step in torch.compile (meant for GPUs; on a 2-core CPU the benchmark's run takes far longer compiled than
-eager, most of it compiling as shapes change, so it is off by default; README has the figures).
-
-Randomness: every row owns a 32-bit key made from (seeds[i], sample index j); the uniform for step t is a hash of
-(key, t) computed on the device with integer ops, and the token is drawn by inverse CDF from the filtered
-distribution. So the samples of a prompt depend only on its seed, never on batch composition or batch size (up to
-float rounding of batched matmuls, which can move a logit by ~1e-6).
-
-Stop strings: a row ends at the first token after which its decoded text contains a stop string. The returned
-text is cut just before the stop string; the returned token ids end with the token that completed it, so a stop
-string spanning several tokens, or ending inside a token, is found too (that last token can carry a few characters
-beyond the stop string, which the text drops). Texts and token ids never include EOS.
 """
 import argparse
 import contextlib
+import functools
 import inspect
 import sys
 from dataclasses import dataclass
@@ -68,6 +47,7 @@ def _mix32(x):
 
 
 def _row_key(seed: int, sample_index: int) -> int:
+    """A row's 32-bit random key: its draws depend on (seed, sample index) only, never on the batch it is in."""
     s = seed & (2**64 - 1)
     return _mix32(_mix32(_mix32(s) ^ (s >> 32)) + sample_index * 0x9E3779B9)
 
@@ -94,7 +74,7 @@ def _pick_nucleus(probs: torch.Tensor, idx: torch.Tensor, top_p: float, u: torch
 
 def _unnormalised_probs(x: torch.Tensor, top: torch.Tensor) -> torch.Tensor:
     """exp(x - top) for x [R, V] and row maxima top [R, 1]. exp() of floats below about -87 takes a slow path on
-    CPUs (20x, denormals); weights below e^-80 relative to the top token are raised to e^-80 (< 2e-35, which leaves
+    CPUs (denormals); weights below e^-80 relative to the top token are raised to e^-80 (< 2e-35, which leaves
     every fp32 sum over a vocabulary unchanged), so that path is never taken."""
     return (x - top).clamp_(min=-80.0).exp_()
 
@@ -103,8 +83,8 @@ def _topk(x: torch.Tensor, k: int, block: int = 64) -> tuple[torch.Tensor, torch
     """x.topk(k) for x [R, V] (values descending, indices), reading most of x only once: the k largest entries lie
     in the k blocks of `block` entries with the largest maxima (a block holding one of them has a maximum at least
     as large, and only k - 1 entries are larger), so a top-k of the block maxima and one of those k blocks do it;
-    entries past the last whole block are always candidates. 5x faster than torch's topk on a [128, 49152] CPU
-    block; ties between equal values may be broken differently."""
+    entries past the last whole block are always candidates. Faster than torch's topk on large CPU blocks; ties
+    between equal values may be broken differently."""
     R, V = x.shape
     blocks = V // block
     if blocks <= 2 * k:  # too few blocks to pay off
@@ -123,10 +103,10 @@ def _sample_from_logits(logits: torch.Tensor, temperature: float, top_p: float, 
 
     The distribution is transformers' (warpers in this order): logits / temperature; keep the top_k tokens (0 = all);
     keep the most likely tokens while the mass ranked above them is below top_p (the first one always); renormalise.
-    The draw is an inverse CDF over the kept tokens in descending order. A full sort of a [128, 49152] row block
-    costs ~0.4 s on a CPU core pair, so without top_k the CPU path takes the top `candidates` (64) tokens, and only
-    for the rows whose nucleus reaches past them 16x more, and so on up to the whole vocabulary: exact, since a row's
-    nucleus is known to lie inside its candidates once their mass reaches top_p.
+    The draw is an inverse CDF over the kept tokens in descending order. A full sort of the vocabulary is slow on a
+    CPU, so without top_k the CPU path takes the top `candidates` (64) tokens, and only for the rows whose nucleus
+    reaches past them 16x more, and so on up to the whole vocabulary: exact, since a row's nucleus is known to lie
+    inside its candidates once their mass reaches top_p.
     """
     R, V = logits.shape
     if temperature == 0 or top_k == 1:
@@ -163,21 +143,24 @@ class _Layer(CacheLayerMixin):
     prompt part ONCE per prompt, keys_t [P, H_kv, D, L] (transposed, ready to matmul) and values
     [P, H_kv, L, D], left-padded (right-aligned to slot L); and each sample's own tokens, own_keys and own_values
     [P * n, H_kv, max_new, D] (not transposed: a step writes one contiguous row each), block p * n + j for sample j
-    of prompt p (the row's `slot`), so a row that leaves the batch costs no copy.
+    of prompt p (the row's slot), so a row that leaves the batch costs no copy.
 
-    While `group` = (first prompt, first slot) is set, update() stores a prefill group (the model's own forward);
-    otherwise update() and store() write one decode token per row at step `step["t"]`."""
+    While `group` = (first prompt, first slot) is set, update() stores a prefill group (the model's own forward).
+    Otherwise update() and store() write one decode token per row: row b's to block slot[b], column t, where
+    `slot` [R'] and `t` are set by the decode loop before each step (_decode_one_token)."""
 
-    def __init__(self, prompts: int, prompt_len: int, n: int, max_new: int, step: dict):
+    def __init__(self, prompts: int, prompt_len: int, n: int, max_new: int):
         super().__init__()
-        self.prompts, self.prompt_len, self.n, self.max_new, self.step = prompts, prompt_len, n, max_new, step
+        self.prompts, self.prompt_len, self.n, self.max_new = prompts, prompt_len, n, max_new
         self.group: tuple[int, int] | None = None
+        self.slot: torch.Tensor | None = None
+        self.t = 0
 
     def lazy_initialization(self, key_states, value_states):
         P, (_, h, _, d), n, T = self.prompts, key_states.shape, self.n, self.max_new
         # The prompt part is zeros, not empty: a masked slot still meets its (zero) weight in the matmul, and
-        # 0 * NaN garbage is NaN. The own blocks are empty (zeroing them cost ~1 s of the benchmark): a live row reads
-        # only columns it wrote, and what a row that left the batch reads from unwritten ones is dropped with it.
+        # 0 * NaN garbage is NaN. The own blocks need no zeroing: a live row reads only columns it wrote, and what a
+        # row that left the batch reads from unwritten ones is dropped with it.
         self.keys_t = key_states.new_zeros(P, h, d, self.prompt_len)  # [P, H_kv, D, L]
         self.values = value_states.new_zeros(P, h, self.prompt_len, value_states.shape[-1])  # [P, H_kv, L, D]
         self.own_keys = key_states.new_empty(P * n, h, T, d)  # [P * n, H_kv, T, D]
@@ -197,9 +180,8 @@ class _Layer(CacheLayerMixin):
 
     def store(self, keys: torch.Tensor, values: torch.Tensor) -> None:
         """keys, values [R', H_kv, D]: row b's token of step t goes to block slot[b], column t."""
-        slot, t = self.step["slot"], self.step["t"]  # [R'], int
-        self.own_keys[:, :, t].index_copy_(0, slot, keys)
-        self.own_values[:, :, t].index_copy_(0, slot, values)
+        self.own_keys[:, :, self.t].index_copy_(0, self.slot, keys)
+        self.own_values[:, :, self.t].index_copy_(0, self.slot, values)
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:  # asked by flash-attn's prefill only
         return query_length, 0
@@ -259,7 +241,7 @@ def _attend(layer: _Layer, query: torch.Tensor, mask: torch.Tensor, scaling: flo
     left the batch is a zero query), so that a prompt's keys are read once for all its samples (one matmul), and
     each sample's own keys by its block (a batched matmul); one exact softmax spans both. A sliding window drops
     own tokens older than it (the prompt part is masked by the caller). Soft-capping (Gemma-2) included."""
-    slot, n, t = layer.step["slot"], layer.step["n"], layer.step["t"]  # slot [R']: p * n + j, ascending
+    slot, n, t = layer.slot, layer.n, layer.t  # slot [R']: p * n + j, ascending
     R, H, D = query.shape
     P, Hk, _, L = layer.keys_t.shape
     g, full = H // Hk, R == P * n  # full: no row has left, so slot is 0..R-1
@@ -340,10 +322,8 @@ ONEDNN_LINEARS = (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkl
 @torch.no_grad()
 def _pack_linears(model) -> dict:
     """{module: x -> module(x)} for the linear layers of a model on a CPU, with weights reordered once per sample()
-    call for oneDNN's fp32 GEMM (torch.ops.mkldnn; on x86 CPUs with AVX2 or AVX-512, see ONEDNN_LINEARS). On
-    an AVX-512 AMD EPYC, SmolLM2's linear layers at 128 rows run 2.2-2.6x faster than torch's linear (MKL), whose
-    2048^3 matmul reaches ~215 GFLOP/s there against oneDNN's ~495 (bench/bench_generate.py prints all of these).
-    fp32 throughout: products differ from the module's by float rounding only (summation order), and a row's
+    call for oneDNN's fp32 GEMM (torch.ops.mkldnn; on x86 CPUs with AVX2 or AVX-512, see ONEDNN_LINEARS), which
+    runs them faster than torch's linear (bench/bench_generate.py prints both). fp32 throughout: products differ from the module's by float rounding only (summation order), and a row's
     product does not depend on how many rows come with it (weights reordered for 128 rows; tests/test_generate.py
     checks both). Costs one more copy of the weights while sampling. Modules left out (GPU, 4-bit, bf16, DoRA) are
     called as they are."""
@@ -458,26 +438,23 @@ def halve_on_oom(fn, batch_size: int, what: str):
               file=sys.stderr, flush=True)
 
 
-def _forward(model, ids, positions, mask, cache, cache_kw: str, **extra) -> torch.Tensor:
-    """Logits [B, V] (fp32) of the last position of ids [B, T]."""
-    out = model(input_ids=ids, position_ids=positions, attention_mask=mask, use_cache=True, logits_to_keep=1,
-                **{cache_kw: cache}, **extra)
-    return out.logits[:, -1].float()
-
-
-def _cache_kwarg(model) -> str:
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft wraps the HF model
-    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
-
-
 def _eos_ids(model, tokenizer) -> list[int]:
     ids = model.generation_config.eos_token_id if getattr(model, "generation_config", None) else None
     ids = [ids] if isinstance(ids, int) else list(ids or [])
     return sorted(set(ids) | ({tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()))
 
 
+def _encode(tokenizer, prompt: str, chat: bool) -> list[int]:
+    if chat:
+        prompt = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                               tokenize=False)
+        return tokenizer(prompt, add_special_tokens=False).input_ids
+    return tokenizer(prompt).input_ids
+
+
 def _cut_at_stop(tokenizer, tokens: list[int], stop: list[str]) -> tuple[str, list[int], bool]:
-    """(text before the first stop string, tokens up to the one that completes it, whether a stop string was found)."""
+    """(text before the first stop string, tokens up to the one that completes it, whether a stop string was found).
+    That last token can carry a few characters beyond the stop string, which the text drops."""
     text = tokenizer.decode(tokens, skip_special_tokens=True)
     hits = [text.find(s) for s in stop if s in text]
     if not hits:
@@ -491,152 +468,203 @@ def _cut_at_stop(tokenizer, tokens: list[int], stop: list[str]) -> tuple[str, li
     return text[:cut], tokens[:lo], True
 
 
-def _prefill(model, cache, ids: list[list[int]], L: int, cfg: dict) -> torch.Tensor:
+@dataclass(frozen=True)
+class _Sampling:
+    """The settings of one sample() call that every batch shares."""
+    max_new_tokens: int
+    temperature: float
+    top_p: float
+    top_k: int
+    stop: tuple[str, ...]
+    eos: tuple[int, ...]
+    pad: int
+    sync_every: int
+
+
+@functools.cache
+def _cache_kwarg(model_class) -> str:
+    return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
+
+
+def _forward(model, ids, positions, mask, cache, **extra) -> torch.Tensor:
+    """Logits [B, V] (fp32) of the last position of ids [B, T], through the model's own forward."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft wraps the HF model
+    out = model(input_ids=ids, position_ids=positions, attention_mask=mask, use_cache=True, logits_to_keep=1,
+                **{_cache_kwarg(type(base)): cache}, **extra)
+    return out.logits[:, -1].float()
+
+
+def _model_step(model, tokens: torch.Tensor, positions: torch.Tensor, masks, cache) -> torch.Tensor:
+    """_decode_step for the other families: the model's forward, whose attention modules call _eva_attention
+    (_sample_batch sets the attention implementation to "eva_decode" around the decode loop)."""
+    return _forward(model, tokens[:, None], positions[:, None], masks, cache, eva_decode=cache.layers)
+
+
+def _prefill(model, cache, ids: list[list[int]], pad: int, group_prompts: int = 8,
+             group_tokens: int = 8192) -> torch.Tensor:
     """Run the prompts (sorted longest first) through the model in groups, each padded to its own longest prompt;
     their keys/values land right-aligned at slots < L of the cache. Returns last-position logits [P, V]."""
-    device, config = cfg["device"], model.config.get_text_config()
+    embed, config = model.get_input_embeddings().weight, model.config.get_text_config()
+    device, L = embed.device, len(ids[0])
     flash = config._attn_implementation.startswith("flash")  # flash-attn wants a 2-D padding mask
     logits, p0 = [], 0
     while p0 < len(ids):
         Lg = len(ids[p0])
-        p = max(1, min(cfg["prefill_prompts"], cfg["prefill_tokens"] // Lg, len(ids) - p0))
+        p = max(1, min(group_prompts, group_tokens // Lg, len(ids) - p0))
         group = ids[p0:p0 + p]
-        tokens = torch.tensor([[cfg["pad"]] * (Lg - len(x)) + x for x in group], device=device)  # [p, Lg]
+        tokens = torch.tensor([[pad] * (Lg - len(x)) + x for x in group], device=device)  # [p, Lg]
         first = torch.tensor([Lg - len(x) for x in group], device=device)  # [p]
         slots = torch.arange(Lg, device=device)  # [Lg]
-        mask = (slots >= first[:, None]).long() if flash else _prefill_masks(config, first, Lg, cfg["dtype"])
+        mask = (slots >= first[:, None]).long() if flash else _prefill_masks(config, first, Lg, embed.dtype)
         for layer in cache.layers:
             layer.group = (p0, L - Lg)
-        logits.append(_forward(model, tokens, (slots - first[:, None]).clamp(min=0), mask, cache, cfg["cache_kw"]))
+        logits.append(_forward(model, tokens, (slots - first[:, None]).clamp(min=0), mask, cache))
         p0 += p
     for layer in cache.layers:
         layer.group = None
     return torch.cat(logits)  # [P, V]
 
 
-@torch.inference_mode()
-def _sample_batch(model, tokenizer, ids: list[list[int]], keys: list[int], n: int, cfg: dict) -> list[list[int]]:
-    """Token ids for the R = len(ids) * n rows (row i * n + j = sample j of prompt i), EOS and stop not cut yet.
-    ids must be sorted longest first."""
-    device, config = cfg["device"], model.config.get_text_config()
-    max_new, stop, pad = cfg["max_new_tokens"], cfg["stop"], cfg["pad"]
-    P, L = len(ids), len(ids[0])
-    R = P * n
-    step = dict(n=n)  # what every cache layer needs to know about the current step (rows' slots, where to write)
-    cache = Cache(layers=[_Layer(P, L, n, max_new, step) for _ in range(config.num_hidden_layers)])
-    logits = _prefill(model, cache, ids, L, cfg).repeat_interleave(n, 0)  # [R, V]
-    first = torch.tensor([L - len(x) for x in ids], device=device)  # [P'] slot of each prompt's first token
-    keys_t = torch.tensor(keys, dtype=torch.int64, device=device)  # [R']
-    eos = torch.tensor(cfg["eos"], device=device)
-    out = torch.full((R, max_new), pad, dtype=torch.long, device=device)  # [R, T] tokens, original row order
+def _decode_one_token(model, step, cache, tokens: torch.Tensor, slot: torch.Tensor, first: torch.Tensor,
+                      t: int) -> torch.Tensor:
+    """Logits [R', V] after each row's token of step t, tokens [R']; slot [R'] is each row's block in the cache,
+    first [P'] the slot of each prompt's first real token."""
+    layer0 = cache.layers[0]
+    for layer in cache.layers:  # where store() writes and what _attend reads this step
+        layer.slot, layer.t = slot, t
+    dtype = model.get_input_embeddings().weight.dtype
+    masks = _decode_masks(model.config.get_text_config(), first, layer0.prompt_len, t, dtype)
+    positions = layer0.prompt_len + t - first[slot // layer0.n]  # [R']
+    return step(model, tokens, positions, masks, cache)
+
+
+def _drop_prompts(cache, first: torch.Tensor, slot: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Once a quarter of the prompts have no row left, copy the cache without them. Returns (first, slot)."""
+    n = cache.layers[0].n
+    kept, where = torch.unique(slot // n, return_inverse=True)  # prompts left; each row's among them
+    if len(kept) > len(first) * 3 // 4:  # too few gone to be worth a copy: rows only index the cache
+        return first, slot
+    for layer in cache.layers:
+        layer.keep(kept)
+    return first[kept], where * n + slot % n
+
+
+def _decode_n_tokens(model, tokenizer, step, cache, logits: torch.Tensor, first: torch.Tensor, keys: torch.Tensor,
+                     s: _Sampling) -> torch.Tensor:
+    """Tokens [R, max_new_tokens] (pad after a row ends) drawn from the prefill's logits [R, V] onwards; keys [R] are
+    the rows' random keys, first [P] the slot of each prompt's first real token."""
+    R, device = len(keys), logits.device
+    eos = torch.tensor(s.eos, device=device)
+    out = torch.full((R, s.max_new_tokens), s.pad, dtype=torch.long, device=device)  # [R, T], original row order
     alive = torch.arange(R, device=device)  # [R'] original row of each batch row
-    slot = alive.clone()  # [R'] (position of its prompt among the prompts left) * n + sample index
+    slot = alive.clone()  # [R'] its block in the cache: (position of its prompt among those left) * n + sample index
     done = torch.zeros(R, dtype=torch.bool, device=device)  # [R']
-    attention = config._attn_implementation
-    for t in range(max_new):
-        tok = _sample_from_logits(logits, cfg["temperature"], cfg["top_p"], cfg["top_k"], _uniforms(keys_t, t))
-        tok = torch.where(done, pad, tok)  # [R']
+    for t in range(s.max_new_tokens):
+        tok = _sample_from_logits(logits, s.temperature, s.top_p, s.top_k, _uniforms(keys, t))  # [R']
+        tok = torch.where(done, s.pad, tok)
         out[alive, t] = tok
         done |= torch.isin(tok, eos)
-        if t == max_new - 1:
+        if t == s.max_new_tokens - 1:
             break
-        if (t + 1) % cfg["sync_every"] == 0:  # the only host syncs of the loop
-            if stop:
-                for b in (~done).nonzero().squeeze(1).tolist():
-                    text = tokenizer.decode(out[alive[b], :t + 1].tolist(), skip_special_tokens=True)
-                    if any(s in text for s in stop):
-                        done[b] = True
+        if (t + 1) % s.sync_every == 0:  # the only host syncs of the loop
+            for b in (~done).nonzero().squeeze(1).tolist() if s.stop else []:  # stop strings, on the text so far
+                text = tokenizer.decode(out[alive[b], :t + 1].tolist(), skip_special_tokens=True)
+                if any(x in text for x in s.stop):
+                    done[b] = True
             n_done = int(done.sum())
             if n_done == len(done):
                 break
-            if n_done:  # finished rows leave: they only index the cache, so this copies nothing
+            if n_done:  # finished rows leave the batch
                 rows = (~done).nonzero().squeeze(1)  # [R'']
-                alive, keys_t, slot, tok, done = alive[rows], keys_t[rows], slot[rows], tok[rows], done[rows]
-                kept, where = torch.unique(slot // n, return_inverse=True)  # prompts left; each row's among them
-                if len(kept) <= len(first) * 3 // 4:  # a quarter of the prompts are done: worth copying the cache
-                    first, slot = first[kept], where * n + slot % n
-                    for layer in cache.layers:
-                        layer.keep(kept)
-        step.update(slot=slot, t=t)
-        masks = _decode_masks(config, first, L, t, cfg["dtype"])
-        positions = L + t - first[slot // n]  # [R']
-        if cfg["fast_decode"]:
-            logits = cfg["step"](model, tok, positions, masks, cache)
-            continue
+                alive, keys, slot, tok, done = alive[rows], keys[rows], slot[rows], tok[rows], done[rows]
+                first, slot = _drop_prompts(cache, first, slot)
+        logits = _decode_one_token(model, step, cache, tok, slot, first, t)
+    return out
+
+
+@torch.inference_mode()
+def _sample_batch(model, tokenizer, step, ids: list[list[int]], keys: list[int], n: int,
+                  s: _Sampling) -> list[list[int]]:
+    """Token ids for the R = len(ids) * n rows (row i * n + j = sample j of prompt i), EOS and stop not cut yet.
+    ids must be sorted longest first; keys [R] are the rows' random keys (_row_key)."""
+    config, device = model.config.get_text_config(), model.get_input_embeddings().weight.device
+    P, L = len(ids), len(ids[0])
+    cache = Cache(layers=[_Layer(P, L, n, s.max_new_tokens) for _ in range(config.num_hidden_layers)])
+    logits = _prefill(model, cache, ids, s.pad).repeat_interleave(n, 0)  # [R, V]
+    first = torch.tensor([L - len(x) for x in ids], device=device)  # [P] slot of each prompt's first token
+    keys = torch.tensor(keys, dtype=torch.int64, device=device)  # [R]
+    saved = config._attn_implementation
+    if config.model_type not in DECODE_FAMILIES:  # prefill ran the model's own attention; decoding runs eva's
         config._attn_implementation = "eva_decode"
-        try:
-            logits = cfg["step"](model, tok[:, None], positions[:, None], masks, cache, cfg["cache_kw"],
-                                 eva_decode=cache.layers)
-        finally:
-            config._attn_implementation = attention
-    return out.tolist()
+    try:
+        return _decode_n_tokens(model, tokenizer, step, cache, logits, first, keys, s).tolist()
+    finally:
+        config._attn_implementation = saved
 
 
-def _encode(tokenizer, prompt: str, chat: bool) -> list[int]:
-    if chat:
-        prompt = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                               tokenize=False)
-        return tokenizer(prompt, add_special_tokens=False).input_ids
-    return tokenizer(prompt).input_ids
+def _finish(tokenizer, rows: list[list[int]], s: _Sampling) -> tuple[list[str], list[list[int]], list[str]]:
+    """(texts, token ids, finish reasons) of sampled rows: cut at EOS (dropped) or at a stop string."""
+    texts, tokens, finish = [], [], []
+    for row in rows:
+        end = next((k for k, x in enumerate(row) if x in s.eos), len(row))
+        text, kept, stopped = _cut_at_stop(tokenizer, row[:end], list(s.stop))
+        texts.append(text)
+        tokens.append(kept)
+        finish.append("stop" if stopped or end < len(row) else "length")
+    return texts, tokens, finish
 
 
 def sample(model, tokenizer, prompts: list[str], n: int = 1, *, max_new_tokens: int = 256, temperature: float = 1.0,
            top_p: float = 1.0, top_k: int = 0, stop: list[str] | None = None, seed: int = 0,
            seeds: list[int] | None = None, chat: bool = True, batch_size: int = 16, progress: bool = False,
            sync_every: int | None = None, compile: bool = False) -> SampleOutput:
-    """n samples for each prompt; batch_size prompts (batch_size * n rows) are decoded together. Every sync_every
-    steps (default: every step on a CPU, where it costs nothing; 8 on accelerators) finished rows leave the batch
-    and stop strings are checked."""
+    """n samples for each prompt; batch_size prompts (batch_size * n rows) are decoded together.
+
+    A sample depends only on its prompt's seed (seeds[i], else made from seed and i) and its index j, never on the
+    batch (up to float rounding of batched matmuls). A row ends at EOS (not returned), at max_new_tokens, or at a
+    stop string: its text is cut before it, its token ids end with the token that completed it. Every sync_every
+    steps (default: every step on a CPU, where it costs nothing; 8 on accelerators) stop strings are checked and
+    finished rows leave the batch. compile=True wraps the decode step in torch.compile (meant for GPUs)."""
     embed = model.get_input_embeddings().weight
     sync_every = (1 if embed.device.type == "cpu" else 8) if sync_every is None else sync_every
+    seeds = [seed * 1_000_003 + i for i in range(len(prompts))] if seeds is None else list(seeds)
     if n < 1 or max_new_tokens < 1 or batch_size < 1 or sync_every < 1:
         raise ValueError(f"sample: n, max_new_tokens, batch_size, sync_every must be >= 1, got "
                          f"{n}, {max_new_tokens}, {batch_size}, {sync_every}")
     if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
         raise ValueError(f"sample: need temperature >= 0, 0 < top_p <= 1, top_k >= 0; got "
                          f"{temperature}, {top_p}, {top_k}")
-    seeds = [seed * 1_000_003 + i for i in range(len(prompts))] if seeds is None else list(seeds)
     if len(seeds) != len(prompts):
         raise ValueError(f"sample: {len(seeds)} seeds for {len(prompts)} prompts")
     if any(s == "" for s in stop or []):
         raise ValueError("sample: an empty stop string would stop every row at once")
-    cfg = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, stop=list(stop or []),
-               eos=_eos_ids(model, tokenizer), cache_kw=_cache_kwarg(model), sync_every=sync_every,
-               device=embed.device, dtype=embed.dtype, prefill_prompts=8, prefill_tokens=8192,
-               pad=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0,
-               fast_decode=model.config.get_text_config().model_type in DECODE_FAMILIES)
-    step = _decode_step if cfg["fast_decode"] else _forward
+    settings = _Sampling(max_new_tokens, temperature, top_p, top_k, stop=tuple(stop or []),
+                         eos=tuple(_eos_ids(model, tokenizer)), sync_every=sync_every,
+                         pad=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
+    step = _decode_step if model.config.get_text_config().model_type in DECODE_FAMILIES else _model_step
     # the decode step changes shape every step (keys grow, rows leave), hence dynamic shapes, no CUDA graphs
-    cfg["step"] = torch.compile(step, dynamic=True) if compile else step
+    step = torch.compile(step, dynamic=True) if compile else step
     ids = [_encode(tokenizer, p, chat) for p in prompts]
     if any(len(x) == 0 for x in ids):
         raise ValueError(f"sample: prompt {[len(x) for x in ids].index(0)} is empty after tokenisation")
     order = sorted(range(len(prompts)), key=lambda i: -len(ids[i]))  # similar lengths together: less padding
-    texts, tokens, finish = [None] * len(prompts), [None] * len(prompts), [None] * len(prompts)
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-    shown = batches
     if progress:
         from tqdm.auto import tqdm
-        shown = tqdm(batches, desc="sample", unit="batch")
-    eos, training = set(cfg["eos"]), model.training
+        batches = tqdm(batches, desc="sample", unit="batch")
+    texts, tokens, finish = [None] * len(prompts), [None] * len(prompts), [None] * len(prompts)
+    training = model.training
     model.eval()  # no dropout while sampling, even when called between training steps
     try:
-        # inductor (torch 2.13) cannot lower the oneDNN linear op: a compiled step calls the modules, as compiled
+        # inductor cannot lower the oneDNN linear op: a compiled step calls the modules, as compiled
         with contextlib.nullcontext() if compile else _packed_linears(model):
-            rows_of = [_sample_batch(model, tokenizer, [ids[i] for i in batch],
-                                     [_row_key(seeds[i], j) for i in batch for j in range(n)], n, cfg)
-                       for batch in shown]
+            for batch in batches:
+                rows = _sample_batch(model, tokenizer, step, [ids[i] for i in batch],
+                                     [_row_key(seeds[i], j) for i in batch for j in range(n)], n, settings)
+                for b, i in enumerate(batch):
+                    texts[i], tokens[i], finish[i] = _finish(tokenizer, rows[b * n:(b + 1) * n], settings)
     finally:
         model.train(training)
-    for batch, rows in zip(batches, rows_of):
-        for b, i in enumerate(batch):
-            texts[i], tokens[i], finish[i] = [], [], []
-            for row in rows[b * n:(b + 1) * n]:
-                end = next((k for k, x in enumerate(row) if x in eos), len(row))
-                text, kept, stopped = _cut_at_stop(tokenizer, row[:end], cfg["stop"])
-                texts[i].append(text)
-                tokens[i].append(kept)
-                finish[i].append("stop" if stopped or end < len(row) else "length")
     return SampleOutput(texts=texts, token_ids=tokens, finish=finish)
 
 

@@ -97,9 +97,9 @@ def attention_rate(model, prompts: int, n: int, prompt_len: int, new_tokens: int
     attns = [layer.self_attn for layer in base.model.layers]
     heads, kv_heads, dim = config.num_attention_heads, config.num_key_value_heads, attns[0].head_dim
     rows, device, dtype = prompts * n, model.device, model.dtype
-    step = dict(n=n, slot=torch.arange(rows, device=device))
-    layers = [_Layer(prompts, prompt_len, n, new_tokens, step) for _ in attns]
+    layers = [_Layer(prompts, prompt_len, n, new_tokens) for _ in attns]
     for layer in layers:
+        layer.slot = torch.arange(rows, device=device)  # every row live
         layer.lazy_initialization(*[torch.empty(prompts, kv_heads, prompt_len, dim, device=device, dtype=dtype)] * 2)
         for buffer in (layer.keys_t, layer.values, layer.own_keys, layer.own_values):
             buffer.normal_()
@@ -108,9 +108,9 @@ def attention_rate(model, prompts: int, n: int, prompt_len: int, new_tokens: int
 
     def steps():
         for t in range(0, new_tokens, stride):
-            step["t"] = t
             masks = _decode_masks(config, first, prompt_len, t, dtype)
             for i, (layer, attn) in enumerate(zip(layers, attns)):
+                layer.t = t
                 _attend(layer, query, *_attention_options(config, attn, i, masks))
 
     return rows * new_tokens / (best_seconds(steps, device, 2) * stride)
