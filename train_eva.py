@@ -347,10 +347,11 @@ def sample_and_score(solver, tokenizer, scorer, records: list[dict], cfg: Config
                           for score in scorer.score(flat_prompts[s:s + size], flat_responses[s:s + size])],
             max(1, len(flat_responses)), f"{phase}: scoring")
         # A reward that could not be computed (a judge that gave no rating) is NaN in memory and null on disk.
-        return [{"prompt_id": r["id"], "responses": texts,
+        # finish: "stop" (the model ended its turn) or "length" (cut at --max_new_tokens), per response.
+        return [{"prompt_id": r["id"], "responses": texts, "finish": finish,
                  "rewards": [float(s) if math.isfinite(s) else None
                              for s in flat_scores[k * cfg.n_samples:(k + 1) * cfg.n_samples]]}
-                for k, (r, texts) in enumerate(zip(batch, out.texts))]
+                for k, (r, texts, finish) in enumerate(zip(batch, out.texts, out.finish))]
 
     samples = parallel.sharded(work, list(range(len(records))), desc=phase)
     info = creator.informativeness([as_floats(s["rewards"]) for s in samples], "gap")
@@ -388,14 +389,22 @@ def prompt_token_ids(tokenizer, prompt: str) -> list[int]:
 
 
 # ------------------------------------------------------------------------------------------------- training
-def encode_pair(tokenizer, pair: dict, cfg: Config) -> dict:
-    """Token ids of prompt, chosen and rejected, tokenised separately (joining strings merges boundary tokens)."""
+def encode_pair(tokenizer, pair: dict, cfg: Config, end_id: int) -> dict:
+    """Token ids of prompt, chosen and rejected, tokenised separately (joining strings merges boundary tokens).
+
+    A response the model ended itself gets the chat template's end-of-turn token `end_id` (model.turn_end_id), so
+    the model also learns where an answer stops. One cut at --max_new_tokens (finish "length", or longer than that
+    after re-tokenisation) gets none: it must not learn to stop where the cap fell.
+    """
     prompt = prompt_token_ids(tokenizer, pair["prompt"])[-cfg.max_prompt_tokens:]
-    eos = [tokenizer.eos_token_id]
-    # +1: the end-of-turn token, so the model also learns where the chosen answer stops
-    chosen = tokenizer(pair["chosen"], add_special_tokens=False).input_ids[:cfg.max_new_tokens] + eos
-    rejected = tokenizer(pair["rejected"], add_special_tokens=False).input_ids[:cfg.max_new_tokens] + eos
-    return dict(prompt=prompt, chosen=chosen, rejected=rejected)
+
+    def response(text: str, finish: str) -> list[int]:
+        ids = tokenizer(text, add_special_tokens=False).input_ids
+        return ids[:cfg.max_new_tokens] if finish == "length" or len(ids) > cfg.max_new_tokens else ids + [end_id]
+
+    # pairs written before samples recorded how each response ended have no finish field: taken as "stop"
+    return dict(prompt=prompt, chosen=response(pair["chosen"], pair.get("chosen_finish", "stop")),
+                rejected=response(pair["rejected"], pair.get("rejected_finish", "stop")))
 
 
 def collate(encoded: list[dict], pad_id: int, device) -> dict:
@@ -486,7 +495,8 @@ def train(solver, tokenizer, pairs: list[dict], cfg: Config, run: Run, t: int, d
     from contextlib import nullcontext
     folder = run.iter_dir(t)
     spec = losses.LOSSES[cfg.loss]
-    encoded = [encode_pair(tokenizer, p, cfg) for p in pairs]
+    end_id = modeling.turn_end_id(tokenizer)
+    encoded = [encode_pair(tokenizer, p, cfg, end_id) for p in pairs]
     ref_path = folder / "reference_logps.pt"
     ref = None
     if spec.needs_reference:  # once per iteration, before the first step, from the starting policy

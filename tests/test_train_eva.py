@@ -45,10 +45,12 @@ def test_one_full_iteration_writes_every_file(tmp_path, tiny_llama_dir):
         assert (run / "iter_1" / name).exists(), f"missing iter_1/{name}"
     samples = [json.loads(line) for line in (run / "iter_0" / "samples.jsonl").read_text().splitlines()]
     assert len(samples) == len(TINY_PROMPTS) and all(len(s["responses"]) == 2 == len(s["rewards"]) for s in samples)
+    assert all(len(s["finish"]) == 2 and set(s["finish"]) <= {"stop", "length"} for s in samples)
     pairs = [json.loads(line) for line in (run / "iter_0" / "pairs.jsonl").read_text().splitlines()]
     assert pairs, "the tiny prompts are built so that rewards differ: there must be pairs"
     for p in pairs:
         assert p["chosen_reward"] > p["rejected_reward"]
+        assert {p["chosen_finish"], p["rejected_finish"]} <= {"stop", "length"}
     evolved = [json.loads(line) for line in (run / "iter_1" / "evolved.jsonl").read_text().splitlines()]
     selected = [json.loads(line) for line in (run / "iter_1" / "selected.jsonl").read_text().splitlines()]
     assert len(selected) == 4, "smoke preset selects half of 8 prompts"
