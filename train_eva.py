@@ -122,12 +122,12 @@ PRESETS = {
     "paper": dict(model="google/gemma-2-9b-it", reward="hf:RLHFlow/ArmoRM-Llama3-8B-v0.1", n_samples=6,
                   lora=False, fsdp=True,
                   temperature=0.7, top_p=0.9, max_new_tokens=2048, max_prompt_tokens=1024, gen_batch_size=4,
-                  select_fraction=0.25, evolve_depth=4, evolved_fraction=0.8, loss="dpo", beta=0.05, lr=5e-7,
+                  select_fraction=0.25, evolve_depth=4, evolved_fraction=0.8, loss="dpo", lr=5e-7,
                   epochs=2, batch_size=64, micro_batch_size=1, warmup_ratio=0.1, eval_max_new_tokens=2048,
                   creator_max_new_tokens=1024, gradient_checkpointing=True, vocab_chunk=32768,
                   seed_prompts="data/seed_prompts.jsonl"),
 }
-# The paper's per-loss settings (DESIGN.md section 1), applied by --preset paper together with --loss.
+# The paper's per-loss settings, applied by --preset paper together with --loss: the only source of its beta.
 PAPER_LOSS_SETTINGS = {"dpo": dict(beta=0.05, lr=5e-7), "sppo": dict(beta=0.001, lr=5e-7, optimizer="rmsprop"),
                        "simpo": dict(beta=2.0, lr=5e-7), "orpo": dict(lr=5e-7), "ipo": dict(beta=0.1, lr=5e-7)}
 
@@ -151,35 +151,63 @@ def parse_config(argv=None) -> Config:
         values.update(PAPER_LOSS_SETTINGS.get(given.get("loss", "dpo"), {}))
     values.update(given)
     cfg = Config(**values)
-    check_config(cfg, parser)
+    check_config(cfg)
     return cfg
 
 
-def check_config(cfg: Config, parser) -> None:
-    """Refuse impossible settings before any model is loaded."""
+def check_config(cfg: Config) -> None:
+    """Refuse impossible settings before any model is loaded or any prompt sampled: one line naming the flag."""
     choices = dict(loss=tuple(losses.LOSSES), info_metric=creator.METRICS, selection=("weighted", "greedy", "uniform"),
                    evolve_kinds=("all", "depth", "breadth"), optimizer=("adamw", "rmsprop"))
     for name, allowed in choices.items():
         if getattr(cfg, name) not in allowed:
-            parser.error(f"--{name} {getattr(cfg, name)}: choose one of {', '.join(allowed)}")
+            raise ValueError(f"--{name} {getattr(cfg, name)}: choose one of {', '.join(allowed)}")
+    for f in dataclasses.fields(Config):  # nan and inf pass no range check below
+        value = getattr(cfg, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"--{f.name} {value}: must be a finite number")
+    if cfg.loss == "orpo" and cfg.beta >= 0:
+        raise ValueError(f"--beta {cfg.beta}: --loss orpo has no beta; its odds-ratio weight is --orpo_lambda")
+    ranges = [  # (flag, holds, what it must be); written as "holds" so that a nan fails too
+        ("lr", cfg.lr > 0, "> 0"),
+        ("beta", cfg.beta != 0, "> 0 (or < 0 for the loss's own default)"),
+        ("orpo_lambda", cfg.orpo_lambda >= 0, ">= 0"),
+        ("gamma_beta_ratio", cfg.gamma_beta_ratio >= 0, ">= 0"),
+        ("weight_decay", cfg.weight_decay >= 0, ">= 0"),
+        ("warmup_ratio", 0 <= cfg.warmup_ratio < 1, "in [0, 1)"),
+        ("max_grad_norm", cfg.max_grad_norm > 0, "> 0"),
+        ("vocab_chunk", cfg.vocab_chunk >= 0, ">= 0 (0 = the whole vocabulary at once)"),
+        ("save_every", cfg.save_every >= 1, "at least 1"),
+        ("n_samples", cfg.n_samples >= 2, "at least 2 (one response per prompt makes no pair and no reward gap)"),
+        ("temperature", cfg.temperature >= 0, ">= 0 (0 = greedy)"),
+        ("top_p", 0 < cfg.top_p <= 1, "in (0, 1]"),
+        ("creator_temperature", cfg.creator_temperature >= 0, ">= 0 (0 = greedy)"),
+        ("lora_r", cfg.lora_r >= 1, "at least 1"),
+        ("lora_alpha", cfg.lora_alpha >= 1, "at least 1"),
+        ("lora_dropout", 0 <= cfg.lora_dropout < 1, "in [0, 1)"),
+        ("select_fraction", 0 < cfg.select_fraction <= 1, "in (0, 1]"),
+        ("evolved_fraction", 0 < cfg.evolved_fraction <= 1, "in (0, 1]"),
+        ("endpoint_timeout", cfg.endpoint_timeout > 0, "> 0 seconds"),
+        ("endpoint_retries", cfg.endpoint_retries >= 0, ">= 0"),
+    ]
+    ranges += [(name, getattr(cfg, name) >= 1, "at least 1") for name in (
+        "max_new_tokens", "max_prompt_tokens", "gen_batch_size", "creator_max_new_tokens", "eval_max_new_tokens",
+        "epochs", "batch_size", "micro_batch_size", "evolve_depth")]
+    ranges += [(name, getattr(cfg, name) >= 0, ">= 0") for name in (
+        "eva_iterations", "pairs_per_iteration", "max_seed_prompts", "max_heldout_prompts")]
+    for name, holds, requirement in ranges:
+        if not holds:
+            raise ValueError(f"--{name} {getattr(cfg, name)}: must be {requirement}")
     world = parallel.world_size() if parallel.world_size() > 1 else int(os.environ.get("WORLD_SIZE", 1))
     if cfg.batch_size % (world * cfg.micro_batch_size) != 0:
-        parser.error(f"--batch_size {cfg.batch_size} must be a multiple of world size {world} x "
-                     f"--micro_batch_size {cfg.micro_batch_size}")
+        raise ValueError(f"--batch_size {cfg.batch_size} must be a multiple of world size {world} x "
+                         f"--micro_batch_size {cfg.micro_batch_size}")
     if cfg.load_in_4bit and not cfg.lora:
-        parser.error("--load_in_4bit trains LoRA adapters on a frozen 4-bit base: it needs --lora")
-    if cfg.load_in_4bit:
-        try:  # the same checks model.load_model makes, here so that they come before any model is loaded
-            modeling.four_bit_config(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
-        except ValueError as err:
-            parser.error(str(err))
+        raise ValueError("--load_in_4bit trains LoRA adapters on a frozen 4-bit base: it needs --lora")
+    if cfg.load_in_4bit:  # the same checks model.load_model makes, here so that they come before any model is loaded
+        modeling.four_bit_config(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     if cfg.fsdp and cfg.lora:
-        parser.error("--fsdp shards full fine-tuning; LoRA and QLoRA train with DDP: add --no-lora or --no-fsdp")
-    if not 0 < cfg.select_fraction <= 1 or not 0 < cfg.evolved_fraction <= 1:
-        parser.error("--select_fraction and --evolved_fraction must lie in (0, 1]")
-    for name in ("n_samples", "max_new_tokens", "epochs", "batch_size", "micro_batch_size", "evolve_depth"):
-        if getattr(cfg, name) < 1:
-            parser.error(f"--{name} must be at least 1")
+        raise ValueError("--fsdp shards full fine-tuning; LoRA and QLoRA train with DDP: add --no-lora or --no-fsdp")
 
 
 # ------------------------------------------------------------------------------------------------- files
