@@ -517,8 +517,11 @@ def stop_nonfinite(folder: Path, ckpt_path: Path, t: int, step: int, what: str, 
                      f"made; {kept}; the batch is in {path}")
 
 
-def train(solver, tokenizer, pairs: list[dict], cfg: Config, run: Run, t: int, device) -> dict:
-    """One solver update on the iteration's pairs; resumable from the last checkpoint inside the phase."""
+def train(solver, masters, tokenizer, pairs: list[dict], cfg: Config, run: Run, t: int, device) -> dict:
+    """One solver update on the iteration's pairs; resumable from the last checkpoint inside the phase.
+
+    LoRA steps the adapter inside `solver`; full fine-tuning steps the fp32 `masters` (see load_masters), and
+    save_solver then refreshes the sampling model from them. The reference is `solver` as the phase starts."""
     import gc
     from contextlib import nullcontext
     folder = run.iter_dir(t)
@@ -537,15 +540,12 @@ def train(solver, tokenizer, pairs: list[dict], cfg: Config, run: Run, t: int, d
     p_chosen = torch.tensor([p["p_chosen"] for p in pairs], dtype=torch.float32)
     p_rejected = torch.tensor([p["p_rejected"] for p in pairs], dtype=torch.float32)
 
-    # --fsdp (full fine-tuning under torchrun) trains a sharded copy. Sampling keeps the plain solver, because ranks
-    # run different numbers of forwards there, which would deadlock a sharded model; it takes the weights back below.
-    fsdp = cfg.fsdp and not cfg.lora and parallel.world_size() > 1
+    fsdp = uses_fsdp(cfg)
     ddp = parallel.world_size() > 1 and not fsdp
-    policy = solver
-    if fsdp:
-        if device.type == "cuda":
-            solver.to("cpu")  # out of the GPU's way while the shards train
-        policy = parallel.fsdp_shard(solver, device)
+    trained = solver if masters is None else masters
+    policy = trained
+    if fsdp and device.type == "cuda":
+        solver.to("cpu")  # out of the GPU's way while the shards train; save_solver brings it back
     params = [p for p in policy.parameters() if p.requires_grad]
     if cfg.optimizer == "adamw":
         optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -561,7 +561,7 @@ def train(solver, tokenizer, pairs: list[dict], cfg: Config, run: Run, t: int, d
     torch.manual_seed(stable_seed(cfg.seed, t, "train"))
     if ckpt_path.exists() and not fsdp:  # --fsdp writes no mid-phase checkpoint: a killed phase starts over
         state = torch.load(ckpt_path, weights_only=False)
-        trainable = {n: p for n, p in solver.named_parameters() if p.requires_grad}
+        trainable = {n: p for n, p in trained.named_parameters() if p.requires_grad}
         for name, value in state["weights"].items():
             trainable[name].data.copy_(value)
         optimizer.load_state_dict(state["optimizer"])
@@ -575,7 +575,7 @@ def train(solver, tokenizer, pairs: list[dict], cfg: Config, run: Run, t: int, d
         print0(f"[iter {t}] train: resuming at step {start_step}/{total_steps}")
 
     if ddp:
-        policy = torch.nn.parallel.DistributedDataParallel(solver)
+        policy = torch.nn.parallel.DistributedDataParallel(trained)
     world, me = parallel.world_size(), parallel.rank()
     per_rank = cfg.batch_size // world
     # The data order of every epoch is fixed by the seed, so a resumed run sees the same batches.
@@ -635,35 +635,66 @@ def train(solver, tokenizer, pairs: list[dict], cfg: Config, run: Run, t: int, d
             # every rank's RNG state (each draws its own dropout masks), gathered for rank 0 to save
             rng = parallel.sharded(lambda mine: [rng_state() for _ in mine], list(range(world)), desc="rng state")
             if parallel.is_main():
-                weights = {n: p.detach().cpu() for n, p in solver.named_parameters() if p.requires_grad}
+                weights = {n: p.detach().cpu() for n, p in trained.named_parameters() if p.requires_grad}
                 write_atomic(ckpt_path, dict(weights=weights, optimizer=optimizer.state_dict(),
                                              scheduler=scheduler.state_dict(), step=step + 1, rng=rng))
                 kill_point(t, "train", step + 1)  # test hook
-    if fsdp:
-        parallel.fsdp_gather(policy, solver)  # in memory: the model that samples next is the one just trained
-        del policy, params, optimizer, scheduler
-        gc.collect()  # FSDP's hooks form reference cycles: free the shards and optimizer state first
-        solver.to(device)
+    del policy, params, optimizer, scheduler
+    gc.collect()  # FSDP's hooks form reference cycles: free the optimizer state now
+    trained.eval()
     solver.eval()
     return dict(pairs=len(pairs), steps=total_steps,
                 first_loss=stats[0]["loss"] if stats else None, last_loss=stats[-1]["loss"] if stats else None)
 
 
-def save_solver(solver, tokenizer, cfg: Config, folder: Path) -> None:
-    if parallel.is_main():
-        if cfg.lora:
-            modeling.save_adapter(solver, folder / "adapter", cfg.model)
-        else:
+def uses_fsdp(cfg: Config) -> bool:
+    return cfg.fsdp and not cfg.lora and parallel.world_size() > 1
+
+
+def save_solver(solver, masters, tokenizer, cfg: Config, folder: Path, device) -> None:
+    """Write the weights of record (the LoRA adapter, or full fine-tuning's fp32 masters) and make the sampling
+    model equal to them again, on every rank."""
+    if cfg.lora or masters is solver:
+        if parallel.is_main():
+            if cfg.lora:
+                modeling.save_adapter(solver, folder / "adapter", cfg.model)
+            else:
+                modeling.save_full(solver, tokenizer, folder / "model")
+    elif uses_fsdp(cfg):
+        # Rank 0 gathers the fp32 shards into its plain model, upcast on the CPU, and writes them; every rank then
+        # holds the same sampling copy, rounded to the sampling dtype.
+        solver.to("cpu")
+        if parallel.is_main():
+            solver.float()
+        parallel.fsdp_gather(masters, solver)
+        if parallel.is_main():
             modeling.save_full(solver, tokenizer, folder / "model")
+        solver.to(device, sampling_dtype(device))
+    else:  # a bf16 sampling copy of fp32 masters (one process or DDP on a GPU)
+        if parallel.is_main():
+            modeling.save_full(masters, tokenizer, folder / "model")
+        with torch.no_grad():
+            targets = dict(solver.named_parameters())
+            for name, param in masters.named_parameters():
+                targets[name].copy_(param)
     parallel.barrier()
 
 
-def load_solver(cfg: Config, run: Run, device):
-    """The solver as the last finished iteration left it (or fresh), with its LoRA adapter trainable."""
+def sampling_dtype(device) -> torch.dtype:
+    return torch.bfloat16 if device.type == "cuda" else torch.float32  # load_model's default
+
+
+def solver_source(cfg: Config, run: Run) -> tuple[int | None, str]:
+    """(last finished iteration or None, the model folder or id full fine-tuning resumes from)."""
     last = max((t for t in range(cfg.eva_iterations + 1) if run.done(t, "train")), default=None)
-    source = cfg.model
     if last is not None and not cfg.lora:
-        source = str(run.folder / f"iter_{last}" / "model")
+        return last, str(run.folder / f"iter_{last}" / "model")
+    return last, cfg.model
+
+
+def load_solver(cfg: Config, run: Run, device):
+    """The sampling model as the last finished iteration left it (or fresh), with its LoRA adapter trainable."""
+    last, source = solver_source(cfg, run)
     solver, tokenizer = modeling.load_model(source, device=device, load_in_4bit=cfg.load_in_4bit)
     if cfg.lora:
         # A resumed adapter gets the same preparation as a fresh one (4-bit casts, gradient checkpointing).
@@ -671,10 +702,29 @@ def load_solver(cfg: Config, run: Run, device):
         torch.manual_seed(cfg.seed)  # the LoRA A matrices are random: the same on every rank
         solver = modeling.add_lora(solver, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
                                    gradient_checkpointing=cfg.gradient_checkpointing, adapter=adapter)
-    elif cfg.gradient_checkpointing:
-        solver.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     solver.eval()
     return solver, tokenizer
+
+
+def load_masters(cfg: Config, run: Run, device, solver):
+    """Full fine-tuning's weights of record: fp32 masters that the optimizer steps (a 5e-7 step vanishes in bf16
+    rounding), kept across iterations, written by save_solver and read back on resume; compute runs under bf16
+    autocast on a GPU. LoRA has none (peft keeps adapter weights in fp32): None.
+
+    One process or DDP: the fp32 solver itself (on the CPU), else an fp32 model beside the bf16 sampling copy.
+    --fsdp: fp32 shards (parallel.fsdp_shard), loaded on the CPU so that no rank holds the whole model on its GPU.
+    """
+    if cfg.lora:
+        return None
+    fsdp = uses_fsdp(cfg)
+    if fsdp or any(p.dtype != torch.float32 for p in solver.parameters()):
+        masters, _ = modeling.load_model(solver_source(cfg, run)[1], device="cpu" if fsdp else device,
+                                         dtype=torch.float32)
+    else:
+        masters = solver
+    if cfg.gradient_checkpointing:
+        masters.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return parallel.fsdp_shard(masters, device) if fsdp else masters
 
 
 # ------------------------------------------------------------------------------------------------- evaluation
@@ -729,6 +779,7 @@ def main(argv=None) -> None:
            f"loss {cfg.loss}, world size {parallel.world_size()}, device {device}")
 
     solver, tokenizer = load_solver(cfg, run, device)
+    masters = load_masters(cfg, run, device, solver)
     context = getattr(solver.config, "max_position_embeddings", None)
     if context and cfg.max_prompt_tokens + cfg.max_new_tokens > context:
         raise ValueError(f"--max_prompt_tokens {cfg.max_prompt_tokens} + --max_new_tokens {cfg.max_new_tokens} exceed "
@@ -825,8 +876,8 @@ def main(argv=None) -> None:
             print0(f"[iter {t}] train: no pairs (every prompt's responses tied); the solver is unchanged")
             summary = dict(pairs=0, steps=0)
         else:
-            summary = train(solver, tokenizer, pairs, cfg, run, t, device)
-        save_solver(solver, tokenizer, cfg, folder)
+            summary = train(solver, masters, tokenizer, pairs, cfg, run, t, device)
+        save_solver(solver, masters, tokenizer, cfg, folder, device)
         write_jsonl(folder / "pool_next.jsonl", pool + evolved)
         run.mark(t, "train", dict(**summary, seconds=round(time.time() - t1, 1)))
         loss = "" if summary.get("first_loss") is None else \
