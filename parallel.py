@@ -62,6 +62,16 @@ def broadcast(obj):
     return box[0]
 
 
+def any_rank(flag: bool) -> bool:
+    """True on every rank when `flag` is true on any rank: one all-reduce of one number."""
+    if not dist.is_initialized():
+        return bool(flag)
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+    box = torch.tensor([float(bool(flag))], device=device)
+    dist.all_reduce(box, op=dist.ReduceOp.MAX)
+    return bool(box.item())
+
+
 def sharded(fn, items: list, desc: str | None = None) -> list:
     """fn(items[rank::world]) on each rank, results gathered to every rank in the original order.
 

@@ -298,6 +298,13 @@ def kill_point(t: int, phase: str, step: int | None = None) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
+def nonfinite_point(t: int, step: int) -> bool:
+    """Test hook: EVA_NONFINITE_AT="<rank>:<t>:<step>" makes that rank's loss NaN at training step `step` of
+    iteration t, so tests can check that every rank stops together. Unset (always, outside tests) it is False."""
+    spec = os.environ.get("EVA_NONFINITE_AT")
+    return bool(spec) and [int(x) for x in spec.split(":")] == [parallel.rank(), t, step]
+
+
 class Run:
     """The run folder: iter_<t>/ subfolders, phase markers, metrics.jsonl."""
 
@@ -503,13 +510,17 @@ def set_rng_state(state: dict) -> None:
 
 
 def stop_nonfinite(folder: Path, ckpt_path: Path, t: int, step: int, what: str, pair_ids, pairs: list[dict]) -> None:
-    """Write the offending batch and stop the run: a NaN or inf never reaches the weights or a checkpoint."""
-    bad = dict(iteration=t, step=step, rank=parallel.rank(), what=what, pair_indices=[int(i) for i in pair_ids],
-               prompt_ids=[pairs[i]["prompt_id"] for i in pair_ids])
+    """Write the offending batch and stop the run: a NaN or inf never reaches the weights or a checkpoint.
+
+    Collective: every rank calls it once any rank found a non-finite value (parallel.any_rank), with the pairs it
+    found it in (none on a rank whose values were finite), and every rank stops with the same message."""
+    found = parallel.sharded(lambda mine: [[int(i) for i in pair_ids] for _ in mine],
+                             list(range(parallel.world_size())), desc="non-finite pairs")  # [rank][pair]
+    indices = [i for ids in found for i in ids]
+    bad = dict(iteration=t, step=step, ranks=[r for r, ids in enumerate(found) if ids], what=what,
+               pair_indices=indices, prompt_ids=[pairs[i]["prompt_id"] for i in indices])
     path = folder / "nonfinite_batch.json"
-    tmp = path.with_name(f"{path.name}.{parallel.rank()}.tmp")  # whichever rank found it writes it, not only rank 0
-    tmp.write_text(json.dumps(bad) + "\n")
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(bad) + "\n")
     kept = (f"the last good checkpoint ({ckpt_path}) is kept and a rerun resumes from it" if ckpt_path.exists() else
             "no checkpoint yet: a rerun restarts the phase from the iteration's starting solver")
     ids = ", ".join(bad["prompt_ids"][:8]) + (" ..." if len(bad["prompt_ids"]) > 8 else "")
@@ -607,16 +618,20 @@ def train(solver, masters, tokenizer, pairs: list[dict], cfg: Config, run: Run, 
                 cfg.loss, chosen, rejected, ref_chosen, ref_rejected,
                 p_chosen=p_chosen[ids].to(device), p_rejected=p_rejected[ids].to(device),
                 beta=None if cfg.beta < 0 else cfg.beta, gamma_beta_ratio=cfg.gamma_beta_ratio, lam=cfg.orpo_lambda)
-            if not torch.isfinite(loss).all():
-                stop_nonfinite(folder, ckpt_path, t, step + 1, f"the {cfg.loss} loss", ids, pairs)
+            if nonfinite_point(t, step + 1):  # test hook
+                loss = loss * math.nan
+            # decided together (one all-reduce of a flag), so no rank waits for another that stopped
+            nonfinite = not torch.isfinite(loss).all()
+            if parallel.any_rank(nonfinite):
+                stop_nonfinite(folder, ckpt_path, t, step + 1, f"the {cfg.loss} loss", ids if nonfinite else [], pairs)
             # sum over the global batch / batch size; DDP averages over ranks, hence the * world
             (loss.sum() * world / cfg.batch_size).backward()
             step_loss += loss.detach().tolist()
             step_chosen += chosen_reward.tolist()
             step_rejected += rejected_reward.tolist()
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-        if not torch.isfinite(grad_norm):  # the same on every rank (DDP reduced the gradients): all stop together
-            stop_nonfinite(folder, ckpt_path, t, step + 1, "the gradient norm", batch_ids, pairs)
+        if parallel.any_rank(not torch.isfinite(grad_norm)):  # the reduced gradients': the same on every rank
+            stop_nonfinite(folder, ckpt_path, t, step + 1, "the gradient norm", local_ids, pairs)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
