@@ -55,6 +55,7 @@ def test_one_full_iteration_writes_every_file(tmp_path, tiny_llama_dir):
     selected = [json.loads(line) for line in (run / "iter_1" / "selected.jsonl").read_text().splitlines()]
     assert len(selected) == 4, "smoke preset selects half of 8 prompts"
     assert evolved and all(e["iteration"] == 1 and e["parent"] and e["method"] for e in evolved)
+    assert not list(run.glob("iter_*/train_state.pt")), "a finished iteration keeps no training checkpoint"
     pool_1 = (run / "iter_1" / "pool.jsonl").read_text().splitlines()
     assert len(pool_1) == len(TINY_PROMPTS)
     config = json.loads((run / "config.json").read_text())
