@@ -239,20 +239,34 @@ def read_jsonl(path: Path) -> list[dict]:
 def numbered_jsonl(path: Path) -> list[tuple[int, object]]:
     """(line number, record) for every non-blank line, so errors name the file's own line numbers."""
     records = []
-    with open(path) as f:
-        for lineno, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    records.append((lineno, json.loads(line)))
-                except json.JSONDecodeError as err:
-                    raise ValueError(f"{path}:{lineno}: not valid JSON ({err.msg})") from None
+    try:
+        with open(path, "rb") as f:
+            raw_lines = f.readlines()
+    except OSError as err:  # a directory, a file without read permission, ...
+        raise ValueError(f"{path}: cannot read it ({err.strerror or err})") from None
+    for lineno, raw in enumerate(raw_lines, 1):
+        try:
+            line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")  # utf-8-sig: a leading byte-order mark is fine
+        except UnicodeDecodeError as err:
+            raise ValueError(f"{path}:{lineno}: not UTF-8 text (byte {err.start + 1} of the line is "
+                             f"{raw[err.start]:#04x}); save the file as UTF-8") from None
+        if line.strip():
+            try:
+                records.append((lineno, json.loads(line)))
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}:{lineno}: not valid JSON ({err.msg})") from None
     return records
 
 
 def read_prompts(path: str, reward_spec: str, limit: int = 0) -> list[dict]:
-    """Prompt records from a JSON Lines file; any bad line stops the run before work starts, named by file:line."""
+    """Prompt records from a JSON Lines file; any bad line stops the run before work starts, named by file:line.
+
+    A record needs a prompt and an id (`id`, `key` or `prompt_id`, the UltraFeedback shape); the rules reward also
+    needs its constraints (`instruction_id_list`, `kwargs`), which other rewards ignore."""
     file = Path(path) if Path(path).is_absolute() or Path(path).exists() else ROOT / path
-    if not file.is_file():
+    if file.is_dir():
+        raise ValueError(f"{path}: is a directory; give the prompt file (JSON Lines) itself")
+    if not file.exists():
         raise FileNotFoundError(f"{path}: prompt file not found")
     records, seen = [], set()
     for lineno, record in numbered_jsonl(file):
@@ -260,15 +274,19 @@ def read_prompts(path: str, reward_spec: str, limit: int = 0) -> list[dict]:
         if not isinstance(record, dict):
             raise ValueError(f"{where}: expected a JSON object")
         record = dict(record)
-        record.setdefault("id", record.pop("key", None))
-        if record["id"] is None:
-            raise ValueError(f"{where}: missing field 'id' (or 'key')")
-        record["id"] = str(record["id"])
+        ident = next((record[k] for k in ("id", "key", "prompt_id") if record.get(k) is not None), None)
+        if ident is None:
+            raise ValueError(f"{where}: missing field 'id' (or 'key' or 'prompt_id')")
+        record.pop("key", None)
+        record["id"] = str(ident)
         if not isinstance(record.get("prompt"), str) or not record["prompt"].strip():
             raise ValueError(f"{where}: missing or empty field 'prompt'")
         if record["id"] in seen:
             raise ValueError(f"{where}: duplicate id {record['id']!r}")
         seen.add(record["id"])
+        if reward_spec == "rules" and "instruction_id_list" not in record:
+            raise ValueError(f"{where}: missing field 'instruction_id_list' (the rules reward checks those "
+                             f"constraints; a plain prompt needs --reward hf:... or judge:...)")
         record.setdefault("instruction_id_list", [])
         record.setdefault("kwargs", [{} for _ in record["instruction_id_list"]])
         if reward_spec == "rules":
