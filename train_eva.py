@@ -914,7 +914,8 @@ def main(argv=None) -> None:
         write_jsonl(folder / "pool_next.jsonl", pool + evolved)
         run.mark(t, "train", dict(**summary, seconds=round(time.time() - t1, 1)))
         if parallel.is_main():  # the phase is done: its checkpoint (weights and optimizer state) only takes space
-            (folder / "train_state.pt").unlink(missing_ok=True)
+            for name in ("train_state.pt", "train_state.pt.tmp"):  # .tmp: a write a kill interrupted
+                (folder / name).unlink(missing_ok=True)
         loss = "" if summary.get("first_loss") is None else \
             f", loss {summary['first_loss']:.4f} -> {summary['last_loss']:.4f}"
         print0(f"[iter {t}] train: {summary['pairs']} pairs, {summary['steps']} steps{loss} ({time.time() - t1:.0f} s)")

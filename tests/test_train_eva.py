@@ -53,7 +53,10 @@ def test_one_full_iteration_writes_every_file(tmp_path, tiny_llama_dir):
         assert {p["chosen_finish"], p["rejected_finish"]} <= {"stop", "length"}
     evolved = [json.loads(line) for line in (run / "iter_1" / "evolved.jsonl").read_text().splitlines()]
     selected = [json.loads(line) for line in (run / "iter_1" / "selected.jsonl").read_text().splitlines()]
-    assert len(selected) == 4, "smoke preset selects half of 8 prompts"
+    samples_1 = [json.loads(line) for line in (run / "iter_1" / "samples.jsonl").read_text().splitlines()]
+    informative = sum(s["info"] > 0 for s in samples_1)
+    assert informative and len(selected) == min(4, informative), \
+        "smoke preset selects half of 8 prompts (fewer only when fewer have a reward gap)"
     assert evolved and all(e["iteration"] == 1 and e["parent"] and e["method"] for e in evolved)
     assert not list(run.glob("iter_*/train_state.pt")), "a finished iteration keeps no training checkpoint"
     pool_1 = (run / "iter_1" / "pool.jsonl").read_text().splitlines()
