@@ -604,7 +604,8 @@ def endpoint_completer(base_url: str, model: str, *, temperature: float = 0.7, m
 def make_pairs(prompts: list[dict], samples: list[dict], source: str) -> list[dict]:
     """One pair per sample record: chosen = highest reward, rejected = lowest (first of equals), none when the
     rewards all tie or the two texts are identical. Responses with a non-finite reward are left out. p_chosen and
-    p_rejected are the SPPO win probabilities of those two among the prompt's scored samples."""
+    p_rejected are the SPPO win probabilities of those two among the prompt's scored samples; chosen_finish and
+    rejected_finish say how each response ended ("stop" or "length"; "stop" for samples that predate the field)."""
     by_id = {p.get("id", p.get("key")): p for p in prompts}
     pairs = []
     for s in samples:
@@ -622,9 +623,11 @@ def make_pairs(prompts: list[dict], samples: list[dict], source: str) -> list[di
         if chosen == rejected:
             continue
         p = losses.win_probabilities(r[None])[0]  # [1, n] -> [n], float64
+        finish = s.get("finish") or ["stop"] * len(s["responses"])
         pairs.append(dict(prompt_id=s["prompt_id"], prompt=by_id[s["prompt_id"]]["prompt"], chosen=chosen,
                           rejected=rejected, chosen_reward=float(r[best]), rejected_reward=float(r[worst]),
-                          p_chosen=float(p[best]), p_rejected=float(p[worst]), source=source))
+                          p_chosen=float(p[best]), p_rejected=float(p[worst]), chosen_finish=finish[keep[best]],
+                          rejected_finish=finish[keep[worst]], source=source))
     return pairs
 
 

@@ -62,6 +62,16 @@ def broadcast(obj):
     return box[0]
 
 
+def any_rank(flag: bool) -> bool:
+    """True on every rank when `flag` is true on any rank: one all-reduce of one number."""
+    if not dist.is_initialized():
+        return bool(flag)
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+    box = torch.tensor([float(bool(flag))], device=device)
+    dist.all_reduce(box, op=dist.ReduceOp.MAX)
+    return bool(box.item())
+
+
 def sharded(fn, items: list, desc: str | None = None) -> list:
     """fn(items[rank::world]) on each rank, results gathered to every rank in the original order.
 
@@ -88,25 +98,23 @@ def progress(iterable=None, **kwargs):
 
 
 def fsdp_shard(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
-    """A training copy of `model`, sharded over the ranks with FSDP2: each decoder layer, then the root.
+    """Shard `model` in place over the ranks with FSDP2 (each decoder layer, then the root) and return it.
 
-    The copy holds fp32 master weights (a 5e-7 step vanishes in bf16 rounding); on a GPU it computes in bf16 and
-    reduces gradients in fp32. fully_shard moves each shard to `device`, so `model` itself may sit on the CPU.
+    The shards hold fp32 master weights (a 5e-7 step vanishes in bf16 rounding); on a GPU it computes in bf16 and
+    reduces gradients in fp32. fully_shard moves each shard to `device`, so `model` may sit on the CPU.
     Hugging Face models name their decoder layer class in `_no_split_modules`.
     """
-    import copy
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     assert dist.is_initialized(), "fsdp_shard needs torchrun (a process group)"
-    sharded = copy.deepcopy(model)
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
         if device.type == "cuda" else MixedPrecisionPolicy()
-    layer_names = set(getattr(sharded, "_no_split_modules", None) or [])
-    layers = [m for m in sharded.modules() if type(m).__name__ in layer_names]
+    layer_names = set(getattr(model, "_no_split_modules", None) or [])
+    layers = [m for m in model.modules() if type(m).__name__ in layer_names]
     assert layers, f"fsdp_shard: no decoder layers ({sorted(layer_names)}) found in {type(model).__name__}"
     for layer in layers:  # one layer at a time, so only one full fp32 layer exists before it is sharded
         fully_shard(layer.float(), mp_policy=policy)
-    fully_shard(sharded.float(), mp_policy=policy)
-    return sharded
+    fully_shard(model.float(), mp_policy=policy)
+    return model
 
 
 @torch.no_grad()

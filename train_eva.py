@@ -122,12 +122,12 @@ PRESETS = {
     "paper": dict(model="google/gemma-2-9b-it", reward="hf:RLHFlow/ArmoRM-Llama3-8B-v0.1", n_samples=6,
                   lora=False, fsdp=True,
                   temperature=0.7, top_p=0.9, max_new_tokens=2048, max_prompt_tokens=1024, gen_batch_size=4,
-                  select_fraction=0.25, evolve_depth=4, evolved_fraction=0.8, loss="dpo", beta=0.05, lr=5e-7,
+                  select_fraction=0.25, evolve_depth=4, evolved_fraction=0.8, loss="dpo", lr=5e-7,
                   epochs=2, batch_size=64, micro_batch_size=1, warmup_ratio=0.1, eval_max_new_tokens=2048,
                   creator_max_new_tokens=1024, gradient_checkpointing=True, vocab_chunk=32768,
                   seed_prompts="data/seed_prompts.jsonl"),
 }
-# The paper's per-loss settings (DESIGN.md section 1), applied by --preset paper together with --loss.
+# The paper's per-loss settings, applied by --preset paper together with --loss: the only source of its beta.
 PAPER_LOSS_SETTINGS = {"dpo": dict(beta=0.05, lr=5e-7), "sppo": dict(beta=0.001, lr=5e-7, optimizer="rmsprop"),
                        "simpo": dict(beta=2.0, lr=5e-7), "orpo": dict(lr=5e-7), "ipo": dict(beta=0.1, lr=5e-7)}
 
@@ -151,35 +151,63 @@ def parse_config(argv=None) -> Config:
         values.update(PAPER_LOSS_SETTINGS.get(given.get("loss", "dpo"), {}))
     values.update(given)
     cfg = Config(**values)
-    check_config(cfg, parser)
+    check_config(cfg)
     return cfg
 
 
-def check_config(cfg: Config, parser) -> None:
-    """Refuse impossible settings before any model is loaded."""
+def check_config(cfg: Config) -> None:
+    """Refuse impossible settings before any model is loaded or any prompt sampled: one line naming the flag."""
     choices = dict(loss=tuple(losses.LOSSES), info_metric=creator.METRICS, selection=("weighted", "greedy", "uniform"),
                    evolve_kinds=("all", "depth", "breadth"), optimizer=("adamw", "rmsprop"))
     for name, allowed in choices.items():
         if getattr(cfg, name) not in allowed:
-            parser.error(f"--{name} {getattr(cfg, name)}: choose one of {', '.join(allowed)}")
+            raise ValueError(f"--{name} {getattr(cfg, name)}: choose one of {', '.join(allowed)}")
+    for f in dataclasses.fields(Config):  # nan and inf pass no range check below
+        value = getattr(cfg, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"--{f.name} {value}: must be a finite number")
+    if cfg.loss == "orpo" and cfg.beta >= 0:
+        raise ValueError(f"--beta {cfg.beta}: --loss orpo has no beta; its odds-ratio weight is --orpo_lambda")
+    ranges = [  # (flag, holds, what it must be); written as "holds" so that a nan fails too
+        ("lr", cfg.lr > 0, "> 0"),
+        ("beta", cfg.beta != 0, "> 0 (or < 0 for the loss's own default)"),
+        ("orpo_lambda", cfg.orpo_lambda >= 0, ">= 0"),
+        ("gamma_beta_ratio", cfg.gamma_beta_ratio >= 0, ">= 0"),
+        ("weight_decay", cfg.weight_decay >= 0, ">= 0"),
+        ("warmup_ratio", 0 <= cfg.warmup_ratio < 1, "in [0, 1)"),
+        ("max_grad_norm", cfg.max_grad_norm > 0, "> 0"),
+        ("vocab_chunk", cfg.vocab_chunk >= 0, ">= 0 (0 = the whole vocabulary at once)"),
+        ("save_every", cfg.save_every >= 1, "at least 1"),
+        ("n_samples", cfg.n_samples >= 2, "at least 2 (one response per prompt makes no pair and no reward gap)"),
+        ("temperature", cfg.temperature >= 0, ">= 0 (0 = greedy)"),
+        ("top_p", 0 < cfg.top_p <= 1, "in (0, 1]"),
+        ("creator_temperature", cfg.creator_temperature >= 0, ">= 0 (0 = greedy)"),
+        ("lora_r", cfg.lora_r >= 1, "at least 1"),
+        ("lora_alpha", cfg.lora_alpha >= 1, "at least 1"),
+        ("lora_dropout", 0 <= cfg.lora_dropout < 1, "in [0, 1)"),
+        ("select_fraction", 0 < cfg.select_fraction <= 1, "in (0, 1]"),
+        ("evolved_fraction", 0 < cfg.evolved_fraction <= 1, "in (0, 1]"),
+        ("endpoint_timeout", cfg.endpoint_timeout > 0, "> 0 seconds"),
+        ("endpoint_retries", cfg.endpoint_retries >= 0, ">= 0"),
+    ]
+    ranges += [(name, getattr(cfg, name) >= 1, "at least 1") for name in (
+        "max_new_tokens", "max_prompt_tokens", "gen_batch_size", "creator_max_new_tokens", "eval_max_new_tokens",
+        "epochs", "batch_size", "micro_batch_size", "evolve_depth")]
+    ranges += [(name, getattr(cfg, name) >= 0, ">= 0") for name in (
+        "eva_iterations", "pairs_per_iteration", "max_seed_prompts", "max_heldout_prompts")]
+    for name, holds, requirement in ranges:
+        if not holds:
+            raise ValueError(f"--{name} {getattr(cfg, name)}: must be {requirement}")
     world = parallel.world_size() if parallel.world_size() > 1 else int(os.environ.get("WORLD_SIZE", 1))
     if cfg.batch_size % (world * cfg.micro_batch_size) != 0:
-        parser.error(f"--batch_size {cfg.batch_size} must be a multiple of world size {world} x "
-                     f"--micro_batch_size {cfg.micro_batch_size}")
+        raise ValueError(f"--batch_size {cfg.batch_size} must be a multiple of world size {world} x "
+                         f"--micro_batch_size {cfg.micro_batch_size}")
     if cfg.load_in_4bit and not cfg.lora:
-        parser.error("--load_in_4bit trains LoRA adapters on a frozen 4-bit base: it needs --lora")
-    if cfg.load_in_4bit:
-        try:  # the same checks model.load_model makes, here so that they come before any model is loaded
-            modeling.four_bit_config(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
-        except ValueError as err:
-            parser.error(str(err))
+        raise ValueError("--load_in_4bit trains LoRA adapters on a frozen 4-bit base: it needs --lora")
+    if cfg.load_in_4bit:  # the same checks model.load_model makes, here so that they come before any model is loaded
+        modeling.four_bit_config(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     if cfg.fsdp and cfg.lora:
-        parser.error("--fsdp shards full fine-tuning; LoRA and QLoRA train with DDP: add --no-lora or --no-fsdp")
-    if not 0 < cfg.select_fraction <= 1 or not 0 < cfg.evolved_fraction <= 1:
-        parser.error("--select_fraction and --evolved_fraction must lie in (0, 1]")
-    for name in ("n_samples", "max_new_tokens", "epochs", "batch_size", "micro_batch_size", "evolve_depth"):
-        if getattr(cfg, name) < 1:
-            parser.error(f"--{name} must be at least 1")
+        raise ValueError("--fsdp shards full fine-tuning; LoRA and QLoRA train with DDP: add --no-lora or --no-fsdp")
 
 
 # ------------------------------------------------------------------------------------------------- files
@@ -211,20 +239,34 @@ def read_jsonl(path: Path) -> list[dict]:
 def numbered_jsonl(path: Path) -> list[tuple[int, object]]:
     """(line number, record) for every non-blank line, so errors name the file's own line numbers."""
     records = []
-    with open(path) as f:
-        for lineno, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    records.append((lineno, json.loads(line)))
-                except json.JSONDecodeError as err:
-                    raise ValueError(f"{path}:{lineno}: not valid JSON ({err.msg})") from None
+    try:
+        with open(path, "rb") as f:
+            raw_lines = f.readlines()
+    except OSError as err:  # a directory, a file without read permission, ...
+        raise ValueError(f"{path}: cannot read it ({err.strerror or err})") from None
+    for lineno, raw in enumerate(raw_lines, 1):
+        try:
+            line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")  # utf-8-sig: a leading byte-order mark is fine
+        except UnicodeDecodeError as err:
+            raise ValueError(f"{path}:{lineno}: not UTF-8 text (byte {err.start + 1} of the line is "
+                             f"{raw[err.start]:#04x}); save the file as UTF-8") from None
+        if line.strip():
+            try:
+                records.append((lineno, json.loads(line)))
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}:{lineno}: not valid JSON ({err.msg})") from None
     return records
 
 
 def read_prompts(path: str, reward_spec: str, limit: int = 0) -> list[dict]:
-    """Prompt records from a JSON Lines file; any bad line stops the run before work starts, named by file:line."""
+    """Prompt records from a JSON Lines file; any bad line stops the run before work starts, named by file:line.
+
+    A record needs a prompt and an id (`id`, `key` or `prompt_id`, the UltraFeedback shape); the rules reward also
+    needs its constraints (`instruction_id_list`, `kwargs`), which other rewards ignore."""
     file = Path(path) if Path(path).is_absolute() or Path(path).exists() else ROOT / path
-    if not file.is_file():
+    if file.is_dir():
+        raise ValueError(f"{path}: is a directory; give the prompt file (JSON Lines) itself")
+    if not file.exists():
         raise FileNotFoundError(f"{path}: prompt file not found")
     records, seen = [], set()
     for lineno, record in numbered_jsonl(file):
@@ -232,15 +274,19 @@ def read_prompts(path: str, reward_spec: str, limit: int = 0) -> list[dict]:
         if not isinstance(record, dict):
             raise ValueError(f"{where}: expected a JSON object")
         record = dict(record)
-        record.setdefault("id", record.pop("key", None))
-        if record["id"] is None:
-            raise ValueError(f"{where}: missing field 'id' (or 'key')")
-        record["id"] = str(record["id"])
+        ident = next((record[k] for k in ("id", "key", "prompt_id") if record.get(k) is not None), None)
+        if ident is None:
+            raise ValueError(f"{where}: missing field 'id' (or 'key' or 'prompt_id')")
+        record.pop("key", None)
+        record["id"] = str(ident)
         if not isinstance(record.get("prompt"), str) or not record["prompt"].strip():
             raise ValueError(f"{where}: missing or empty field 'prompt'")
         if record["id"] in seen:
             raise ValueError(f"{where}: duplicate id {record['id']!r}")
         seen.add(record["id"])
+        if reward_spec == "rules" and "instruction_id_list" not in record:
+            raise ValueError(f"{where}: missing field 'instruction_id_list' (the rules reward checks those "
+                             f"constraints; a plain prompt needs --reward hf:... or judge:...)")
         record.setdefault("instruction_id_list", [])
         record.setdefault("kwargs", [{} for _ in record["instruction_id_list"]])
         if reward_spec == "rules":
@@ -268,6 +314,13 @@ def kill_point(t: int, phase: str, step: int | None = None) -> None:
     want_t, want_phase, *want_step = spec.split(":")
     if int(want_t) == t and want_phase == phase and (not want_step or int(want_step[0]) == step):
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def nonfinite_point(t: int, step: int) -> bool:
+    """Test hook: EVA_NONFINITE_AT="<rank>:<t>:<step>" makes that rank's loss NaN at training step `step` of
+    iteration t, so tests can check that every rank stops together. Unset (always, outside tests) it is False."""
+    spec = os.environ.get("EVA_NONFINITE_AT")
+    return bool(spec) and [int(x) for x in spec.split(":")] == [parallel.rank(), t, step]
 
 
 class Run:
@@ -347,10 +400,11 @@ def sample_and_score(solver, tokenizer, scorer, records: list[dict], cfg: Config
                           for score in scorer.score(flat_prompts[s:s + size], flat_responses[s:s + size])],
             max(1, len(flat_responses)), f"{phase}: scoring")
         # A reward that could not be computed (a judge that gave no rating) is NaN in memory and null on disk.
-        return [{"prompt_id": r["id"], "responses": texts,
+        # finish: "stop" (the model ended its turn) or "length" (cut at --max_new_tokens), per response.
+        return [{"prompt_id": r["id"], "responses": texts, "finish": finish,
                  "rewards": [float(s) if math.isfinite(s) else None
                              for s in flat_scores[k * cfg.n_samples:(k + 1) * cfg.n_samples]]}
-                for k, (r, texts) in enumerate(zip(batch, out.texts))]
+                for k, (r, texts, finish) in enumerate(zip(batch, out.texts, out.finish))]
 
     samples = parallel.sharded(work, list(range(len(records))), desc=phase)
     info = creator.informativeness([as_floats(s["rewards"]) for s in samples], "gap")
@@ -388,14 +442,22 @@ def prompt_token_ids(tokenizer, prompt: str) -> list[int]:
 
 
 # ------------------------------------------------------------------------------------------------- training
-def encode_pair(tokenizer, pair: dict, cfg: Config) -> dict:
-    """Token ids of prompt, chosen and rejected, tokenised separately (joining strings merges boundary tokens)."""
+def encode_pair(tokenizer, pair: dict, cfg: Config, end_id: int) -> dict:
+    """Token ids of prompt, chosen and rejected, tokenised separately (joining strings merges boundary tokens).
+
+    A response the model ended itself gets the chat template's end-of-turn token `end_id` (model.turn_end_id), so
+    the model also learns where an answer stops. One cut at --max_new_tokens (finish "length", or longer than that
+    after re-tokenisation) gets none: it must not learn to stop where the cap fell.
+    """
     prompt = prompt_token_ids(tokenizer, pair["prompt"])[-cfg.max_prompt_tokens:]
-    eos = [tokenizer.eos_token_id]
-    # +1: the end-of-turn token, so the model also learns where the chosen answer stops
-    chosen = tokenizer(pair["chosen"], add_special_tokens=False).input_ids[:cfg.max_new_tokens] + eos
-    rejected = tokenizer(pair["rejected"], add_special_tokens=False).input_ids[:cfg.max_new_tokens] + eos
-    return dict(prompt=prompt, chosen=chosen, rejected=rejected)
+
+    def response(text: str, finish: str) -> list[int]:
+        ids = tokenizer(text, add_special_tokens=False).input_ids
+        return ids[:cfg.max_new_tokens] if finish == "length" or len(ids) > cfg.max_new_tokens else ids + [end_id]
+
+    # pairs written before samples recorded how each response ended have no finish field: taken as "stop"
+    return dict(prompt=prompt, chosen=response(pair["chosen"], pair.get("chosen_finish", "stop")),
+                rejected=response(pair["rejected"], pair.get("rejected_finish", "stop")))
 
 
 def collate(encoded: list[dict], pad_id: int, device) -> dict:
@@ -466,13 +528,17 @@ def set_rng_state(state: dict) -> None:
 
 
 def stop_nonfinite(folder: Path, ckpt_path: Path, t: int, step: int, what: str, pair_ids, pairs: list[dict]) -> None:
-    """Write the offending batch and stop the run: a NaN or inf never reaches the weights or a checkpoint."""
-    bad = dict(iteration=t, step=step, rank=parallel.rank(), what=what, pair_indices=[int(i) for i in pair_ids],
-               prompt_ids=[pairs[i]["prompt_id"] for i in pair_ids])
+    """Write the offending batch and stop the run: a NaN or inf never reaches the weights or a checkpoint.
+
+    Collective: every rank calls it once any rank found a non-finite value (parallel.any_rank), with the pairs it
+    found it in (none on a rank whose values were finite), and every rank stops with the same message."""
+    found = parallel.sharded(lambda mine: [[int(i) for i in pair_ids] for _ in mine],
+                             list(range(parallel.world_size())), desc="non-finite pairs")  # [rank][pair]
+    indices = [i for ids in found for i in ids]
+    bad = dict(iteration=t, step=step, ranks=[r for r, ids in enumerate(found) if ids], what=what,
+               pair_indices=indices, prompt_ids=[pairs[i]["prompt_id"] for i in indices])
     path = folder / "nonfinite_batch.json"
-    tmp = path.with_name(f"{path.name}.{parallel.rank()}.tmp")  # whichever rank found it writes it, not only rank 0
-    tmp.write_text(json.dumps(bad) + "\n")
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(bad) + "\n")
     kept = (f"the last good checkpoint ({ckpt_path}) is kept and a rerun resumes from it" if ckpt_path.exists() else
             "no checkpoint yet: a rerun restarts the phase from the iteration's starting solver")
     ids = ", ".join(bad["prompt_ids"][:8]) + (" ..." if len(bad["prompt_ids"]) > 8 else "")
@@ -480,13 +546,17 @@ def stop_nonfinite(folder: Path, ckpt_path: Path, t: int, step: int, what: str, 
                      f"made; {kept}; the batch is in {path}")
 
 
-def train(solver, tokenizer, pairs: list[dict], cfg: Config, run: Run, t: int, device) -> dict:
-    """One solver update on the iteration's pairs; resumable from the last checkpoint inside the phase."""
+def train(solver, masters, tokenizer, pairs: list[dict], cfg: Config, run: Run, t: int, device) -> dict:
+    """One solver update on the iteration's pairs; resumable from the last checkpoint inside the phase.
+
+    LoRA steps the adapter inside `solver`; full fine-tuning steps the fp32 `masters` (see load_masters), and
+    save_solver then refreshes the sampling model from them. The reference is `solver` as the phase starts."""
     import gc
     from contextlib import nullcontext
     folder = run.iter_dir(t)
     spec = losses.LOSSES[cfg.loss]
-    encoded = [encode_pair(tokenizer, p, cfg) for p in pairs]
+    end_id = modeling.turn_end_id(tokenizer)
+    encoded = [encode_pair(tokenizer, p, cfg, end_id) for p in pairs]
     ref_path = folder / "reference_logps.pt"
     ref = None
     if spec.needs_reference:  # once per iteration, before the first step, from the starting policy
@@ -499,15 +569,12 @@ def train(solver, tokenizer, pairs: list[dict], cfg: Config, run: Run, t: int, d
     p_chosen = torch.tensor([p["p_chosen"] for p in pairs], dtype=torch.float32)
     p_rejected = torch.tensor([p["p_rejected"] for p in pairs], dtype=torch.float32)
 
-    # --fsdp (full fine-tuning under torchrun) trains a sharded copy. Sampling keeps the plain solver, because ranks
-    # run different numbers of forwards there, which would deadlock a sharded model; it takes the weights back below.
-    fsdp = cfg.fsdp and not cfg.lora and parallel.world_size() > 1
+    fsdp = uses_fsdp(cfg)
     ddp = parallel.world_size() > 1 and not fsdp
-    policy = solver
-    if fsdp:
-        if device.type == "cuda":
-            solver.to("cpu")  # out of the GPU's way while the shards train
-        policy = parallel.fsdp_shard(solver, device)
+    trained = solver if masters is None else masters
+    policy = trained
+    if fsdp and device.type == "cuda":
+        solver.to("cpu")  # out of the GPU's way while the shards train; save_solver brings it back
     params = [p for p in policy.parameters() if p.requires_grad]
     if cfg.optimizer == "adamw":
         optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -523,7 +590,7 @@ def train(solver, tokenizer, pairs: list[dict], cfg: Config, run: Run, t: int, d
     torch.manual_seed(stable_seed(cfg.seed, t, "train"))
     if ckpt_path.exists() and not fsdp:  # --fsdp writes no mid-phase checkpoint: a killed phase starts over
         state = torch.load(ckpt_path, weights_only=False)
-        trainable = {n: p for n, p in solver.named_parameters() if p.requires_grad}
+        trainable = {n: p for n, p in trained.named_parameters() if p.requires_grad}
         for name, value in state["weights"].items():
             trainable[name].data.copy_(value)
         optimizer.load_state_dict(state["optimizer"])
@@ -537,7 +604,7 @@ def train(solver, tokenizer, pairs: list[dict], cfg: Config, run: Run, t: int, d
         print0(f"[iter {t}] train: resuming at step {start_step}/{total_steps}")
 
     if ddp:
-        policy = torch.nn.parallel.DistributedDataParallel(solver)
+        policy = torch.nn.parallel.DistributedDataParallel(trained)
     world, me = parallel.world_size(), parallel.rank()
     per_rank = cfg.batch_size // world
     # The data order of every epoch is fixed by the seed, so a resumed run sees the same batches.
@@ -569,16 +636,20 @@ def train(solver, tokenizer, pairs: list[dict], cfg: Config, run: Run, t: int, d
                 cfg.loss, chosen, rejected, ref_chosen, ref_rejected,
                 p_chosen=p_chosen[ids].to(device), p_rejected=p_rejected[ids].to(device),
                 beta=None if cfg.beta < 0 else cfg.beta, gamma_beta_ratio=cfg.gamma_beta_ratio, lam=cfg.orpo_lambda)
-            if not torch.isfinite(loss).all():
-                stop_nonfinite(folder, ckpt_path, t, step + 1, f"the {cfg.loss} loss", ids, pairs)
+            if nonfinite_point(t, step + 1):  # test hook
+                loss = loss * math.nan
+            # decided together (one all-reduce of a flag), so no rank waits for another that stopped
+            nonfinite = not torch.isfinite(loss).all()
+            if parallel.any_rank(nonfinite):
+                stop_nonfinite(folder, ckpt_path, t, step + 1, f"the {cfg.loss} loss", ids if nonfinite else [], pairs)
             # sum over the global batch / batch size; DDP averages over ranks, hence the * world
             (loss.sum() * world / cfg.batch_size).backward()
             step_loss += loss.detach().tolist()
             step_chosen += chosen_reward.tolist()
             step_rejected += rejected_reward.tolist()
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-        if not torch.isfinite(grad_norm):  # the same on every rank (DDP reduced the gradients): all stop together
-            stop_nonfinite(folder, ckpt_path, t, step + 1, "the gradient norm", batch_ids, pairs)
+        if parallel.any_rank(not torch.isfinite(grad_norm)):  # the reduced gradients': the same on every rank
+            stop_nonfinite(folder, ckpt_path, t, step + 1, "the gradient norm", local_ids, pairs)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -597,35 +668,66 @@ def train(solver, tokenizer, pairs: list[dict], cfg: Config, run: Run, t: int, d
             # every rank's RNG state (each draws its own dropout masks), gathered for rank 0 to save
             rng = parallel.sharded(lambda mine: [rng_state() for _ in mine], list(range(world)), desc="rng state")
             if parallel.is_main():
-                weights = {n: p.detach().cpu() for n, p in solver.named_parameters() if p.requires_grad}
+                weights = {n: p.detach().cpu() for n, p in trained.named_parameters() if p.requires_grad}
                 write_atomic(ckpt_path, dict(weights=weights, optimizer=optimizer.state_dict(),
                                              scheduler=scheduler.state_dict(), step=step + 1, rng=rng))
                 kill_point(t, "train", step + 1)  # test hook
-    if fsdp:
-        parallel.fsdp_gather(policy, solver)  # in memory: the model that samples next is the one just trained
-        del policy, params, optimizer, scheduler
-        gc.collect()  # FSDP's hooks form reference cycles: free the shards and optimizer state first
-        solver.to(device)
+    del policy, params, optimizer, scheduler
+    gc.collect()  # FSDP's hooks form reference cycles: free the optimizer state now
+    trained.eval()
     solver.eval()
     return dict(pairs=len(pairs), steps=total_steps,
                 first_loss=stats[0]["loss"] if stats else None, last_loss=stats[-1]["loss"] if stats else None)
 
 
-def save_solver(solver, tokenizer, cfg: Config, folder: Path) -> None:
-    if parallel.is_main():
-        if cfg.lora:
-            modeling.save_adapter(solver, folder / "adapter", cfg.model)
-        else:
+def uses_fsdp(cfg: Config) -> bool:
+    return cfg.fsdp and not cfg.lora and parallel.world_size() > 1
+
+
+def save_solver(solver, masters, tokenizer, cfg: Config, folder: Path, device) -> None:
+    """Write the weights of record (the LoRA adapter, or full fine-tuning's fp32 masters) and make the sampling
+    model equal to them again, on every rank."""
+    if cfg.lora or masters is solver:
+        if parallel.is_main():
+            if cfg.lora:
+                modeling.save_adapter(solver, folder / "adapter", cfg.model)
+            else:
+                modeling.save_full(solver, tokenizer, folder / "model")
+    elif uses_fsdp(cfg):
+        # Rank 0 gathers the fp32 shards into its plain model, upcast on the CPU, and writes them; every rank then
+        # holds the same sampling copy, rounded to the sampling dtype.
+        solver.to("cpu")
+        if parallel.is_main():
+            solver.float()
+        parallel.fsdp_gather(masters, solver)
+        if parallel.is_main():
             modeling.save_full(solver, tokenizer, folder / "model")
+        solver.to(device, sampling_dtype(device))
+    else:  # a bf16 sampling copy of fp32 masters (one process or DDP on a GPU)
+        if parallel.is_main():
+            modeling.save_full(masters, tokenizer, folder / "model")
+        with torch.no_grad():
+            targets = dict(solver.named_parameters())
+            for name, param in masters.named_parameters():
+                targets[name].copy_(param)
     parallel.barrier()
 
 
-def load_solver(cfg: Config, run: Run, device):
-    """The solver as the last finished iteration left it (or fresh), with its LoRA adapter trainable."""
+def sampling_dtype(device) -> torch.dtype:
+    return torch.bfloat16 if device.type == "cuda" else torch.float32  # load_model's default
+
+
+def solver_source(cfg: Config, run: Run) -> tuple[int | None, str]:
+    """(last finished iteration or None, the model folder or id full fine-tuning resumes from)."""
     last = max((t for t in range(cfg.eva_iterations + 1) if run.done(t, "train")), default=None)
-    source = cfg.model
     if last is not None and not cfg.lora:
-        source = str(run.folder / f"iter_{last}" / "model")
+        return last, str(run.folder / f"iter_{last}" / "model")
+    return last, cfg.model
+
+
+def load_solver(cfg: Config, run: Run, device):
+    """The sampling model as the last finished iteration left it (or fresh), with its LoRA adapter trainable."""
+    last, source = solver_source(cfg, run)
     solver, tokenizer = modeling.load_model(source, device=device, load_in_4bit=cfg.load_in_4bit)
     if cfg.lora:
         # A resumed adapter gets the same preparation as a fresh one (4-bit casts, gradient checkpointing).
@@ -633,10 +735,29 @@ def load_solver(cfg: Config, run: Run, device):
         torch.manual_seed(cfg.seed)  # the LoRA A matrices are random: the same on every rank
         solver = modeling.add_lora(solver, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
                                    gradient_checkpointing=cfg.gradient_checkpointing, adapter=adapter)
-    elif cfg.gradient_checkpointing:
-        solver.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     solver.eval()
     return solver, tokenizer
+
+
+def load_masters(cfg: Config, run: Run, device, solver):
+    """Full fine-tuning's weights of record: fp32 masters that the optimizer steps (a 5e-7 step vanishes in bf16
+    rounding), kept across iterations, written by save_solver and read back on resume; compute runs under bf16
+    autocast on a GPU. LoRA has none (peft keeps adapter weights in fp32): None.
+
+    One process or DDP: the fp32 solver itself (on the CPU), else an fp32 model beside the bf16 sampling copy.
+    --fsdp: fp32 shards (parallel.fsdp_shard), loaded on the CPU so that no rank holds the whole model on its GPU.
+    """
+    if cfg.lora:
+        return None
+    fsdp = uses_fsdp(cfg)
+    if fsdp or any(p.dtype != torch.float32 for p in solver.parameters()):
+        masters, _ = modeling.load_model(solver_source(cfg, run)[1], device="cpu" if fsdp else device,
+                                         dtype=torch.float32)
+    else:
+        masters = solver
+    if cfg.gradient_checkpointing:
+        masters.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return parallel.fsdp_shard(masters, device) if fsdp else masters
 
 
 # ------------------------------------------------------------------------------------------------- evaluation
@@ -691,6 +812,7 @@ def main(argv=None) -> None:
            f"loss {cfg.loss}, world size {parallel.world_size()}, device {device}")
 
     solver, tokenizer = load_solver(cfg, run, device)
+    masters = load_masters(cfg, run, device, solver)
     context = getattr(solver.config, "max_position_embeddings", None)
     if context and cfg.max_prompt_tokens + cfg.max_new_tokens > context:
         raise ValueError(f"--max_prompt_tokens {cfg.max_prompt_tokens} + --max_new_tokens {cfg.max_new_tokens} exceed "
@@ -787,10 +909,13 @@ def main(argv=None) -> None:
             print0(f"[iter {t}] train: no pairs (every prompt's responses tied); the solver is unchanged")
             summary = dict(pairs=0, steps=0)
         else:
-            summary = train(solver, tokenizer, pairs, cfg, run, t, device)
-        save_solver(solver, tokenizer, cfg, folder)
+            summary = train(solver, masters, tokenizer, pairs, cfg, run, t, device)
+        save_solver(solver, masters, tokenizer, cfg, folder, device)
         write_jsonl(folder / "pool_next.jsonl", pool + evolved)
         run.mark(t, "train", dict(**summary, seconds=round(time.time() - t1, 1)))
+        if parallel.is_main():  # the phase is done: its checkpoint (weights and optimizer state) only takes space
+            for name in ("train_state.pt", "train_state.pt.tmp"):  # .tmp: a write a kill interrupted
+                (folder / name).unlink(missing_ok=True)
         loss = "" if summary.get("first_loss") is None else \
             f", loss {summary['first_loss']:.4f} -> {summary['last_loss']:.4f}"
         print0(f"[iter {t}] train: {summary['pairs']} pairs, {summary['steps']} steps{loss} ({time.time() - t1:.0f} s)")

@@ -188,15 +188,55 @@ def test_four_bit_gradients_survive_sampling(tmp_path, tiny_llama_dir):
     torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-4, atol=1e-6)
 
 
-def test_bad_scale_settings_are_refused_before_loading(monkeypatch, capsys):
-    with pytest.raises(SystemExit):
+def test_bad_scale_settings_are_refused_before_loading(monkeypatch):
+    with pytest.raises(ValueError, match="--fsdp"):
         train_eva.parse_config(["--fsdp"])  # LoRA is the default
-    assert "--fsdp" in capsys.readouterr().err
     monkeypatch.setenv("WORLD_SIZE", "3")
-    with pytest.raises(SystemExit):
+    with pytest.raises(ValueError, match="world size 3"):
         train_eva.parse_config(["--batch_size", "8", "--micro_batch_size", "1"])
-    assert "world size 3" in capsys.readouterr().err
     monkeypatch.setenv("WORLD_SIZE", "2")
     cfg = train_eva.parse_config(["--preset", "paper"])
     assert cfg.fsdp and not cfg.lora and cfg.batch_size == 64 and cfg.n_samples == 6 and cfg.lr == 5e-7
     assert train_eva.parse_config(["--preset", "paper", "--loss", "sppo"]).optimizer == "rmsprop"
+
+
+def test_a_nonfinite_loss_on_one_rank_stops_every_rank_at_once(tmp_path, tiny_llama_dir):
+    """Rank 1's loss turns NaN (the EVA_NONFINITE_AT hook): both ranks must stop with the same one-line error within
+    seconds, not wait in the next collective for the process group's timeout. The two ranks are started the way
+    torchrun starts them (its environment variables), so that each rank's exit code and stderr can be read."""
+    import socket
+    import time
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    args = common_args(tmp_path, tiny_llama_dir, "--eva_iterations", "0", "--run_dir", str(tmp_path / "run"))
+    procs = []
+    for rank in range(2):
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "RANK": str(rank),
+               "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+               "MASTER_PORT": str(port), "EVA_NONFINITE_AT": "1:0:1"}
+        procs.append(subprocess.Popen([sys.executable, str(ROOT / "train_eva.py"), *args], cwd=tmp_path, env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    ended = {}
+    deadline = time.time() + TIMEOUT
+    while len(ended) < 2 and time.time() < deadline:
+        for rank, proc in enumerate(procs):
+            if rank not in ended and proc.poll() is not None:
+                ended[rank] = time.time()
+        time.sleep(0.2)
+    if len(ended) < 2:
+        for proc in procs:
+            proc.kill()
+    outputs = [proc.communicate() for proc in procs]
+    assert len(ended) == 2, f"rank(s) {sorted(set(range(2)) - set(ended))} still running after {TIMEOUT} s"
+    assert abs(ended[0] - ended[1]) < 60, f"the ranks stopped {abs(ended[0] - ended[1]):.0f} s apart"
+    errors = []
+    for rank, (proc, (_, err)) in enumerate(zip(procs, outputs)):
+        assert proc.returncode != 0, f"rank {rank} exited 0"
+        lines = [line for line in err.splitlines() if line.startswith("error:")]
+        assert len(lines) == 1 and "Traceback" not in err, f"rank {rank}:\n{err[-3000:]}"
+        errors.append(lines[0])
+    assert errors[0] == errors[1] and "iteration 0 step 1: the dpo loss is not finite" in errors[0], errors
+    bad = json.loads((tmp_path / "run" / "iter_0" / "nonfinite_batch.json").read_text())
+    assert bad["ranks"] == [1] and bad["step"] == 1 and len(bad["prompt_ids"]) == 2, bad
+    assert not (tmp_path / "run" / "iter_0" / "done_train").exists()

@@ -60,6 +60,10 @@ BAD_FILES = {
     "missing_id": ([json.dumps({"prompt": "Say hi."}), GOOD], ["bad.jsonl:1", "missing field 'id'"]),
     "empty_prompt": ([GOOD, json.dumps({"id": "e", "prompt": "   "})], ["bad.jsonl:2", "empty field 'prompt'"]),
     "duplicate_id": ([GOOD, GOOD], ["bad.jsonl:2", "duplicate id 't0'"]),
+    "duplicate_id_by_prompt_id": ([GOOD, json.dumps({"prompt_id": "t0", "prompt": "Hi.", "instruction_id_list": []})],
+                                  ["bad.jsonl:2", "duplicate id 't0'"]),
+    "rules_without_instructions": ([GOOD, json.dumps({"prompt_id": "u1", "prompt": "Hi."})],
+                                   ["bad.jsonl:2", "missing field 'instruction_id_list'", "--reward"]),
     "unknown_instruction_id": ([GOOD, "", json.dumps({"id": "u", "prompt": "Say hi.", "instruction_id_list":
                                                       ["made_up:rule"], "kwargs": [{}]})],
                                ["bad.jsonl:3", "unknown instruction id 'made_up:rule'"]),
@@ -80,6 +84,41 @@ def test_bad_prompt_file_stops_before_any_work(tmp_path, case):
     assert str(bad) in message and all(e in message for e in expected), message
     assert "\n" not in message
     assert not (tmp_path / "run").exists(), "bad input must stop the run before it creates its folder"
+
+
+UNREADABLE = {
+    # name: (how to make bad.jsonl, what the message must contain besides the file's name)
+    "not_utf8": (lambda p: p.write_bytes(GOOD.encode() + b'\n{"id": "x", "prompt": "caf\xe9"}\n'),
+                 ["bad.jsonl:2", "not UTF-8"]),
+    "a_directory": (lambda p: p.mkdir(), ["is a directory"]),
+    "bad_json": (lambda p: p.write_text(GOOD + "\n{oops\n"), ["bad.jsonl:2", "not valid JSON"]),
+    "a_list_line": (lambda p: p.write_text('"just a string"\n'), ["bad.jsonl:1", "expected a JSON object"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(UNREADABLE))
+@pytest.mark.parametrize("reward", ["rules", "judge:http://127.0.0.1:9"])
+def test_unreadable_prompt_file_is_named(tmp_path, case, reward):
+    make, expected = UNREADABLE[case]
+    bad = tmp_path / "bad.jsonl"
+    make(bad)
+    with pytest.raises(ValueError) as err:
+        train_eva.read_prompts(str(bad), reward)
+    message = str(err.value)
+    assert str(bad) in message and all(e in message for e in expected) and "\n" not in message, message
+
+
+def test_plain_prompts_need_no_instructions_except_for_the_rules_reward(tmp_path):
+    records = [{"prompt_id": "9f2c", "prompt": "Explain tides."},  # UltraFeedback's shape
+               {"key": 7, "prompt": "Write a limerick."}, {"id": "x", "prompt": "Name three rivers."}]
+    path = write_prompts(tmp_path / "plain.jsonl", records)
+    for reward in ("hf:some/reward-model", "judge:http://127.0.0.1:9"):
+        got = train_eva.read_prompts(path, reward)
+        assert [r["id"] for r in got] == ["9f2c", "7", "x"] and [r["prompt"] for r in got] == [
+            "Explain tides.", "Write a limerick.", "Name three rivers."]
+        assert all(r["instruction_id_list"] == [] and r["kwargs"] == [] for r in got)
+    with pytest.raises(ValueError, match=r"plain\.jsonl:1: missing field 'instruction_id_list'"):
+        train_eva.read_prompts(path, "rules")
 
 
 def test_bad_heldout_file_is_named_too(tmp_path):

@@ -118,6 +118,8 @@ def test_killed_in_every_phase_resumes_to_the_same_run(tmp_path, tiny_llama_dir,
     finished(run_eva(prompts, tiny_llama_dir, folder))
 
     assert markers(folder) == markers(uninterrupted)
+    for run in (folder, uninterrupted):  # a finished phase leaves no checkpoint behind
+        assert not list(run.glob("iter_*/train_state.pt*")), "train_state.pt outlived its phase's marker"
     got, want = outputs(folder), outputs(uninterrupted)
     assert got.keys() == want.keys()
     for name in want:  # pool.jsonl, samples.jsonl, selected, evolved, evolved_samples, pairs, pool_next
