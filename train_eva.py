@@ -166,6 +166,7 @@ def check_config(cfg: Config) -> None:
         value = getattr(cfg, f.name)
         if isinstance(value, float) and not math.isfinite(value):
             raise ValueError(f"--{f.name} {value}: must be a finite number")
+    rewards.check_spec(cfg.reward)  # syntax and options only: nothing is loaded or contacted
     if cfg.loss == "orpo" and cfg.beta >= 0:
         raise ValueError(f"--beta {cfg.beta}: --loss orpo has no beta; its odds-ratio weight is --orpo_lambda")
     ranges = [  # (flag, holds, what it must be); written as "holds" so that a nan fails too
