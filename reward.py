@@ -443,7 +443,11 @@ def load_reward(spec: str, *, device: str = "cpu", **options) -> Scorer:
         return _hf_scorer(spec[3:], device=device, **options)
     if spec.startswith("judge:") and spec[6:]:
         return _judge_scorer(spec[6:], **options)
-    raise ValueError(f"unknown reward back-end {spec!r}: expected 'rules', 'hf:<id-or-path>' or 'judge:<base-url>'")
+    raise ValueError(_unknown_backend(spec))
+
+
+def _unknown_backend(spec: str) -> str:
+    return f"unknown reward back-end {spec!r}: expected 'rules', 'hf:<id-or-path>' or 'judge:<base-url>'"
 
 
 def check_spec(spec: str) -> None:
@@ -457,7 +461,7 @@ def check_spec(spec: str) -> None:
         elif spec.startswith("judge:") and spec[6:]:
             _judge_scorer(spec[6:], check=False)  # parses and checks without calling the endpoint
         else:
-            load_reward(spec)  # raises the unknown-back-end error
+            raise ValueError(_unknown_backend(spec))
     except (ValueError, FileNotFoundError) as err:
         raise ValueError(f"--reward: {err}") from None
 

@@ -137,7 +137,8 @@ BAD_FLAGS = [("lr", "0"), ("lr", "nan"), ("beta", "0"), ("orpo_lambda", "-0.1"),
              ("vocab_chunk", "-1"), ("save_every", "0"), ("n_samples", "1"), ("temperature", "-0.5"),
              ("top_p", "0"), ("top_p", "1.5"), ("lora_r", "0"), ("lora_dropout", "1"), ("epochs", "0"),
              ("micro_batch_size", "0"), ("max_prompt_tokens", "0"), ("gen_batch_size", "0"),
-             ("eva_iterations", "-1"), ("select_fraction", "0"), ("endpoint_timeout", "0")]
+             ("eva_iterations", "-1"), ("select_fraction", "0"), ("endpoint_timeout", "0"), ("reward", "bogus"),
+             ("reward", "hf:"), ("reward", "hf:some/rm?batch=8"), ("reward", "judge:")]
 
 
 @pytest.mark.parametrize("flag,value", BAD_FLAGS, ids=[f"{f}={v}" for f, v in BAD_FLAGS])
@@ -151,7 +152,7 @@ def test_each_bad_flag_is_one_line_before_anything_loads(tmp_path, monkeypatch, 
     with pytest.raises(ValueError) as err:
         train_eva.main(["--run_dir", str(tmp_path / "r"), f"--{flag}", value])
     message = str(err.value)
-    assert message.startswith(f"--{flag} ") and "\n" not in message, message
+    assert message.startswith((f"--{flag} ", f"--{flag}: ")) and "\n" not in message, message
     assert not (tmp_path / "r").exists()
 
 
