@@ -40,7 +40,7 @@ def tiny(tok, arch: str, seed: int = 0):
 
 def hf_greedy(model, tok, prompts, max_new_tokens, eos):
     """transformers' own greedy decoding of a left-padded batch; per prompt, tokens before the first EOS."""
-    ids = [generate._encode(tok, p, True) for p in prompts]
+    ids = [generate.encode_prompt(tok, p, True) for p in prompts]
     L = max(map(len, ids))
     inp = torch.tensor([[tok.pad_token_id] * (L - len(x)) + x for x in ids])
     attn = (torch.arange(L)[None] >= torch.tensor([L - len(x) for x in ids])[:, None]).long()
@@ -234,7 +234,7 @@ def test_model_histogram_temperature_and_top_p(tok):
     m = tiny(tok, "llama")
     with torch.no_grad():
         m.lm_head.weight.mul_(5)
-        ids = torch.tensor([generate._encode(tok, PROMPTS[0], True)])
+        ids = torch.tensor([generate.encode_prompt(tok, PROMPTS[0], True)])
         logits = m(input_ids=ids).logits[0, -1]
     for temperature, top_p in [(0.7, 0.9), (1.3, 1.0)]:
         want = expected_law(logits, temperature, top_p, 0)
