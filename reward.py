@@ -492,17 +492,14 @@ def main(argv: list[str] | None = None) -> None:
     scorer = load_reward(args.reward, device=device)
     rewards = score_sharded(scorer, flat_prompts, flat_responses)
     if parallel.is_main():
-        lines, k = [], 0
+        scored, k = [], 0
         for sample in samples:
             r = rewards[k:k + len(sample["responses"])]
             k += len(r)
             valid = [x for x in r if not math.isnan(x)]
-            sample = dict(sample, rewards=[None if math.isnan(x) else x for x in r],
-                          info=max(valid) - min(valid) if valid else None)
-            lines.append(json.dumps(sample))
-        tmp = Path(args.out + ".tmp")
-        tmp.write_text("\n".join(lines) + "\n")
-        os.replace(tmp, args.out)
+            scored.append(dict(sample, rewards=[None if math.isnan(x) else x for x in r],
+                               info=max(valid) - min(valid) if valid else None))
+        files.write_jsonl(args.out, scored)
         print(f"scored {len(rewards)} responses of {len(samples)} prompts with {args.reward} -> {args.out}")
 
 
