@@ -370,7 +370,7 @@ def load_solver(cfg: Config, run: rundir.Run, device):
         adapter = run.folder / f"iter_{last}" / "adapter" if last is not None else None
         torch.manual_seed(cfg.seed)  # the LoRA A matrices are random: the same on every rank
         solver = model.add_lora(solver, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
-                                   gradient_checkpointing=cfg.gradient_checkpointing, adapter=adapter)
+                                gradient_checkpointing=cfg.gradient_checkpointing, adapter=adapter)
     solver.eval()
     return solver, tokenizer
 
@@ -388,7 +388,7 @@ def load_masters(cfg: Config, run: rundir.Run, device, solver):
     fsdp = uses_fsdp(cfg)
     if fsdp or any(p.dtype != torch.float32 for p in solver.parameters()):
         masters, _ = model.load_model(solver_source(cfg, run)[1], device="cpu" if fsdp else device,
-                                         dtype=torch.float32)
+                                      dtype=torch.float32)
     else:
         masters = solver
     if cfg.gradient_checkpointing:

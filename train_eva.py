@@ -359,9 +359,9 @@ def mean_reward(samples: list[dict]) -> float:
 def estimate(policy, tokenizer, scorer, pool: list[dict], cfg: Config, t: int):
     """N responses per pool prompt from the current solver, scored (at t = 0 this is iteration 0's generation)."""
     samples = sample_and_score(policy, tokenizer, scorer, pool, cfg, t, "estimate")
-    rewards, informative = mean_reward(samples), sum(s["info"] > 0 for s in samples)
-    return samples, dict(prompts=len(samples), mean_reward=rewards, informative=informative), (
-        f"{len(samples)} prompts x {cfg.n_samples}, mean reward {rewards:.3f}, informative {informative}/{len(samples)}")
+    rewards, informative, n = mean_reward(samples), sum(s["info"] > 0 for s in samples), len(samples)
+    return samples, dict(prompts=n, mean_reward=rewards, informative=informative), (
+        f"{n} prompts x {cfg.n_samples}, mean reward {rewards:.3f}, informative {informative}/{n}")
 
 
 def select_parents(pool: list[dict], samples: list[dict], cfg: Config, t: int):
