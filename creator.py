@@ -13,7 +13,6 @@ import json
 import math
 import re
 import sys
-import zlib
 from collections import Counter
 from dataclasses import dataclass
 from typing import Callable
@@ -540,10 +539,6 @@ def _unique_id(base: str, taken: set) -> str:
 
 # ============================================================================================ creator back-ends
 
-def _call_seed(seed: int, call: int, index: int) -> int:
-    return zlib.crc32(f"{seed}|{call}|{index}".encode()) & 0x7FFFFFFF
-
-
 def local_completer(model, tokenizer, *, seed: int = 0, batch_size: int = 16,
                     **sample_kwargs) -> Callable[[list[str]], list[str]]:
     """A `complete` that asks a local model (the solver itself, or any loaded model) through generate.sample.
@@ -562,7 +557,7 @@ def local_completer(model, tokenizer, *, seed: int = 0, batch_size: int = 16,
 
         def run(local: list[tuple[int, str]]) -> list[str]:
             out = generate.halve_on_oom(lambda size: generate.sample(
-                model, tokenizer, [m for _, m in local], n=1, seeds=[_call_seed(seed, call, i) for i, _ in local],
+                model, tokenizer, [m for _, m in local], n=1, seeds=[parallel.stable_seed(seed, call, i) for i, _ in local],
                 batch_size=size, **sample_kwargs), batch_size, "creator: sampling")
             return [texts[0] if texts else "" for texts in out.texts]
 

@@ -15,23 +15,27 @@ def numbered_jsonl(path: str | Path) -> list[tuple[int, dict]]:
     file = Path(path)
     if not file.exists():
         raise FileNotFoundError(f"{path}: no such file")
-    records = []
     try:
-        with open(file, encoding="utf-8") as f:  # lines end at \n only: JSON strings may hold U+2028 unescaped
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise ValueError(f"{path}:{lineno}: not valid JSON ({err.msg})") from None
-                if not isinstance(record, dict):
-                    raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
-                records.append((lineno, record))
-    except UnicodeDecodeError as err:
-        raise ValueError(f"{path}: not UTF-8 text ({err.reason})") from None
-    except OSError as err:
+        with open(file, "rb") as f:  # lines end at \n only: JSON strings may hold U+2028 unescaped
+            raw_lines = f.readlines()
+    except OSError as err:  # a directory, a file without read permission, ...
         raise ValueError(f"{path}: cannot be read ({err.strerror or err})") from None
+    records = []
+    for lineno, raw in enumerate(raw_lines, 1):
+        try:
+            line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")  # utf-8-sig: a leading byte-order mark is fine
+        except UnicodeDecodeError as err:
+            raise ValueError(f"{path}:{lineno}: not UTF-8 text (byte {err.start + 1} of the line is "
+                             f"{raw[err.start]:#04x}); save the file as UTF-8") from None
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}:{lineno}: not valid JSON ({err.msg})") from None
+        if not isinstance(record, dict):
+            raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
+        records.append((lineno, record))
     return records
 
 

@@ -444,7 +444,8 @@ def _eos_ids(model, tokenizer) -> list[int]:
     return sorted(set(ids) | ({tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()))
 
 
-def _encode(tokenizer, prompt: str, chat: bool) -> list[int]:
+def encode_prompt(tokenizer, prompt: str, chat: bool = True) -> list[int]:
+    """Token ids of a user turn in the chat template, ready for the assistant's answer (chat=False: plain text)."""
     if chat:
         prompt = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
                                                tokenize=False)
@@ -644,7 +645,7 @@ def sample(model, tokenizer, prompts: list[str], n: int = 1, *, max_new_tokens: 
     step = _decode_step if model.config.get_text_config().model_type in DECODE_FAMILIES else _model_step
     # the decode step changes shape every step (keys grow, rows leave), hence dynamic shapes, no CUDA graphs
     step = torch.compile(step, dynamic=True) if compile else step
-    ids = [_encode(tokenizer, p, chat) for p in prompts]
+    ids = [encode_prompt(tokenizer, p, chat) for p in prompts]
     if any(len(x) == 0 for x in ids):
         raise ValueError(f"sample: prompt {[len(x) for x in ids].index(0)} is empty after tokenisation")
     order = sorted(range(len(prompts)), key=lambda i: -len(ids[i]))  # similar lengths together: less padding
@@ -684,9 +685,9 @@ def main() -> None:
     ap.add_argument("--load_in_4bit", action="store_true")
     ap.add_argument("--compile", action="store_true", help="torch.compile the decode step (GPU)")
     args = ap.parse_args()
-    import model as model_lib
-    model, tokenizer = model_lib.load_model(args.model, device=args.device, load_in_4bit=args.load_in_4bit)
-    out = sample(model, tokenizer, args.prompt, args.n, max_new_tokens=args.max_new_tokens,
+    import model
+    lm, tokenizer = model.load_model(args.model, device=args.device, load_in_4bit=args.load_in_4bit)
+    out = sample(lm, tokenizer, args.prompt, args.n, max_new_tokens=args.max_new_tokens,
                  temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, stop=args.stop, seed=args.seed,
                  chat=not args.no_chat, compile=args.compile)
     for prompt, texts in zip(args.prompt, out.texts):

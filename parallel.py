@@ -10,6 +10,7 @@ rank in the original order, so the code after a sharded call is the same on all 
     rewards = parallel.sharded(score_fn, responses)  # every rank gets the full list back
 """
 import os
+import zlib
 from datetime import timedelta
 
 import torch
@@ -46,6 +47,11 @@ def is_main() -> bool:
 def print0(*args, **kwargs) -> None:
     if is_main():
         print(*args, **kwargs, flush=True)
+
+
+def stable_seed(*parts) -> int:
+    """A seed from any parts (seed, iteration, phase, prompt id) that is the same on every rank and every run."""
+    return zlib.crc32("|".join(map(str, parts)).encode()) & 0x7FFFFFFF
 
 
 def barrier() -> None:

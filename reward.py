@@ -27,9 +27,6 @@ import endpoint
 import files
 import instructions
 
-validate_record = instructions.validate_record  # train_eva.py still calls reward.validate_record
-
-
 # ----------------------------------------------------------------------------------------------- back-ends
 
 @dataclass
@@ -250,8 +247,8 @@ def _load_armorm(ref: str, config: dict, device, dtype) -> tuple:
     fp32 tensors of its gating head: regression [K, H], gating [(weight, bias)] * (n_hidden + 1), logit_scale,
     transform [K, K], temperature."""
     from transformers import MODEL_MAPPING, LlamaConfig, LlamaModel
-    import model as model_lib
-    attention = model_lib.attention_implementation(LlamaConfig(), device, MODEL_MAPPING)
+    import model
+    attention = model.attention_implementation(LlamaConfig(), device, MODEL_MAPPING)
     backbone, loading = LlamaModel.from_pretrained(ref, dtype=dtype, output_loading_info=True,
                                                    attn_implementation=attention)
     if loading.get("missing_keys"):
@@ -325,13 +322,13 @@ def _hf_scorer(rest: str, *, device: str = "cpu", batch_size: int = 8, max_lengt
     hf_logging.set_verbosity_error()  # loading reports are checked below, not printed
     try:
         if armorm:
-            model, armo = _load_armorm(ref, config, device, dtype)
+            net, armo = _load_armorm(ref, config, device, dtype)
         else:
             from transformers import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING, AutoConfig
-            import model as model_lib
+            import model
             hf_config = AutoConfig.from_pretrained(ref, trust_remote_code=remote)
-            attention = model_lib.attention_implementation(hf_config, device, MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING)
-            model, loading = AutoModelForSequenceClassification.from_pretrained(
+            attention = model.attention_implementation(hf_config, device, MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING)
+            net, loading = AutoModelForSequenceClassification.from_pretrained(
                 ref, config=hf_config, trust_remote_code=remote, dtype=dtype, output_loading_info=True,
                 attn_implementation=attention)
         tokenizer = AutoTokenizer.from_pretrained(ref, trust_remote_code=remote)
@@ -342,13 +339,13 @@ def _hf_scorer(rest: str, *, device: str = "cpu", batch_size: int = 8, max_lengt
         if fresh:
             raise ValueError(f"hf:{ref}: the classification head is not in the checkpoint ({fresh[0]} missing); "
                              "this is not a trained reward model")
-        model.to(device).eval()
+        net.to(device).eval()
     # The head finds each row's last real token through config.pad_token_id. A configured pad id is the one the
     # model was trained with, so it is kept. Without one, each batch pads with an id that none of its rows
     # contains, so the head reads the true last token, as it does for a lone unpadded conversation.
     # eva's ArmoRM reads positions from the row lengths, so any id pads it.
-    configured_pad = (tokenizer.eos_token_id or 0) if armorm else getattr(model.config, "pad_token_id", None)
-    vocab_size = getattr(model.config, "vocab_size", None) or len(tokenizer)
+    configured_pad = (tokenizer.eos_token_id or 0) if armorm else getattr(net.config, "pad_token_id", None)
+    vocab_size = getattr(net.config, "vocab_size", None) or len(tokenizer)
 
     def pad_for(rows: list[list[int]]) -> int:
         if configured_pad is not None:
@@ -357,9 +354,9 @@ def _hf_scorer(rest: str, *, device: str = "cpu", batch_size: int = 8, max_lengt
         preferred = [t for t in (tokenizer.pad_token_id, tokenizer.eos_token_id) if t is not None]
         pad = next((t for t in [*preferred, *range(vocab_size)] if t not in used), None)
         assert pad is not None, f"hf:{ref}: every token id occurs in one batch; lower batch_size"
-        model.config.pad_token_id = pad
+        net.config.pad_token_id = pad
         return pad
-    limits = [max_length, getattr(model.config, "max_position_embeddings", None),
+    limits = [max_length, getattr(net.config, "max_position_embeddings", None),
               tokenizer.model_max_length if tokenizer.model_max_length < 10**7 else None]
     limit = min(x for x in limits if x) if any(limits) else None
     info: dict = {"truncated": 0, "max_length": limit}
@@ -386,9 +383,9 @@ def _hf_scorer(rest: str, *, device: str = "cpu", batch_size: int = 8, max_lengt
             if None in gate_at:
                 raise ValueError(f"hf:{ref}: a conversation lost its last assistant header {ARMORM_GATING_TEXT!r} "
                                  f"to truncation at {limit} tokens; ArmoRM cannot gate it")
-            hidden = model(input_ids=ids, attention_mask=mask).last_hidden_state  # [B, T, H]
+            hidden = net(input_ids=ids, attention_mask=mask).last_hidden_state  # [B, T, H]
             return armorm_scores(hidden, [len(row) for row in rows], gate_at, armo)
-        out = model(input_ids=ids, attention_mask=mask)
+        out = net(input_ids=ids, attention_mask=mask)
         if isinstance(out, torch.Tensor):
             values = out
         elif getattr(out, "score", None) is not None:
@@ -499,17 +496,14 @@ def main(argv: list[str] | None = None) -> None:
     scorer = load_reward(args.reward, device=device)
     rewards = score_sharded(scorer, flat_prompts, flat_responses)
     if parallel.is_main():
-        lines, k = [], 0
+        scored, k = [], 0
         for sample in samples:
             r = rewards[k:k + len(sample["responses"])]
             k += len(r)
             valid = [x for x in r if not math.isnan(x)]
-            sample = dict(sample, rewards=[None if math.isnan(x) else x for x in r],
-                          info=max(valid) - min(valid) if valid else None)
-            lines.append(json.dumps(sample))
-        tmp = Path(args.out + ".tmp")
-        tmp.write_text("\n".join(lines) + "\n")
-        os.replace(tmp, args.out)
+            scored.append(dict(sample, rewards=[None if math.isnan(x) else x for x in r],
+                               info=max(valid) - min(valid) if valid else None))
+        files.write_jsonl(args.out, scored)
         print(f"scored {len(rewards)} responses of {len(samples)} prompts with {args.reward} -> {args.out}")
 
 

@@ -144,8 +144,8 @@ def run_ours(model, tok, prompts, args) -> tuple[float, int]:
 
 
 def run_hf(model, tok, prompts, args) -> tuple[float, int]:
-    from generate import _encode, _eos_ids
-    ids = [_encode(tok, p, True) for p in prompts]
+    from generate import _eos_ids, encode_prompt
+    ids = [encode_prompt(tok, p) for p in prompts]
     L = max(map(len, ids))
     inp = torch.tensor([[tok.pad_token_id] * (L - len(x)) + x for x in ids], device=model.device)  # [P, L]
     first = torch.tensor([L - len(x) for x in ids], device=model.device)  # [P] first real token of each row
@@ -184,8 +184,8 @@ def main() -> None:
     device = torch.device(args.device)
     model, tok = model_lib.load_model(args.model, device=device)
     prompts = load_prompts(args.prompts)
-    from generate import _encode
-    lengths = [len(_encode(tok, p, True)) for p in prompts]
+    from generate import encode_prompt
+    lengths = [len(encode_prompt(tok, p)) for p in prompts]
     prompt_len, longest = sum(lengths) / len(lengths), max(lengths)
     print(f"model {args.model} on {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}), "
           f"{torch.get_num_threads()} threads, {args.prompts} prompts (mean {prompt_len:.0f} tokens) x {args.n} "

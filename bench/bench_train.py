@@ -71,31 +71,32 @@ def worker(args: argparse.Namespace) -> dict:
     import torch
     sys.path.insert(0, str(ROOT))
     import losses
-    import model as modeling
+    import model
+    import solver
     import train_eva
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     device = torch.device(args.device)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, None: None}[args.dtype]
-    solver, tokenizer = modeling.load_model(args.model, device=device, dtype=dtype)
-    solver = modeling.add_lora(solver, r=args.lora_r, gradient_checkpointing=args.gradient_checkpointing)
-    solver.train()
-    optimizer = torch.optim.AdamW([p for p in solver.parameters() if p.requires_grad], lr=1e-6)
+    policy, tokenizer = model.load_model(args.model, device=device, dtype=dtype)
+    policy = model.add_lora(policy, r=args.lora_r, gradient_checkpointing=args.gradient_checkpointing)
+    policy.train()
+    optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=1e-6)
     pairs = make_pairs(tokenizer, args.pairs, seed=0)
     tokens = sum(2 * len(p["prompt"]) + len(p["chosen"]) + len(p["rejected"]) for p in pairs)
     widths = {half: max(len(p["prompt"]) + len(p[half]) for p in pairs) for half in ("chosen", "rejected")}
     padded = 2 * len(pairs) * max(widths.values()) if args.path == "ours" else len(pairs) * sum(widths.values())
-    pad = train_eva.pad_id(solver)
+    pad = solver.pad_id(policy)
     cfg = train_eva.Config(vocab_chunk=args.vocab_chunk)
     beta = 0.1
     ref = torch.linspace(-300.0, -250.0, 2 * len(pairs), device=device)  # [2P] constants: chosen, then rejected
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
     def step_ours() -> None:
-        batch = train_eva.collate(pairs, pad, device)  # [2P, T] chosen rows, then rejected rows
+        batch = solver.collate(pairs, pad, device)  # [2P, T] chosen rows, then rejected rows
         with autocast:
-            chosen, rejected = train_eva.forward_logps(solver, batch, cfg)
+            chosen, rejected = solver.forward_logps(policy, batch, cfg)
         ref_c = losses.SeqLogps(ref[:len(pairs)], chosen.count, ref[:len(pairs)] / chosen.count.clamp(min=1))
         ref_r = losses.SeqLogps(ref[len(pairs):], rejected.count, ref[len(pairs):] / rejected.count.clamp(min=1))
         loss, _, _ = losses.preference_loss("dpo", chosen, rejected, ref_c, ref_r, beta=beta)
@@ -103,9 +104,9 @@ def worker(args: argparse.Namespace) -> dict:
 
     def step_plain() -> None:
         with autocast:
-            chosen = plain_logps(solver, [p["prompt"] + p["chosen"] for p in pairs],
+            chosen = plain_logps(policy, [p["prompt"] + p["chosen"] for p in pairs],
                                  [len(p["chosen"]) for p in pairs], pad, device)  # [P]
-            rejected = plain_logps(solver, [p["prompt"] + p["rejected"] for p in pairs],
+            rejected = plain_logps(policy, [p["prompt"] + p["rejected"] for p in pairs],
                                    [len(p["rejected"]) for p in pairs], pad, device)  # [P]
         margin = (chosen - ref[:len(pairs)]) - (rejected - ref[len(pairs):])  # [P]
         (-torch.nn.functional.logsigmoid(beta * margin)).mean().backward()
@@ -134,7 +135,7 @@ def worker(args: argparse.Namespace) -> dict:
             times.append(time.perf_counter() - t0)
     peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else _proc_kib("VmHWM") * 1024
     return dict(time=min(times), tokens=tokens, padded=padded, peak=peak - before,
-                vocab=solver.get_output_embeddings().weight.shape[0], dtype=str(solver.dtype).split(".")[-1])
+                vocab=policy.get_output_embeddings().weight.shape[0], dtype=str(policy.dtype).split(".")[-1])
 
 
 def main() -> None:

@@ -98,9 +98,9 @@ def model_name(args) -> str:
 
 def load_solver(args):
     """(model, tokenizer) for --model on this rank's device."""
-    import model as modeling
+    import model
     device = parallel.init()
-    return modeling.load_model(args.model, device=device, load_in_4bit=args.load_in_4bit)
+    return model.load_model(args.model, device=device, load_in_4bit=args.load_in_4bit)
 
 
 def sample_kwargs(args) -> dict:

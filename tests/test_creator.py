@@ -463,8 +463,8 @@ def test_endpoint_backend_over_http():
 
 def test_local_completer_with_a_tiny_model(tiny_llama_dir):
     pytest.importorskip("generate")
-    import model as modeling
-    mdl, tok = modeling.load_model(str(tiny_llama_dir))
+    import model
+    mdl, tok = model.load_model(str(tiny_llama_dir))
     complete = creator.local_completer(mdl, tok, max_new_tokens=6, temperature=1.0, seed=3)
     messages = [creator.render("deepen", "Explain how a rainbow forms."), creator.render("persona", "Describe a cat.")]
     first = complete(messages)

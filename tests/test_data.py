@@ -1,8 +1,8 @@
 """Checks on the seed and held-out prompt files the project ships (data/*.jsonl).
 
 Run: .venv/bin/python -m pytest tests/test_data.py -x -q
-Format (DESIGN.md s3), IFEval argument names, no overlap between the two files, constraints that a ~90-word answer
-can meet, no self-contradicting constraint pairs, and every record accepted by instructions.validate_record.
+The format data/README.md describes, IFEval argument names, no overlap between the two files, constraints that a
+~90-word answer can meet, no self-contradicting constraint pairs, every record accepted by instructions.validate_record.
 """
 import json
 import re

@@ -150,26 +150,26 @@ def test_four_bit_gradients_survive_sampling(tmp_path, tiny_llama_dir):
     """bitsandbytes' CPU repacking after an eval-mode forward drops input gradients; model.load_model prevents it."""
     import bitsandbytes as bnb
     from transformers import LlamaConfig, LlamaForCausalLM
-    import model as modeling
+    import model
     # layers 64 wide: the repacking needs whole blocks of 64 inputs (narrower ones crash instead of going wrong)
     folder = tmp_path / "tiny64"
     config = LlamaConfig.from_pretrained(tiny_llama_dir)
     config.hidden_size, config.intermediate_size, config.head_dim = 64, 128, 16
     torch.manual_seed(0)
     LlamaForCausalLM(config).save_pretrained(folder)
-    modeling.load_tokenizer(str(tiny_llama_dir)).save_pretrained(folder)
-    q, _ = modeling.load_model(str(folder), load_in_4bit=True)
+    model.load_tokenizer(str(tiny_llama_dir)).save_pretrained(folder)
+    q, _ = model.load_model(str(folder), load_in_4bit=True)
     linears = [m for m in q.modules() if isinstance(m, bnb.nn.Linear4bit)]
     assert linears, "load_in_4bit=True gave no 4-bit layers"
     # the same model with the 4-bit weights de-quantised into ordinary fp32 layers: the exact reference
-    d, _ = modeling.load_model(str(folder))
+    d, _ = model.load_model(str(folder))
     for name, m in q.named_modules():
         if isinstance(m, bnb.nn.Linear4bit):
             d.get_submodule(name).weight.data = bnb.functional.dequantize_4bit(m.weight.data, m.weight.quant_state)
     torch.manual_seed(0)
-    q = modeling.add_lora(q, r=4)
+    q = model.add_lora(q, r=4)
     torch.manual_seed(0)
-    d = modeling.add_lora(d, r=4)
+    d = model.add_lora(d, r=4)
     for m in (q, d):  # B = 0 would give A no gradient; any fixed non-zero B will do
         for n, p in m.named_parameters():
             if "lora_B" in n:

@@ -21,9 +21,11 @@ from conftest import ROOT
 from test_train_eva import TINY_PROMPTS, write_prompts
 
 import endpoint
+import files
 import generate
 import losses
 import reward
+import rundir
 import train_eva
 
 
@@ -152,7 +154,7 @@ def test_too_long_prompts_are_skipped_and_counted(tmp_path, tiny_llama_dir, monk
     with pytest.raises(StopAfterPool):
         train_eva.main(eva_args(tmp_path, tiny_llama_dir, "--max_prompt_tokens", "100", prompts=records))
     assert "skipped 1 prompts longer than --max_prompt_tokens 100: long" in capsys.readouterr().out
-    pool = train_eva.read_jsonl(tmp_path / "run" / "iter_0" / "pool.jsonl")
+    pool = files.read_jsonl(tmp_path / "run" / "iter_0" / "pool.jsonl")
     assert [r["id"] for r in pool] == ["t0", "t1", "t2", "t3", "t4"]
 
 
@@ -207,13 +209,13 @@ def test_nonfinite_update_stops_and_keeps_the_last_good_checkpoint(tmp_path, tin
     iter_0 = tmp_path / "run" / "iter_0"
     bad = json.loads((iter_0 / "nonfinite_batch.json").read_text())
     assert bad["step"] == 3 and bad["iteration"] == 0 and bad["prompt_ids"], bad
-    pairs = train_eva.read_jsonl(iter_0 / "pairs.jsonl")
+    pairs = files.read_jsonl(iter_0 / "pairs.jsonl")
     assert bad["prompt_ids"] == [pairs[i]["prompt_id"] for i in bad["pair_indices"]]
     state = torch.load(iter_0 / "train_state.pt", weights_only=False)
     assert state["step"] == 2, "the checkpoint of the last good step is kept"
     assert all(torch.isfinite(w).all() for w in state["weights"].values())
     assert not (iter_0 / "done_train").exists() and not (iter_0 / "adapter").exists()
-    steps = [m for m in train_eva.read_jsonl(tmp_path / "run" / "metrics.jsonl") if "loss" in m]
+    steps = [m for m in files.read_jsonl(tmp_path / "run" / "metrics.jsonl") if "loss" in m]
     assert [m["step"] for m in steps] == [1, 2], "the bad step is never logged as done"
     assert all(m["grad_norm"] >= 0 for m in steps), "the gradient norm (before clipping) is logged each step"
 
@@ -221,7 +223,7 @@ def test_nonfinite_update_stops_and_keeps_the_last_good_checkpoint(tmp_path, tin
         monkeypatch.undo()
         train_eva.main(args)
         assert (iter_0 / "done_train").exists()
-        steps = [m for m in train_eva.read_jsonl(tmp_path / "run" / "metrics.jsonl") if "loss" in m]
+        steps = [m for m in files.read_jsonl(tmp_path / "run" / "metrics.jsonl") if "loss" in m]
         assert [m["step"] for m in steps] == [1, 2, 3]
 
 
@@ -395,7 +397,7 @@ def test_creator_endpoint_timeout_fails_the_phase_and_keeps_finished_work(tmp_pa
     train_eva.main(args)
     assert (run / "iter_1" / "done_train").exists()
     assert {p: p.stat().st_mtime_ns for p in kept} == kept, "finished phases are not redone"
-    phases = [(m["iteration"], m["phase"]) for m in train_eva.read_jsonl(run / "metrics.jsonl") if "phase" in m]
+    phases = [(m["iteration"], m["phase"]) for m in files.read_jsonl(run / "metrics.jsonl") if "phase" in m]
     assert phases.count((1, "estimate")) == 1 and phases.count((1, "evolve")) == 1
 
 
@@ -421,24 +423,24 @@ def test_interrupted_write_leaves_no_file_that_looks_finished(tmp_path, monkeypa
     def killed(src, dst):
         raise Killed  # the process dies between writing the temporary file and the rename
 
-    monkeypatch.setattr(train_eva.os, "replace", killed)
+    monkeypatch.setattr(files.os, "replace", killed)
     with pytest.raises(Killed):
-        train_eva.write_jsonl(target, [{"prompt_id": "a"}])
+        files.write_jsonl(target, [{"prompt_id": "a"}])
     assert not target.exists() and (tmp_path / "samples.jsonl.tmp").exists()
 
 
 def test_changed_config_lists_every_field_and_the_flag_accepts_them(tmp_path, capsys):
     cfg = train_eva.Config(run_dir=str(tmp_path / "run"))
-    train_eva.open_run(cfg)
+    rundir.open_run(cfg)
     (tmp_path / "run" / "iter_0").mkdir()
     (tmp_path / "run" / "iter_0" / "done_estimate").write_text("{}\n")  # finished work makes the config binding
     changed = train_eva.Config(run_dir=cfg.run_dir, lr=1e-3, n_samples=6)
     with pytest.raises(SystemExit) as err:
-        train_eva.open_run(changed)
+        rundir.open_run(changed)
     message = str(err.value.code)
     assert f"lr: {cfg.lr!r} -> 0.001" in message and "n_samples: 4 -> 6" in message
     assert "--allow_config_change" in message
-    train_eva.open_run(train_eva.Config(run_dir=cfg.run_dir, lr=1e-3, n_samples=6, allow_config_change=True))
+    rundir.open_run(train_eva.Config(run_dir=cfg.run_dir, lr=1e-3, n_samples=6, allow_config_change=True))
     assert "accepted changes: lr, n_samples" in capsys.readouterr().out
     assert json.loads((tmp_path / "run" / "config.json").read_text())["lr"] == 1e-3
 
@@ -446,6 +448,6 @@ def test_changed_config_lists_every_field_and_the_flag_accepts_them(tmp_path, ca
 def test_config_can_change_before_any_work_is_done(tmp_path):
     """A run that failed before finishing anything (say, a typo caught after the folder was made) restarts freely."""
     cfg = train_eva.Config(run_dir=str(tmp_path / "run"))
-    train_eva.open_run(cfg)
-    train_eva.open_run(train_eva.Config(run_dir=cfg.run_dir, lr=1e-3))
+    rundir.open_run(cfg)
+    rundir.open_run(train_eva.Config(run_dir=cfg.run_dir, lr=1e-3))
     assert json.loads((tmp_path / "run" / "config.json").read_text())["lr"] == 1e-3

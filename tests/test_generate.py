@@ -1,6 +1,6 @@
 """Tests of generate.py: token-exact greedy decoding against transformers' generate, seeds, stops, the sampling law.
 
-    /work/main/.venv/bin/python -m pytest tests/test_generate.py -x -q
+    .venv/bin/python -m pytest tests/test_generate.py -x -q
 """
 import sys
 from pathlib import Path
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import generate
-import model as model_lib
+import model
 from generate import _sample_from_logits, _uniforms, sample
 
 PROMPTS = ["Hi", "Tell me a long story about a dragon and a knight who become friends.", "2+2?"]
@@ -17,7 +17,7 @@ PROMPTS = ["Hi", "Tell me a long story about a dragon and a knight who become fr
 
 @pytest.fixture(scope="module")
 def tok():
-    return model_lib.load_tokenizer("default")
+    return model.load_tokenizer("default")
 
 
 def tiny(tok, arch: str, seed: int = 0):
@@ -40,7 +40,7 @@ def tiny(tok, arch: str, seed: int = 0):
 
 def hf_greedy(model, tok, prompts, max_new_tokens, eos):
     """transformers' own greedy decoding of a left-padded batch; per prompt, tokens before the first EOS."""
-    ids = [generate._encode(tok, p, True) for p in prompts]
+    ids = [generate.encode_prompt(tok, p, True) for p in prompts]
     L = max(map(len, ids))
     inp = torch.tensor([[tok.pad_token_id] * (L - len(x)) + x for x in ids])
     attn = (torch.arange(L)[None] >= torch.tensor([L - len(x) for x in ids])[:, None]).long()
@@ -70,7 +70,7 @@ def test_gemma2_end_of_turn_ends_a_row(toy_gemma2_dir):
     """Gemma-2's turns end with <end_of_turn>, an EOS of its generation config but not tokenizer.eos_token (<eos>):
     a row that emits it ends there, as "stop". Swapping the head rows of <end_of_turn> and the token greedy picks at
     step k leaves steps < k unchanged and makes step k emit <end_of_turn>."""
-    m, t = model_lib.load_model(str(toy_gemma2_dir))
+    m, t = model.load_model(str(toy_gemma2_dir))
     end_of_turn = t.convert_tokens_to_ids("<end_of_turn>")
     assert end_of_turn != t.eos_token_id and end_of_turn in generate._eos_ids(m, t)
     free = sample(m, t, PROMPTS[1:2], max_new_tokens=12, temperature=0)
@@ -234,7 +234,7 @@ def test_model_histogram_temperature_and_top_p(tok):
     m = tiny(tok, "llama")
     with torch.no_grad():
         m.lm_head.weight.mul_(5)
-        ids = torch.tensor([generate._encode(tok, PROMPTS[0], True)])
+        ids = torch.tensor([generate.encode_prompt(tok, PROMPTS[0], True)])
         logits = m(input_ids=ids).logits[0, -1]
     for temperature, top_p in [(0.7, 0.9), (1.3, 1.0)]:
         want = expected_law(logits, temperature, top_p, 0)
@@ -251,8 +251,8 @@ def test_model_histogram_temperature_and_top_p(tok):
 
 
 def test_lora_adapter_greedy_matches_hf(tok, tiny_llama_dir):
-    m, t = model_lib.load_model(str(tiny_llama_dir))
-    m = model_lib.add_lora(m, r=4)
+    m, t = model.load_model(str(tiny_llama_dir))
+    m = model.add_lora(m, r=4)
     with torch.no_grad():
         for name, p in m.named_parameters():
             if "lora_B" in name:
@@ -301,8 +301,8 @@ def test_packed_linears_equal_the_modules(tiny_llama_dir):
     """Weights reordered once (for 128 rows) give the modules' products up to float rounding for any row count, a
     row's product does not depend on the rows beside it, LoRA adapters are included (merged into the weight) and
     disable_adapter() is followed; inside _packed_linears the modules call them, and afterwards their own forward."""
-    m, _ = model_lib.load_model(str(tiny_llama_dir))
-    m = model_lib.add_lora(m, r=4)
+    m, _ = model.load_model(str(tiny_llama_dir))
+    m = model.add_lora(m, r=4)
     with torch.no_grad():
         for name, p in m.named_parameters():
             if "lora_B" in name:

@@ -1,7 +1,7 @@
 """Tests of model.py: every family generate.py decodes loads from a saved folder with the attention its class
 supports and samples like transformers' generate; the attention choice; the token that ends an assistant turn.
 
-    /work/main/.venv/bin/python -m pytest tests/test_model.py -x -q
+    .venv/bin/python -m pytest tests/test_model.py -x -q
 """
 import importlib.util
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import generate
-import model as model_lib
+import model
 from generate import sample
 from test_generate import PROMPTS, hf_greedy, tiny
 
@@ -19,7 +19,7 @@ FAMILIES = ["llama", "mistral", "qwen2", "gemma2", "qwen3"]
 
 @pytest.fixture(scope="module")
 def tok():
-    return model_lib.load_tokenizer("default")
+    return model.load_tokenizer("default")
 
 
 def test_every_decode_family_is_tested():
@@ -36,7 +36,7 @@ def test_saved_family_loads_and_samples_like_hf(tok, tmp_path, request, arch):
         folder = tmp_path
         tiny(tok, arch).save_pretrained(folder)
         tok.save_pretrained(folder)
-    m, t = model_lib.load_model(str(folder))
+    m, t = model.load_model(str(folder))
     want = "eager" if m.config.model_type == "gemma2" else "sdpa"
     assert m.config._attn_implementation == want, f"{arch}: loaded with {m.config._attn_implementation}"
     ref = hf_greedy(m, t, PROMPTS, 12, generate._eos_ids(m, t))
@@ -49,7 +49,7 @@ def test_attention_choice_per_class_and_device(monkeypatch):
     where the class supports it; else eager. The GPU and the package are faked: only the choice is under test."""
     from transformers import (MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING, BloomConfig, Gemma2Config, LlamaConfig,
                               PretrainedConfig)
-    choose = model_lib.attention_implementation
+    choose = model.attention_implementation
     cpu, gpu = torch.device("cpu"), torch.device("cuda")
     real_find_spec, capability = importlib.util.find_spec, [9]
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (capability[0], 0))
@@ -71,7 +71,7 @@ def test_attention_choice_per_class_and_device(monkeypatch):
 
 
 def test_turn_end_id(toy_gemma2_dir, tok):
-    gemma = model_lib.load_tokenizer(str(toy_gemma2_dir))
+    gemma = model.load_tokenizer(str(toy_gemma2_dir))
     assert gemma.eos_token == "<eos>"
-    assert gemma.convert_ids_to_tokens(model_lib.turn_end_id(gemma)) == "<end_of_turn>"
-    assert tok.convert_ids_to_tokens(model_lib.turn_end_id(tok)) == "<|im_end|>"
+    assert gemma.convert_ids_to_tokens(model.turn_end_id(gemma)) == "<end_of_turn>"
+    assert tok.convert_ids_to_tokens(model.turn_end_id(tok)) == "<|im_end|>"

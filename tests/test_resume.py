@@ -1,6 +1,6 @@
 """Kill a run with SIGKILL inside every phase, rerun the same command, and end exactly where an uninterrupted run ends.
 
-The kills are deterministic: train_eva.kill_point reads EVA_KILL_AT="<iteration>:<phase>[:<step>]" and SIGKILLs the
+The kills are deterministic: rundir.kill_point reads EVA_KILL_AT="<iteration>:<phase>[:<step>]" and SIGKILLs the
 process after the phase's outputs are written and before its marker (for train: after a checkpoint). One run is
 killed at every point in turn, each rerun going on until the next point, and compared with an uninterrupted run of
 the same command: the same files byte for byte, the same adapter weights, the same losses, no finished phase redone.

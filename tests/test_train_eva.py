@@ -146,8 +146,8 @@ def test_each_bad_flag_is_one_line_before_anything_loads(tmp_path, monkeypatch, 
     def nothing_may_load(*args, **kwargs):
         raise AssertionError("a model or prompt file was read before the config was checked")
 
-    for module, name in [(train_eva.modeling, "load_model"), (train_eva.modeling, "resolve"),
-                         (train_eva, "read_prompts"), (train_eva.rewards, "load_reward")]:
+    for module, name in [(train_eva.model, "load_model"), (train_eva.model, "resolve"),
+                         (train_eva, "read_prompts"), (train_eva.reward, "load_reward")]:
         monkeypatch.setattr(module, name, nothing_may_load)
     with pytest.raises(ValueError) as err:
         train_eva.main(["--run_dir", str(tmp_path / "r"), f"--{flag}", value])

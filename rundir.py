@@ -1,0 +1,94 @@
+"""The run folder of train_eva.py: config.json, iter_<t>/ with each phase's outputs and its `done_<phase>` marker,
+metrics.jsonl. open_run creates it or resumes it; Run answers "is this phase done?" and writes on rank 0.
+
+    run = rundir.open_run(cfg)       # refuses a folder started with another config
+    if not run.done(t, "estimate"): ...; run.write_jsonl(path, records); run.mark(t, "estimate", summary)
+"""
+import dataclasses
+import json
+import os
+import signal
+from pathlib import Path
+
+import files
+import parallel
+from parallel import print0
+
+
+class Run:
+    """The run folder: iter_<t>/ subfolders, phase markers, metrics.jsonl."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+
+    def iter_dir(self, t: int) -> Path:
+        path = self.folder / f"iter_{t}"
+        if parallel.is_main():
+            path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def done(self, t: int, phase: str) -> bool:
+        # Rank 0's answer for all: a phase without collectives (select, pairs) lets rank 0 write its marker before a
+        # slower rank looks, which would then skip the phase's barrier and hang the next collective.
+        return parallel.broadcast((self.folder / f"iter_{t}" / f"done_{phase}").exists())
+
+    def mark(self, t: int, phase: str, summary: dict) -> None:
+        kill_point(t, phase)  # test hook: outputs written, marker not yet
+        self.write(self.iter_dir(t) / f"done_{phase}", json.dumps(summary) + "\n")
+        self.log({"iteration": t, "phase": phase, **summary})
+        parallel.barrier()
+
+    def log(self, record: dict) -> None:
+        if parallel.is_main():
+            with open(self.folder / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def write(self, path: Path, content) -> None:
+        """files.write_atomic on rank 0 (every rank holds the same content)."""
+        if parallel.is_main():
+            files.write_atomic(path, content)
+
+    def write_jsonl(self, path: Path, records: list[dict]) -> None:
+        if parallel.is_main():
+            files.write_jsonl(path, records)
+
+
+def open_run(cfg) -> Run:
+    """Create the run folder, or resume it when the config (a dataclass) matches the saved one."""
+    folder = Path(cfg.run_dir)
+    saved_path = folder / "config.json"
+    current = dataclasses.asdict(cfg)
+    started = any(folder.glob("iter_*/done_*")) or (folder / "eval_start.json").exists()
+    if saved_path.is_file() and started:  # before any finished work, a corrected command simply starts over
+        saved = json.loads(saved_path.read_text())
+        ignore = {"allow_config_change", "run_dir"}  # where the folder lives is not a setting
+        changed = sorted(k for k in set(saved) | set(current) if k not in ignore and saved.get(k) != current.get(k))
+        if changed and not cfg.allow_config_change:
+            diff = ", ".join(f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in changed)
+            raise SystemExit(f"error: {folder} was started with another config ({diff}); "
+                             f"use another --run_dir, or --allow_config_change to resume anyway")
+        print0(f"resuming {folder}" + (f" (accepted changes: {', '.join(changed)})" if changed else ""))
+    elif folder.exists() and any(folder.iterdir()) and not saved_path.is_file():
+        raise SystemExit(f"error: {folder} exists and is not an eva run folder (no config.json); refusing to touch it")
+    if parallel.is_main():
+        folder.mkdir(parents=True, exist_ok=True)
+    parallel.barrier()
+    run = Run(folder)
+    run.write(saved_path, json.dumps(current, indent=1) + "\n")
+    return run
+
+
+def kill_point(t: int, phase: str, step: int | None = None) -> None:
+    """Test hook: EVA_KILL_AT="<t>:<phase>[:<step>]" makes this process SIGKILL itself here.
+
+    Run.mark calls it after a phase's outputs are written and before its marker; solver.train calls it after each
+    checkpoint (with the checkpoint's step). "1:train" dies at the first matching point, "1:train:2" only after
+    the step-2 checkpoint. tests/test_resume.py uses it to kill a run inside every phase and check that the
+    resumed run ends exactly where an uninterrupted one does. Unset (always, outside tests) it does nothing.
+    """
+    spec = os.environ.get("EVA_KILL_AT")
+    if not spec:
+        return
+    want_t, want_phase, *want_step = spec.split(":")
+    if int(want_t) == t and want_phase == phase and (not want_step or int(want_step[0]) == step):
+        os.kill(os.getpid(), signal.SIGKILL)

@@ -1,0 +1,396 @@
+"""The solver update: one pass of preference optimisation on an iteration's pairs, resumable mid-phase, and the
+loading and saving of the solver (a LoRA adapter, or full fine-tuning's fp32 masters, FSDP2-sharded under --fsdp).
+train_eva.py calls load_solver / load_masters once, then train and save_solver in every iteration.
+
+    encode_pair -> collate -> forward_logps -> losses.preference_loss -> backward -> clip -> step
+"""
+from __future__ import annotations  # `cfg: Config` is train_eva.Config, duck-typed: annotations are not evaluated
+
+import gc
+import json
+import math
+import os
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import files
+import generate
+import losses
+import model
+import parallel
+import rundir
+from parallel import print0
+
+
+# ------------------------------------------------------------------------------------------------- batches
+def encode_pair(tokenizer, pair: dict, cfg: Config, end_id: int) -> dict:
+    """Token ids of prompt, chosen and rejected, tokenised separately (joining strings merges boundary tokens).
+
+    A response the model ended itself gets the chat template's end-of-turn token `end_id` (model.turn_end_id), so
+    the model also learns where an answer stops. One cut at --max_new_tokens (finish "length", or longer than that
+    after re-tokenisation) gets none: it must not learn to stop where the cap fell.
+    """
+    prompt = generate.encode_prompt(tokenizer, pair["prompt"])[-cfg.max_prompt_tokens:]
+
+    def response(text: str, finish: str) -> list[int]:
+        ids = tokenizer(text, add_special_tokens=False).input_ids
+        return ids[:cfg.max_new_tokens] if finish == "length" or len(ids) > cfg.max_new_tokens else ids + [end_id]
+
+    # pairs written before samples recorded how each response ended have no finish field: taken as "stop"
+    return dict(prompt=prompt, chosen=response(pair["chosen"], pair.get("chosen_finish", "stop")),
+                rejected=response(pair["rejected"], pair.get("rejected_finish", "stop")))
+
+
+def collate(encoded: list[dict], pad_id: int, device) -> dict:
+    """Chosen rows then rejected rows in one right-padded batch, so both go through one forward."""
+    rows = [e["prompt"] + e["chosen"] for e in encoded] + [e["prompt"] + e["rejected"] for e in encoded]
+    n_response = [len(e["chosen"]) for e in encoded] + [len(e["rejected"]) for e in encoded]
+    width = max(map(len, rows))
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)  # [2B, T]
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)  # [2B, T]
+    response_mask = torch.zeros((len(rows), width), dtype=torch.long)  # [2B, T]
+    for i, (row, n) in enumerate(zip(rows, n_response)):
+        input_ids[i, :len(row)] = torch.tensor(row)
+        attention_mask[i, :len(row)] = 1
+        response_mask[i, len(row) - n:len(row)] = 1
+    return dict(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+                response_mask=response_mask.to(device))
+
+
+def forward_logps(policy, batch: dict, cfg: Config) -> tuple[losses.SeqLogps, losses.SeqLogps]:
+    """Per-sequence log-probs of the chosen and rejected halves of a collated batch."""
+    logits = policy(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # [2B, T, V]
+    logps = losses.sequence_logps(logits, batch["input_ids"], batch["response_mask"], cfg.vocab_chunk or None)
+    half = logits.shape[0] // 2
+    split = lambda s, part: losses.SeqLogps(*(getattr(s, k)[part] for k in ("sum", "count", "avg")))
+    return split(logps, slice(0, half)), split(logps, slice(half, None))
+
+
+@torch.no_grad()
+def reference_logps(solver, encoded: list[dict], cfg: Config, device) -> torch.Tensor:
+    """[P, 6] log-probs of every pair under the iteration's starting policy (chosen/rejected sum, count, avg)."""
+    solver.eval()
+
+    def work(indices: list[int]) -> list[list[float]]:
+        out = []
+        for s in range(0, len(indices), cfg.micro_batch_size):
+            batch = collate([encoded[i] for i in indices[s:s + cfg.micro_batch_size]], pad_id(solver), device)
+            chosen, rejected = forward_logps(solver, batch, cfg)
+            out += torch.stack([chosen.sum, chosen.count, chosen.avg, rejected.sum, rejected.count, rejected.avg],
+                               1).tolist()
+        return out
+
+    return torch.tensor(parallel.sharded(work, list(range(len(encoded))), desc="reference"), dtype=torch.float32)
+
+
+def pad_id(solver) -> int:
+    config = solver.config
+    return config.pad_token_id if config.pad_token_id is not None else (config.eos_token_id or 0)
+
+
+def lr_at(step: int, total: int, cfg: Config) -> float:
+    """Linear warmup then cosine decay to zero, as a multiplier of --lr."""
+    warmup = max(1, round(cfg.warmup_ratio * total))
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+# ------------------------------------------------------------------------------------------------- the update
+def train(solver, masters, tokenizer, pairs: list[dict], cfg: Config, run: rundir.Run, t: int, device) -> dict:
+    """One solver update on the iteration's pairs; resumable from the last checkpoint inside the phase.
+
+    LoRA steps the adapter inside `solver`; full fine-tuning steps the fp32 `masters` (see load_masters), and
+    save_solver then refreshes the sampling model from them. The reference is `solver` as the phase starts."""
+    folder = run.iter_dir(t)
+    end_id = model.turn_end_id(tokenizer)
+    encoded = [encode_pair(tokenizer, p, cfg, end_id) for p in pairs]
+    ref = starting_reference(solver, encoded, cfg, folder / "reference_logps.pt", device)
+    p_chosen = torch.tensor([p["p_chosen"] for p in pairs], dtype=torch.float32)
+    p_rejected = torch.tensor([p["p_rejected"] for p in pairs], dtype=torch.float32)
+    trained = solver if masters is None else masters
+    if uses_fsdp(cfg) and device.type == "cuda":
+        solver.to("cpu")  # out of the GPU's way while the shards train; save_solver brings it back
+    params = [p for p in trained.parameters() if p.requires_grad]
+    optimizer, scheduler, total_steps = make_optimizer(params, len(pairs), cfg)
+    # Dropout is the one user of torch's global RNG: seeded per phase here, and restored from a checkpoint, so
+    # neither an earlier iteration nor a restart changes the draws.
+    torch.manual_seed(parallel.stable_seed(cfg.seed, t, "train"))
+    start_step = restore_checkpoint(folder, trained, optimizer, scheduler, cfg, t, total_steps)
+    ddp = parallel.world_size() > 1 and not uses_fsdp(cfg)
+    policy = torch.nn.parallel.DistributedDataParallel(trained) if ddp else trained
+    world, per_rank = parallel.world_size(), cfg.batch_size // parallel.world_size()
+    policy.train()
+    stats = []
+    bar = parallel.progress(range(start_step, total_steps), desc=f"iter {t} train", initial=start_step,
+                            total=total_steps)
+    for step in bar:
+        local_ids = batch_ids(step, len(pairs), cfg, t)
+        step_loss, step_chosen, step_rejected = [], [], []
+        for s in range(0, per_rank, cfg.micro_batch_size):
+            ids = local_ids[s:s + cfg.micro_batch_size]
+            batch = collate([encoded[i] for i in ids], pad_id(solver), device)
+            # DDP all-reduces on the last micro batch only (its flag is read in forward); FSDP reduce-scatters
+            # every one, since unsharded gradients would cost the memory it saves. bf16 autocast on a GPU.
+            no_sync = policy.no_sync() if ddp and s + cfg.micro_batch_size < per_rank else nullcontext()
+            with no_sync, torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                chosen, rejected = forward_logps(policy, batch, cfg)
+            ref_chosen, ref_rejected = reference_of(ref, ids, device)
+            loss, chosen_reward, rejected_reward = losses.preference_loss(
+                cfg.loss, chosen, rejected, ref_chosen, ref_rejected,
+                p_chosen=p_chosen[ids].to(device), p_rejected=p_rejected[ids].to(device),
+                beta=None if cfg.beta < 0 else cfg.beta, gamma_beta_ratio=cfg.gamma_beta_ratio, lam=cfg.orpo_lambda)
+            if nonfinite_point(t, step + 1):  # test hook
+                loss = loss * math.nan
+            stop_if_nonfinite(loss, f"the {cfg.loss} loss", ids, pairs, folder, t, step + 1)
+            # sum over the global batch / batch size; DDP averages over ranks, hence the * world
+            (loss.sum() * world / cfg.batch_size).backward()
+            step_loss += loss.detach().tolist()
+            step_chosen += chosen_reward.tolist()
+            step_rejected += rejected_reward.tolist()
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+        stop_if_nonfinite(grad_norm, "the gradient norm", local_ids, pairs, folder, t, step + 1)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        record = step_record(t, step + 1, step_loss, step_chosen, step_rejected, grad_norm, scheduler)
+        stats.append(record)
+        run.log(record)
+        bar.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record['accuracy']:.2f}")
+        if (step + 1) % cfg.save_every == 0 and step + 1 < total_steps and not uses_fsdp(cfg):
+            save_checkpoint(folder, trained, optimizer, scheduler, t, step + 1)
+    del policy, params, optimizer, scheduler
+    gc.collect()  # FSDP's hooks form reference cycles: free the optimizer state now
+    trained.eval()
+    solver.eval()
+    return dict(pairs=len(pairs), steps=total_steps,
+                first_loss=stats[0]["loss"] if stats else None, last_loss=stats[-1]["loss"] if stats else None)
+
+
+def starting_reference(solver, encoded: list[dict], cfg: Config, path: Path, device) -> torch.Tensor | None:
+    """reference_logps once per iteration, before the first step, from the starting policy (kept in `path` for a
+    resumed phase); None when the loss needs no reference."""
+    if not losses.LOSSES[cfg.loss].needs_reference:
+        return None
+    if path.exists():
+        return torch.load(path)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        ref = reference_logps(solver, encoded, cfg, device)
+    if parallel.is_main():
+        files.write_atomic(path, ref)
+    return ref
+
+
+def reference_of(ref: torch.Tensor | None, ids, device) -> tuple[losses.SeqLogps | None, losses.SeqLogps | None]:
+    """The reference SeqLogps of chosen and rejected for pairs `ids` (None, None without a reference)."""
+    if ref is None:
+        return None, None
+    r = ref[torch.as_tensor(ids)].to(device)  # [b, 6]
+    return losses.SeqLogps(*r[:, 0:3].T), losses.SeqLogps(*r[:, 3:6].T)
+
+
+def make_optimizer(params: list, n_pairs: int, cfg: Config):
+    """(optimizer, warmup-cosine scheduler, total steps) for --epochs passes of --batch_size pairs."""
+    if cfg.optimizer == "adamw":
+        optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    else:
+        optimizer = torch.optim.RMSprop(params, lr=cfg.lr)
+    total_steps = math.ceil(n_pairs / cfg.batch_size) * cfg.epochs
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(s, total_steps, cfg))
+    return optimizer, scheduler, total_steps
+
+
+def batch_ids(step: int, n_pairs: int, cfg: Config, t: int) -> np.ndarray:
+    """This rank's pair indices at optimizer step `step`. The data order of every epoch is fixed by the seed, so a
+    resumed run sees the same batches; the last batch of an epoch wraps around to stay full."""
+    steps_per_epoch = math.ceil(n_pairs / cfg.batch_size)
+    epoch, k = divmod(step, steps_per_epoch)
+    order = np.random.default_rng(parallel.stable_seed(cfg.seed, t, "order", epoch)).permutation(n_pairs)
+    ids = np.resize(order, steps_per_epoch * cfg.batch_size)[k * cfg.batch_size:(k + 1) * cfg.batch_size]
+    per_rank = cfg.batch_size // parallel.world_size()
+    return ids[parallel.rank() * per_rank:(parallel.rank() + 1) * per_rank]
+
+
+def step_record(t: int, step: int, step_loss: list, step_chosen: list, step_rejected: list, grad_norm,
+                scheduler) -> dict:
+    """The metrics.jsonl line of one optimizer step, over the global batch (collective under torchrun)."""
+    world = parallel.world_size()
+    if world > 1:  # log the global batch, not rank 0's share of it
+        parts = parallel.sharded(lambda mine: [(step_loss, step_chosen, step_rejected) for _ in mine],
+                                 list(range(world)), desc="step stats")
+        step_loss, step_chosen, step_rejected = ([x for part in parts for x in part[k]] for k in range(3))
+    margins = np.array(step_chosen) - np.array(step_rejected)
+    return dict(iteration=t, step=step, loss=float(np.mean(step_loss)), margin=float(margins.mean()),
+                accuracy=float((margins > 0).mean()), grad_norm=float(grad_norm), lr=scheduler.get_last_lr()[0])
+
+
+# ------------------------------------------------------------------------------------------------- checkpoints
+def rng_state() -> dict:
+    """This process's torch RNG state (CPU, and the current CUDA device when there is one)."""
+    return dict(cpu=torch.get_rng_state(), cuda=torch.cuda.get_rng_state() if torch.cuda.is_available() else None)
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["cpu"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def save_checkpoint(folder: Path, trained, optimizer, scheduler, t: int, step: int) -> None:
+    """train_state.pt: trainable weights, optimizer, scheduler, step, and every rank's RNG state (each draws its
+    own dropout masks), gathered for rank 0 to write. Collective."""
+    rng = parallel.sharded(lambda mine: [rng_state() for _ in mine], list(range(parallel.world_size())),
+                           desc="rng state")
+    if parallel.is_main():
+        weights = {n: p.detach().cpu() for n, p in trained.named_parameters() if p.requires_grad}
+        files.write_atomic(folder / "train_state.pt", dict(weights=weights, optimizer=optimizer.state_dict(),
+                                                           scheduler=scheduler.state_dict(), step=step, rng=rng))
+        rundir.kill_point(t, "train", step)  # test hook
+
+
+def restore_checkpoint(folder: Path, trained, optimizer, scheduler, cfg: Config, t: int, total_steps: int) -> int:
+    """Load train_state.pt into the trainable weights, optimizer, scheduler and RNG; the step to resume at (0
+    without one). --fsdp writes no mid-phase checkpoint: a killed phase starts over."""
+    path = folder / "train_state.pt"
+    if not path.exists() or uses_fsdp(cfg):
+        return 0
+    state = torch.load(path, weights_only=False)
+    trainable = {n: p for n, p in trained.named_parameters() if p.requires_grad}
+    for name, value in state["weights"].items():
+        trainable[name].data.copy_(value)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    if len(state.get("rng") or []) == parallel.world_size():
+        set_rng_state(state["rng"][parallel.rank()])
+    else:
+        print0(f"[iter {t}] train: the checkpoint holds no RNG state for {parallel.world_size()} ranks; "
+               f"dropout draws will differ from an uninterrupted run")
+    print0(f"[iter {t}] train: resuming at step {state['step']}/{total_steps}")
+    return state["step"]
+
+
+def drop_checkpoint(folder: Path) -> None:
+    """The phase is done: its checkpoint (weights and optimizer state) only takes space."""
+    if parallel.is_main():
+        for name in ("train_state.pt", "train_state.pt.tmp"):  # .tmp: a write a kill interrupted
+            (folder / name).unlink(missing_ok=True)
+
+
+# ------------------------------------------------------------------------------------------------- non-finite stops
+def nonfinite_point(t: int, step: int) -> bool:
+    """Test hook: EVA_NONFINITE_AT="<rank>:<t>:<step>" makes that rank's loss NaN at training step `step` of
+    iteration t, so tests can check that every rank stops together. Unset (always, outside tests) it is False."""
+    spec = os.environ.get("EVA_NONFINITE_AT")
+    return bool(spec) and [int(x) for x in spec.split(":")] == [parallel.rank(), t, step]
+
+
+def stop_if_nonfinite(value: torch.Tensor, what: str, ids, pairs: list[dict], folder: Path, t: int, step: int) -> None:
+    """Decided together (one all-reduce of a flag), so no rank waits for another that stopped."""
+    nonfinite = not torch.isfinite(value).all()
+    if parallel.any_rank(nonfinite):
+        stop_nonfinite(folder, t, step, what, ids if nonfinite else [], pairs)
+
+
+def stop_nonfinite(folder: Path, t: int, step: int, what: str, pair_ids, pairs: list[dict]) -> None:
+    """Write the offending batch and stop the run: a NaN or inf never reaches the weights or a checkpoint.
+
+    Collective: every rank calls it once any rank found a non-finite value (parallel.any_rank), with the pairs it
+    found it in (none on a rank whose values were finite), and every rank stops with the same message."""
+    found = parallel.sharded(lambda mine: [[int(i) for i in pair_ids] for _ in mine],
+                             list(range(parallel.world_size())), desc="non-finite pairs")  # [rank][pair]
+    indices = [i for ids in found for i in ids]
+    bad = dict(iteration=t, step=step, ranks=[r for r, ids in enumerate(found) if ids], what=what,
+               pair_indices=indices, prompt_ids=[pairs[i]["prompt_id"] for i in indices])
+    path, ckpt_path = folder / "nonfinite_batch.json", folder / "train_state.pt"
+    if parallel.is_main():
+        files.write_atomic(path, json.dumps(bad) + "\n")
+    kept = (f"the last good checkpoint ({ckpt_path}) is kept and a rerun resumes from it" if ckpt_path.exists() else
+            "no checkpoint yet: a rerun restarts the phase from the iteration's starting solver")
+    ids = ", ".join(bad["prompt_ids"][:8]) + (" ..." if len(bad["prompt_ids"]) > 8 else "")
+    raise SystemExit(f"error: iteration {t} step {step}: {what} is not finite (pairs of prompts {ids}); no update "
+                     f"made; {kept}; the batch is in {path}")
+
+
+# ------------------------------------------------------------------------------------------------- load and save
+def uses_fsdp(cfg: Config) -> bool:
+    return cfg.fsdp and not cfg.lora and parallel.world_size() > 1
+
+
+def save_solver(solver, masters, tokenizer, cfg: Config, folder: Path, device) -> None:
+    """Write the weights of record (the LoRA adapter, or full fine-tuning's fp32 masters) and make the sampling
+    model equal to them again, on every rank."""
+    if cfg.lora or masters is solver:
+        if parallel.is_main():
+            if cfg.lora:
+                model.save_adapter(solver, folder / "adapter", cfg.model)
+            else:
+                model.save_full(solver, tokenizer, folder / "model")
+    elif uses_fsdp(cfg):
+        # Rank 0 gathers the fp32 shards into its plain model, upcast on the CPU, and writes them; every rank then
+        # holds the same sampling copy, rounded to the sampling dtype.
+        solver.to("cpu")
+        if parallel.is_main():
+            solver.float()
+        parallel.fsdp_gather(masters, solver)
+        if parallel.is_main():
+            model.save_full(solver, tokenizer, folder / "model")
+        solver.to(device, sampling_dtype(device))
+    else:  # a bf16 sampling copy of fp32 masters (one process or DDP on a GPU)
+        if parallel.is_main():
+            model.save_full(masters, tokenizer, folder / "model")
+        with torch.no_grad():
+            targets = dict(solver.named_parameters())
+            for name, param in masters.named_parameters():
+                targets[name].copy_(param)
+    parallel.barrier()
+
+
+def sampling_dtype(device) -> torch.dtype:
+    return torch.bfloat16 if device.type == "cuda" else torch.float32  # load_model's default
+
+
+def solver_source(cfg: Config, run: rundir.Run) -> tuple[int | None, str]:
+    """(last finished iteration or None, the model folder or id full fine-tuning resumes from)."""
+    last = max((t for t in range(cfg.eva_iterations + 1) if run.done(t, "train")), default=None)
+    if last is not None and not cfg.lora:
+        return last, str(run.folder / f"iter_{last}" / "model")
+    return last, cfg.model
+
+
+def load_solver(cfg: Config, run: rundir.Run, device):
+    """The sampling model as the last finished iteration left it (or fresh), with its LoRA adapter trainable."""
+    last, source = solver_source(cfg, run)
+    solver, tokenizer = model.load_model(source, device=device, load_in_4bit=cfg.load_in_4bit)
+    if cfg.lora:
+        # A resumed adapter gets the same preparation as a fresh one (4-bit casts, gradient checkpointing).
+        adapter = run.folder / f"iter_{last}" / "adapter" if last is not None else None
+        torch.manual_seed(cfg.seed)  # the LoRA A matrices are random: the same on every rank
+        solver = model.add_lora(solver, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
+                                gradient_checkpointing=cfg.gradient_checkpointing, adapter=adapter)
+    solver.eval()
+    return solver, tokenizer
+
+
+def load_masters(cfg: Config, run: rundir.Run, device, solver):
+    """Full fine-tuning's weights of record: fp32 masters that the optimizer steps (a 5e-7 step vanishes in bf16
+    rounding), kept across iterations, written by save_solver and read back on resume; compute runs under bf16
+    autocast on a GPU. LoRA has none (peft keeps adapter weights in fp32): None.
+
+    One process or DDP: the fp32 solver itself (on the CPU), else an fp32 model beside the bf16 sampling copy.
+    --fsdp: fp32 shards (parallel.fsdp_shard), loaded on the CPU so that no rank holds the whole model on its GPU.
+    """
+    if cfg.lora:
+        return None
+    fsdp = uses_fsdp(cfg)
+    if fsdp or any(p.dtype != torch.float32 for p in solver.parameters()):
+        masters, _ = model.load_model(solver_source(cfg, run)[1], device="cpu" if fsdp else device,
+                                      dtype=torch.float32)
+    else:
+        masters = solver
+    if cfg.gradient_checkpointing:
+        masters.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return parallel.fsdp_shard(masters, device) if fsdp else masters
