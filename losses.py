@@ -258,3 +258,123 @@ def preference_loss(name: str, chosen: SeqLogps, rejected: SeqLogps, ref_chosen:
             raise ValueError("--loss sppo needs p_chosen and p_rejected (win probabilities from the pair records)")
         return sppo_loss(chosen.sum, rejected.sum, ref_chosen.sum, ref_rejected.sum, p_chosen, p_rejected, beta=beta)
     return simpo_loss(chosen.avg, rejected.avg, beta=beta, gamma_beta_ratio=gamma_beta_ratio)
+
+
+# ---------------------------------------------------------------------------------------------- online RL losses
+# RLOO and GRPO for the online loop (online.py): k sampled responses per prompt, scalar rewards, and the policy's
+# per-token log-probs of those responses. Rewards and advantages are [P, k]; everything per response is flattened
+# prompt-major to [P * k] (rows p * k .. p * k + k - 1 are prompt p's samples).
+
+def response_token_logps(logits: Tensor, input_ids: Tensor, response_mask: Tensor,
+                         vocab_chunk: int | None = None) -> Tensor:
+    """log p(token) at every response position, [B, T] in fp32, 0 elsewhere; the per-token twin of sequence_logps.
+
+    Aligned with input_ids: out[b, t] is the log-prob of input_ids[b, t] (predicted by logits[b, t - 1]) where
+    response_mask[b, t] = 1, and 0 where it is 0. So out.sum(-1) equals sequence_logps(...).sum.
+    """
+    mask = response_mask.bool()  # [B, T]
+    if mask[:, 0].any():
+        raise ValueError("response_token_logps: response_mask[:, 0] is set, but no logit predicts the first token")
+    targets = torch.where(mask[:, 1:], input_ids[:, 1:], 0)  # [B, T-1]
+    if vocab_chunk is None:
+        logps = logits[:, :-1].to(torch.promote_types(logits.dtype, torch.float32)).log_softmax(-1)
+        logps = logps.gather(-1, targets[..., None]).squeeze(-1)  # [B, T-1]
+    else:
+        logps = _ChunkedTokenLogps.apply(logits[:, :-1], targets, vocab_chunk)  # [B, T-1]
+    logps = torch.where(mask[:, 1:], logps, 0.0)
+    return F.pad(logps, (1, 0))  # [B, T]: nothing predicts position 0
+
+
+def rloo_advantages(rewards: Tensor) -> Tensor:
+    """REINFORCE leave-one-out (Ahmadian et al. 2024, arXiv 2402.14740): [P, k] rewards -> [P, k] advantages
+
+        A_i = r_i - 1/(k-1) sum_{j != i} r_j  =  k/(k-1) * (r_i - mean_j r_j)
+
+    Each prompt's advantages sum to zero; equal rewards give zero advantages. Needs k >= 2.
+    """
+    k = rewards.shape[-1]
+    if rewards.dim() != 2 or k < 2:
+        raise ValueError(f"rloo_advantages: want [P, k] rewards with k >= 2, got shape {tuple(rewards.shape)}")
+    return (rewards * k - rewards.sum(-1, keepdim=True)) / (k - 1)
+
+
+def rloo_loss(logps: Tensor, rewards: Tensor, kl: Tensor | None = None, beta: float = 0.05,
+              normalizer: float | None = None) -> tuple[Tensor, Tensor]:
+    """RLOO's policy-gradient loss; logps [P*k] = sum_t log pi(y_i,t | x, y_<t) (the sequence log-prob, with grad),
+    rewards [P, k], kl [P*k] = sum_t (log pi - log pi_ref) of each response (or None for no KL):
+
+        r~_i = r_i - beta * kl_i   (detached: the KL is a penalty on the reward, as in the RLOO paper and TRL)
+        A = rloo_advantages(r~);   loss = -sum_i A_i * log pi(y_i | x) / normalizer   (default: P*k, the mean)
+
+    Returns (loss scalar, advantages [P, k], detached). normalizer lets a caller that splits one batch over micro
+    batches or ranks divide by the whole batch's count, so the pieces' gradients add up to the whole one's.
+    """
+    shaped = rewards.to(torch.promote_types(logps.dtype, torch.float32))  # [P, k]
+    if kl is not None and beta:
+        shaped = shaped - beta * kl.detach().view_as(shaped)
+    advantages = rloo_advantages(shaped).detach()  # [P, k]
+    total = -(advantages.flatten() * logps).sum()
+    return total / (logps.numel() if normalizer is None else normalizer), advantages
+
+
+def grpo_advantages(rewards: Tensor, scale: bool = True, eps: float = 1e-4) -> Tensor:
+    """GRPO's group-relative advantages (Shao et al. 2024, DeepSeekMath, arXiv 2402.03300): [P, k] -> [P, k]
+
+        A_i = (r_i - mean_j r_j) / (std_j r_j + eps)     scale=False (Dr. GRPO, arXiv 2503.20783): r_i - mean_j r_j
+
+    std is the unbiased sample standard deviation over the group, and eps = 1e-4, as TRL's GRPOTrainer computes them.
+    """
+    if rewards.dim() != 2 or rewards.shape[-1] < 2:
+        raise ValueError(f"grpo_advantages: want [P, k] rewards with k >= 2, got shape {tuple(rewards.shape)}")
+    centred = rewards - rewards.mean(-1, keepdim=True)
+    return centred / (rewards.std(-1, keepdim=True) + eps) if scale else centred
+
+
+def k3_kl(logps: Tensor, ref_logps: Tensor) -> Tensor:
+    """Per-token KL(pi || pi_ref) estimate k3 (Schulman 2020), elementwise:  exp(d) - d - 1,  d = log pi_ref - log pi.
+
+    Unbiased for samples from pi, >= 0 everywhere (e^d >= 1 + d), and 0 exactly where the two log-probs agree."""
+    d = ref_logps - logps
+    return torch.exp(d) - d - 1
+
+
+def grpo_loss(logps: Tensor, old_logps: Tensor, advantages: Tensor, mask: Tensor, epsilon: float = 0.2,
+              beta: float = 0.0, ref_logps: Tensor | None = None, aggregation: str = "token",
+              normalizer: float | None = None) -> tuple[Tensor, dict]:
+    """GRPO's clipped surrogate, per token. logps, old_logps, ref_logps, mask: [B, T] (B = P*k responses, old_logps
+    from the policy that sampled them, detached); advantages [B] (grpo_advantages, flattened), the same at every
+    token of a response:
+
+        rho_t = exp(log pi_t - log pi_old_t)
+        l_t   = -min(rho_t * A, clip(rho_t, 1 - epsilon, 1 + epsilon) * A) + beta * k3_kl(log pi_t, log pi_ref_t)
+        token:    loss = sum_{i,t} l_t / (number of response tokens)          (DAPO; TRL's default "dapo")
+        sequence: loss = sum_i (sum_t l_t / |y_i|) / B                        (the DeepSeekMath paper's)
+
+    The min keeps the clip one-sided in the direction it applies: with A > 0 nothing is gained beyond 1 + epsilon,
+    with A < 0 nothing beyond 1 - epsilon (zero gradient there). At rho = 1 (one update per batch of samples) this
+    is the plain policy gradient -A * log pi. normalizer overrides the denominator (token count or B) so micro batches
+    and ranks can divide by the whole batch's. Returns (loss scalar, stats: clipped share and mean KL, detached).
+    """
+    if aggregation not in ("token", "sequence"):
+        raise ValueError(f"grpo_loss: aggregation must be 'token' or 'sequence', got {aggregation!r}")
+    mask = mask.to(logps.dtype)  # [B, T]
+    ratio = torch.exp(logps - old_logps.detach())  # [B, T]
+    a = advantages.detach()[:, None].to(logps.dtype)  # [B, 1]
+    unclipped, clipped = ratio * a, ratio.clamp(1 - epsilon, 1 + epsilon) * a
+    per_token = -torch.min(unclipped, clipped)  # [B, T]
+    kl = None
+    if beta:
+        if ref_logps is None:
+            raise ValueError("grpo_loss: beta > 0 needs ref_logps")
+        kl = k3_kl(logps, ref_logps.detach())
+        per_token = per_token + beta * kl
+    per_token = per_token * mask
+    if aggregation == "token":
+        loss = per_token.sum() / (mask.sum().clamp(min=1) if normalizer is None else normalizer)
+    else:
+        per_seq = per_token.sum(-1) / mask.sum(-1).clamp(min=1)  # [B]
+        loss = per_seq.sum() / (per_seq.numel() if normalizer is None else normalizer)
+    n = mask.sum().clamp(min=1)
+    stats = dict(clipped=float(((clipped < unclipped).to(mask.dtype) * mask).sum() / n),
+                 kl=None if kl is None else float((kl.detach() * mask).sum() / n))
+    return loss, stats

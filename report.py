@@ -148,16 +148,71 @@ def write_report(run: Path, eva_iterations: int | None = None) -> str:
                      f"{r['evolved']} | {_fmt(r['pairs'])} ({_fmt(r['evolved_pairs'])}) | "
                      f"{_fmt(r['first_loss'], 4)} -> {_fmt(r['last_loss'], 4)} |")
     table = "\n".join(lines)
-    accuracy = ""
-    if start and end:
-        accuracy = ("| held-out (greedy) | start | end |\n|---|---|---|\n"
-                    f"| prompt-level accuracy | {start['prompt_level']:.3f} | {end['prompt_level']:.3f} |\n"
-                    f"| instruction-level accuracy | {start['instruction_level']:.3f} | "
-                    f"{end['instruction_level']:.3f} |\n"
-                    f"\n({start['n_prompts']} held-out prompts)")
+    accuracy = accuracy_table(start, end)
     md = f"# eva run report: {run}\n\n{table}\n\n{accuracy}\n\n![report](report.png)\n" + evolution_section(run)
     (run / "report.md").write_text(md)
     plot(run, rows, start, end)
+    return table + ("\n\n" + accuracy if accuracy else "")
+
+
+def accuracy_table(start: dict | None, end: dict | None) -> str:
+    """The held-out start/end table (markdown), or "" when either evaluation is missing."""
+    if not (start and end):
+        return ""
+    return ("| held-out (greedy) | start | end |\n|---|---|---|\n"
+            f"| prompt-level accuracy | {start['prompt_level']:.3f} | {end['prompt_level']:.3f} |\n"
+            f"| instruction-level accuracy | {start['instruction_level']:.3f} | {end['instruction_level']:.3f} |\n"
+            f"\n({start['n_prompts']} held-out prompts)")
+
+
+def write_online_report(run: Path, windows: int = 8) -> str:
+    """report.md and report.png of an online run (online.py): reward, KL and pool size over steps, creator rounds,
+    held-out accuracy at the start and end. Returns the tables as text."""
+    run = Path(run)
+    records = _jsonl(run / "metrics.jsonl")
+    # A run killed between checkpoints logs the redone steps twice: keep the last record of each.
+    steps = sorted({m["step"]: m for m in records if "reward" in m}.values(), key=lambda m: m["step"])
+    rounds = sorted({m["step"]: m for m in records if m.get("phase") == "evolve"}.values(), key=lambda m: m["step"])
+    start = json.loads((run / "eval_start.json").read_text()) if (run / "eval_start.json").exists() else None
+    end = json.loads((run / "eval_end.json").read_text()) if (run / "eval_end.json").exists() else None
+    lines = ["| steps | mean reward | info (max - mean) | KL | evolved prompts drawn | pool |", "|---|---|---|---|---|---|"]
+    for part in np.array_split(np.arange(len(steps)), min(windows, len(steps))) if steps else []:
+        ms = [steps[i] for i in part]
+        kls = [m["kl"] for m in ms if m.get("kl") is not None]
+        lines.append(f"| {ms[0]['step']}-{ms[-1]['step']} | {np.mean([m['reward'] for m in ms]):.3f} | "
+                     f"{np.mean([m['info'] for m in ms]):.3f} | {_fmt(float(np.mean(kls)) if kls else None, 4)} | "
+                     f"{sum(m['evolved'] for m in ms)} | {ms[-1]['pool']} |")
+    table = "\n".join(lines)
+    creator_lines = ["| after step | parents (of recent) | children | pool |", "|---|---|---|---|"] + [
+        f"| {r['step']} | {r['parents']} ({r['recent']}) | {r['children']} | {r['pool']} |" for r in rounds]
+    gen = sum(m["gen_seconds"] for m in steps)
+    upd = sum(m["update_seconds"] for m in steps)
+    accuracy = accuracy_table(start, end)
+    md = (f"# online eva run report: {run}\n\n{table}\n\nSeconds in sampling and scoring {gen:.0f}, in updates "
+          f"{upd:.0f}.\n\n## Creator rounds\n\n" + "\n".join(creator_lines) +
+          f"\n\n{accuracy}\n\n![report](report.png)\n")
+    (run / "report.md").write_text(md)
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    x = [m["step"] for m in steps]
+    axes[0].plot(x, [m["reward"] for m in steps], alpha=0.4, label="per step")
+    if steps:
+        width = max(1, len(steps) // 10)
+        smooth = np.convolve([m["reward"] for m in steps], np.ones(width) / width, mode="valid")
+        axes[0].plot(x[width - 1:], smooth, label=f"mean of {width}")
+        axes[0].legend()
+    axes[0].set(title="mean reward of the step's samples", xlabel="step", ylabel="reward")
+    axes[1].plot(x, [m["pool"] for m in steps], drawstyle="steps-post")
+    axes[1].set(title="prompt pool size", xlabel="step", ylabel="prompts")
+    kl = [(m["step"], m["kl"]) for m in steps if m.get("kl") is not None]
+    if kl:
+        axes[2].plot(*zip(*kl))
+    axes[2].set(title="KL to the starting policy (per response)", xlabel="step")
+    fig.tight_layout()
+    fig.savefig(run / "report.png", dpi=110)
+    plt.close(fig)
     return table + ("\n\n" + accuracy if accuracy else "")
 
 

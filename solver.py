@@ -26,22 +26,22 @@ from parallel import print0
 
 
 # ------------------------------------------------------------------------------------------------- batches
+def encode_response(tokenizer, text: str, finish: str, cfg: Config, end_id: int) -> list[int]:
+    """A response's token ids. One the model ended itself gets the chat template's end-of-turn token `end_id`
+    (model.turn_end_id), so the model also learns where an answer stops. One cut at --max_new_tokens (finish
+    "length", or longer than that after re-tokenisation) gets none: it must not learn to stop where the cap fell."""
+    ids = tokenizer(text, add_special_tokens=False).input_ids
+    return ids[:cfg.max_new_tokens] if finish == "length" or len(ids) > cfg.max_new_tokens else ids + [end_id]
+
+
 def encode_pair(tokenizer, pair: dict, cfg: Config, end_id: int) -> dict:
-    """Token ids of prompt, chosen and rejected, tokenised separately (joining strings merges boundary tokens).
-
-    A response the model ended itself gets the chat template's end-of-turn token `end_id` (model.turn_end_id), so
-    the model also learns where an answer stops. One cut at --max_new_tokens (finish "length", or longer than that
-    after re-tokenisation) gets none: it must not learn to stop where the cap fell.
-    """
+    """Token ids of prompt, chosen and rejected, tokenised separately (joining strings merges boundary tokens)."""
     prompt = generate.encode_prompt(tokenizer, pair["prompt"])[-cfg.max_prompt_tokens:]
-
-    def response(text: str, finish: str) -> list[int]:
-        ids = tokenizer(text, add_special_tokens=False).input_ids
-        return ids[:cfg.max_new_tokens] if finish == "length" or len(ids) > cfg.max_new_tokens else ids + [end_id]
-
     # pairs written before samples recorded how each response ended have no finish field: taken as "stop"
-    return dict(prompt=prompt, chosen=response(pair["chosen"], pair.get("chosen_finish", "stop")),
-                rejected=response(pair["rejected"], pair.get("rejected_finish", "stop")))
+    return dict(prompt=prompt,
+                chosen=encode_response(tokenizer, pair["chosen"], pair.get("chosen_finish", "stop"), cfg, end_id),
+                rejected=encode_response(tokenizer, pair["rejected"], pair.get("rejected_finish", "stop"), cfg,
+                                         end_id))
 
 
 def collate(encoded: list[dict], pad_id: int, device) -> dict:

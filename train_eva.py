@@ -103,6 +103,17 @@ class Config:
     gradient_checkpointing: bool = False  # recompute activations in backward to save memory
     # --- evaluation
     eval_max_new_tokens: int = 128  # longest held-out answer (greedy)
+    # --- online eva (online.py): the creator evolves the pool while the solver trains with RLOO or GRPO
+    online: bool = False  # train online (online.py) instead of the offline iterations; n_samples is k per prompt
+    online_algo: str = "rloo"  # rloo | grpo
+    online_steps: int = 200  # policy-gradient steps (one batch of fresh samples each)
+    online_prompts: int = 16  # prompts per step over all ranks; micro_batch_size is prompts per forward here
+    online_kl: float = -1.0  # KL weight beta to the starting policy; < 0 = the algorithm's (rloo 0.05, grpo 0)
+    evolve_every: int = 10  # a creator round (select, evolve) after every this many steps (0 = never: no creator)
+    grpo_epsilon: float = 0.2  # GRPO's clip range of the per-token ratio
+    grpo_scale_rewards: bool = True  # GRPO divides advantages by the group's std (--no-grpo_scale_rewards: Dr. GRPO)
+    grpo_aggregation: str = "token"  # token (mean over all response tokens) | sequence (mean of per-response means)
+    grpo_iterations: int = 1  # optimizer steps on each batch of samples (GRPO's mu; > 1 makes the clip matter)
 
 
 PRESETS = {
@@ -123,6 +134,10 @@ PRESETS = {
                   epochs=2, batch_size=64, micro_batch_size=1, warmup_ratio=0.1, eval_max_new_tokens=2048,
                   creator_max_new_tokens=1024, gradient_checkpointing=True, vocab_chunk=32768,
                   seed_prompts="data/seed_prompts.jsonl"),
+    # online eva on the CPU: the bundled SmolLM2-135M-Instruct, rule rewards, RLOO, about 15 minutes on 2 cores
+    "online": dict(online=True, max_seed_prompts=64, n_samples=4, online_prompts=8, micro_batch_size=4,
+                   online_steps=24, evolve_every=6, max_new_tokens=48, eval_max_new_tokens=96,
+                   creator_max_new_tokens=96, max_heldout_prompts=32, evolve_depth=2, lr=2e-4, save_every=4),
 }
 # The paper's per-loss settings, applied by --preset paper together with --loss: the only source of its beta.
 PAPER_LOSS_SETTINGS = {"dpo": dict(beta=0.05, lr=5e-7), "sppo": dict(beta=0.001, lr=5e-7, optimizer="rmsprop"),
@@ -196,13 +211,31 @@ def check_config(cfg: Config) -> None:
         if not holds:
             raise ValueError(f"--{name} {getattr(cfg, name)}: must be {requirement}")
     world = parallel.world_size() if parallel.world_size() > 1 else int(os.environ.get("WORLD_SIZE", 1))
-    if cfg.batch_size % (world * cfg.micro_batch_size) != 0:
+    if not cfg.online and cfg.batch_size % (world * cfg.micro_batch_size) != 0:
         raise ValueError(f"--batch_size {cfg.batch_size} must be a multiple of world size {world} x "
                          f"--micro_batch_size {cfg.micro_batch_size}")
     if cfg.load_in_4bit and not cfg.lora:
         raise ValueError("--load_in_4bit trains LoRA adapters on a frozen 4-bit base: it needs --lora")
     if cfg.load_in_4bit:  # the same checks model.load_model makes, here so that they come before any model is loaded
         model.four_bit_config(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    if cfg.online:  # online eva's fields; the batch_size check above is the offline loop's
+        if cfg.online_algo not in ("rloo", "grpo"):
+            raise ValueError(f"--online_algo {cfg.online_algo}: choose one of rloo, grpo")
+        if cfg.grpo_aggregation not in ("token", "sequence"):
+            raise ValueError(f"--grpo_aggregation {cfg.grpo_aggregation}: choose one of token, sequence")
+        for name, holds, requirement in [
+                ("online_steps", cfg.online_steps >= 1, "at least 1"), ("evolve_every", cfg.evolve_every >= 0, ">= 0"),
+                ("grpo_epsilon", cfg.grpo_epsilon > 0, "> 0"), ("grpo_iterations", cfg.grpo_iterations >= 1,
+                                                                "at least 1"),
+                ("online_prompts", cfg.online_prompts % (world * cfg.micro_batch_size) == 0,
+                 f"a multiple of world size {world} x --micro_batch_size {cfg.micro_batch_size}")]:
+            if not holds:
+                raise ValueError(f"--{name} {getattr(cfg, name)}: must be {requirement}")
+        if cfg.grpo_iterations > 1 and cfg.online_algo != "grpo":
+            raise ValueError("--grpo_iterations > 1 reuses samples off-policy, which only GRPO's clipped ratio "
+                             "allows: add --online_algo grpo")
+        if cfg.fsdp:
+            raise ValueError("--online trains with DDP (LoRA, QLoRA or full fine-tuning): drop --fsdp")
     if cfg.fsdp and cfg.lora:
         raise ValueError("--fsdp shards full fine-tuning; LoRA and QLoRA train with DDP: add --no-lora or --no-fsdp")
 
@@ -438,6 +471,9 @@ def load_models(cfg: Config, run: rundir.Run, device):
 
 def main(argv=None) -> None:
     cfg = parse_config(argv)
+    if cfg.online:  # online eva: the creator evolves the pool while the solver trains; it reuses this file's phases
+        import online
+        return online.run(cfg)
     device = parallel.init()
     torch.manual_seed(cfg.seed)
     # Bad input stops the run here, before a run folder is created or a model is loaded.

@@ -1,0 +1,346 @@
+"""Online eva: the creator evolves the prompt pool while the solver trains with RLOO or GRPO.
+
+    python train_eva.py --preset online --run_dir runs/online      # the CPU demo: SmolLM2-135M, rules reward
+    torchrun --nproc_per_node=8 train_eva.py --online --model google/gemma-2-9b-it --reward hf:<id> --run_dir runs/o
+
+Every step (one optimizer step, or grpo_iterations of them):
+  draw     online_prompts prompts from the pool: evolved_fraction of them from evolved prompts (once there are any),
+           the rest from the seeds; in each part prompts never tried come first, then draws weighted by info
+  sample   n_samples (k) responses per prompt from the current policy (generate.sample), scored by the reward
+  info     info(x) = max - mean of those k rewards, kept per prompt (free: the rollouts are already there)
+  update   RLOO or GRPO (losses.py); the reference of the KL term is the policy at the start of the run
+Every evolve_every steps the creator selects among the prompts measured since its last round (creator.select on
+their info) and evolves them (creator.evolve, with its de-duplication); the children join the pool untried, so
+they are drawn next. Every save_every steps a checkpoint (trainable weights, optimizer, scheduler, pool and info,
+RNG, step) is written atomically; rerunning the same command resumes from it. The run folder gets metrics.jsonl
+(a line per step and per creator round), online_state.pt, pool.jsonl, adapter/ (LoRA) or model/ (full fine-tuning),
+eval_start.json and eval_end.json, report.md and report.png.
+"""
+import json
+import math
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import creator
+import files
+import generate
+import losses
+import model
+import parallel
+import rundir
+import solver as solver_lib
+import train_eva
+from parallel import print0
+
+METRIC = "max_mean"  # online informativeness: max - mean of the rollouts' rewards (offline uses max - min)
+DEFAULT_KL = {"rloo": 0.05, "grpo": 0.0}  # TRL's RLOOConfig.beta and GRPOConfig.beta
+
+
+def kl_weight(cfg) -> float:
+    return DEFAULT_KL[cfg.online_algo] if cfg.online_kl < 0 else cfg.online_kl
+
+
+# ------------------------------------------------------------------------------------------------- the prompt pool
+def _pick(indices: list[int], want: int, pool: list[dict], info: dict, rng: np.random.Generator) -> list[int]:
+    """`want` of these pool indices: never-tried prompts first (in a seeded order), then drawn without replacement
+    with probability proportional to their latest info (Efraimidis-Spirakis keys log(u) / w); prompts with info 0
+    come last, in a seeded order."""
+    untried = [i for i in indices if pool[i]["id"] not in info]
+    tried = [i for i in indices if pool[i]["id"] in info]
+    untried = [untried[j] for j in rng.permutation(len(untried))]
+    w = np.array([info[pool[i]["id"]] for i in tried], dtype=np.float64)  # [n]
+    u = rng.random(len(tried))  # [n]
+    keys = np.where(w > 0, np.log(u) / np.where(w > 0, w, 1.0), -np.inf)
+    ranked = [tried[j] for j in np.lexsort((-u, -keys))]  # key descending, ties (the zeros) by u
+    return (untried + ranked)[:want]
+
+
+def draw_batch(pool: list[dict], info: dict, n: int, evolved_fraction: float, seed: int) -> list[int]:
+    """Indices of the n prompts of a step: round(n * evolved_fraction) evolved (parent set) and the rest original,
+    either side topped up from the other when it runs short; see _pick for the order inside each side."""
+    rng = np.random.default_rng(seed)
+    evolved = [i for i, r in enumerate(pool) if r.get("parent") is not None]
+    original = [i for i, r in enumerate(pool) if r.get("parent") is None]
+    n_e = min(len(evolved), int(math.floor(n * evolved_fraction + 0.5)))
+    n_o = min(len(original), n - n_e)
+    n_e = min(len(evolved), n - n_o)
+    return _pick(evolved, n_e, pool, info, rng) + _pick(original, n_o, pool, info, rng)
+
+
+# ------------------------------------------------------------------------------------------------- rollouts -> tensors
+def encode(tokenizer, prompt: str, text: str, finish: str, cfg, end_id: int) -> tuple[list[int], list[int]]:
+    """(prompt ids, response ids), encoded as the offline loop encodes a pair's response."""
+    return (generate.encode_prompt(tokenizer, prompt)[-cfg.max_prompt_tokens:],
+            solver_lib.encode_response(tokenizer, text, finish, cfg, end_id))
+
+
+def collate(rows: list[tuple[list[int], list[int]]], pad_id: int, device) -> dict:
+    """Right-padded input_ids, attention_mask and response_mask [B, T] for (prompt ids, response ids) rows."""
+    width = max(len(p) + len(r) for p, r in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)  # [B, T]
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)  # [B, T]
+    response_mask = torch.zeros((len(rows), width), dtype=torch.long)  # [B, T]
+    for i, (p, r) in enumerate(rows):
+        input_ids[i, :len(p) + len(r)] = torch.tensor(p + r)
+        attention_mask[i, :len(p) + len(r)] = 1
+        response_mask[i, len(p):len(p) + len(r)] = 1
+    return dict(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+                response_mask=response_mask.to(device))
+
+
+def token_logps(model, batch: dict, cfg) -> torch.Tensor:
+    """[B, T] log-probs of the response tokens under `model` (0 elsewhere)."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # [B, T, V]
+    return losses.response_token_logps(logits, batch["input_ids"], batch["response_mask"], cfg.vocab_chunk or None)
+
+
+def filled_rewards(samples: list[dict]) -> torch.Tensor:
+    """[P, k] rewards; a reward that could not be computed (null) is replaced by the mean of its prompt's others."""
+    rows = []
+    for s in samples:
+        r = np.array(train_eva.as_floats(s["rewards"]), dtype=np.float64)  # [k]
+        fill = float(np.nanmean(r)) if np.isfinite(r).any() else 0.0
+        rows.append(np.where(np.isfinite(r), r, fill))
+    return torch.tensor(np.array(rows), dtype=torch.float32)
+
+
+# ------------------------------------------------------------------------------------------------- one update
+def policy_update(policy, trained, reference, params, optimizer, scheduler, rows, rewards_pk: torch.Tensor, cfg,
+                  device, step: int) -> dict:
+    """RLOO or GRPO on this rank's share of a step's rollouts. rows: (prompt ids, response ids), prompt-major, k per
+    prompt, all ranks' rows in order; rewards_pk [P, k] for all prompts. The loss of each micro batch is divided by
+    the whole batch's count (responses, or response tokens for GRPO's token mean) over the world size, so that DDP's
+    average of the ranks' gradients is the gradient of the whole batch's loss, whatever the split."""
+    k, world, me = cfg.n_samples, parallel.world_size(), parallel.rank()
+    P = rewards_pk.shape[0]
+    per_rank = P // world
+    mine = range(me * per_rank, (me + 1) * per_rank)  # this rank's prompts
+    beta = kl_weight(cfg)
+    if cfg.online_algo == "grpo" and cfg.grpo_aggregation == "token":
+        total = sum(len(r) for _, r in rows)  # every rank holds every row: the global token count
+    else:
+        total = len(rows)
+    normalizer = total / world
+    advantages = (losses.grpo_advantages(rewards_pk, scale=cfg.grpo_scale_rewards)
+                  if cfg.online_algo == "grpo" else None)  # [P, k]; RLOO's come with the KL-shaped rewards
+    micro = [list(mine[s:s + cfg.micro_batch_size]) for s in range(0, per_rank, cfg.micro_batch_size)]
+    batches = [collate([rows[p * k + j] for p in ps for j in range(k)], solver_lib.pad_id(trained), device)
+               for ps in micro]
+    autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    with torch.no_grad(), autocast():
+        refs = [None] * len(batches)
+        if reference is not None:
+            with reference[1]():
+                refs = [token_logps(reference[0], b, cfg) for b in batches]
+        olds = [token_logps(trained, b, cfg) for b in batches] if cfg.grpo_iterations > 1 else None
+    ddp = world > 1
+    out = dict(loss=0.0, kl=[], clipped=[], grad_norm=0.0)
+    for it in range(cfg.grpo_iterations):
+        loss_sum = 0.0
+        for m, (ps, batch) in enumerate(zip(micro, batches)):
+            no_sync = policy.no_sync() if ddp and m + 1 < len(micro) else nullcontext()
+            with no_sync, autocast():
+                logps = token_logps(policy, batch, cfg)  # [b*k, T]
+                ref = refs[m]
+                if cfg.online_algo == "rloo":
+                    seq_kl = (logps.detach() - ref).sum(-1) if ref is not None else None  # [b*k]
+                    loss, _ = losses.rloo_loss(logps.sum(-1), rewards_pk[ps].to(device), seq_kl, beta, normalizer)
+                else:
+                    old = olds[m] if olds is not None else logps.detach()
+                    loss, stats = losses.grpo_loss(logps, old, advantages[ps].flatten().to(device),
+                                                   batch["response_mask"], epsilon=cfg.grpo_epsilon, beta=beta,
+                                                   ref_logps=ref, aggregation=cfg.grpo_aggregation,
+                                                   normalizer=normalizer)
+                    out["clipped"].append(stats["clipped"])
+                if it == 0 and ref is not None:
+                    out["kl"] += (logps.detach() - ref).sum(-1).tolist()  # per-response KL, sum over tokens
+            if parallel.any_rank(not torch.isfinite(loss)):
+                raise SystemExit(f"error: online step {step}: the {cfg.online_algo} loss is not finite; no update "
+                                 f"made; rerun to resume from the last checkpoint")
+            loss.backward()
+            loss_sum += loss.item()
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+        if parallel.any_rank(not torch.isfinite(grad_norm)):
+            raise SystemExit(f"error: online step {step}: the gradient norm is not finite; no update made; rerun "
+                             f"to resume from the last checkpoint")
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        out["loss"], out["grad_norm"] = loss_sum, float(grad_norm)
+    # the whole batch's numbers: each rank's loss is its share of the sum (times world), per-row lists gathered
+    parts = parallel.sharded(lambda _: [(out["loss"], out["kl"], out["clipped"])], list(range(world)), "step stats")
+    loss = sum(p[0] for p in parts) / world
+    kls = [x for p in parts for x in p[1]]
+    clipped = [x for p in parts for x in p[2]]
+    return dict(loss=loss, kl=float(np.mean(kls)) if kls else None, grad_norm=out["grad_norm"],
+                clipped=float(np.mean(clipped)) if clipped else None)
+
+
+# ------------------------------------------------------------------------------------------------- checkpoints
+def save_state(path: Path, trained, optimizer, scheduler, step: int, pool, info, seen, rounds) -> None:
+    """The whole loop state, written atomically by rank 0 (every rank's RNG gathered first)."""
+    rng = parallel.sharded(lambda mine: [solver_lib.rng_state() for _ in mine], list(range(parallel.world_size())),
+                           desc="rng state")
+    if parallel.is_main():
+        weights = {n: p.detach().cpu() for n, p in trained.named_parameters() if p.requires_grad}
+        files.write_atomic(path, dict(weights=weights, optimizer=optimizer.state_dict(),
+                                          scheduler=scheduler.state_dict(), step=step, pool=pool, info=info,
+                                          seen=seen, rounds=rounds, rng=rng))
+    parallel.barrier()
+
+
+def sync_sampler(solver, trained) -> None:
+    """Full fine-tuning on a GPU steps fp32 masters; the bf16 sampling model takes their new values."""
+    if trained is not solver:
+        with torch.no_grad():
+            targets = dict(solver.named_parameters())
+            for name, param in trained.named_parameters():
+                targets[name].copy_(param)
+
+
+# ------------------------------------------------------------------------------------------------- the creator
+def creator_round(cfg, round_: int, step: int, pool: list[dict], info: dict, seen: dict, solver, tokenizer,
+                  creator_model, creator_tokenizer) -> dict:
+    """select among the prompts measured in the last evolve_every steps, evolve them; children join `pool`."""
+    recent = [r for r in pool if seen.get(r["id"], 0) > step - cfg.evolve_every]
+    values = np.array([info[r["id"]] or math.nan for r in recent])  # 0 (all rewards tied) is never selected
+    chosen = creator.select(values, cfg.select_fraction, cfg.selection, parallel.stable_seed(cfg.seed, step,
+                                                                                               "select"))
+    parents = [recent[i] for i in chosen]
+    t0 = time.time()
+    children, stats = [], dict(creator_calls=0, rejected={})
+    if parents:
+        complete = train_eva.make_completer(cfg, round_, solver, tokenizer, creator_model, creator_tokenizer)
+        children, stats = creator.evolve(parents, complete, depth=cfg.evolve_depth, kinds=cfg.evolve_kinds,
+                                         seed=parallel.stable_seed(cfg.seed, round_, "evolve"), iteration=round_,
+                                         verifiable=cfg.reward == "rules", pool=pool)
+        children = train_eva.drop_long_prompts(children, tokenizer, cfg, "evolved prompts")
+    pool.extend(children)
+    return dict(step=step, phase="evolve", round=round_, recent=len(recent), parents=len(parents),
+                children=len(children), pool=len(pool), creator_calls=stats["creator_calls"],
+                rejected={k: v for k, v in stats["rejected"].items() if v}, seconds=round(time.time() - t0, 1))
+
+
+# ------------------------------------------------------------------------------------------------- the loop
+def train(cfg, run, solver, masters, tokenizer, scorer, pool: list[dict], device, creator_model=None,
+          creator_tokenizer=None) -> list[dict]:
+    """The online loop, resumable from online_state.pt; returns the final pool with each prompt's info."""
+    trained = solver if masters is None else masters
+    beta = kl_weight(cfg)
+    reference = None  # (model, context to run it in): the policy at the start of the run
+    if beta > 0:
+        if cfg.lora:  # the same module with its adapter switched off: no second copy of the weights
+            reference = (solver, solver.disable_adapter)
+        else:  # full fine-tuning: a frozen copy of the starting weights
+            ref_model, _ = model.load_model(cfg.model, device=device)
+            reference = (ref_model.requires_grad_(False), nullcontext)
+    params = [p for p in trained.parameters() if p.requires_grad]
+    optimizer = (torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay) if cfg.optimizer == "adamw"
+                 else torch.optim.RMSprop(params, lr=cfg.lr))
+    total_updates = cfg.online_steps * cfg.grpo_iterations
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: solver_lib.lr_at(s, total_updates, cfg))
+    info, seen, rounds, start = {}, {}, 0, 0  # info: prompt id -> latest max - mean; seen: id -> last step drawn
+    ckpt = run.folder / "online_state.pt"
+    torch.manual_seed(parallel.stable_seed(cfg.seed, "online"))  # dropout's draws
+    if ckpt.exists():
+        state = torch.load(ckpt, weights_only=False)
+        trainable = {n: p for n, p in trained.named_parameters() if p.requires_grad}
+        with torch.no_grad():
+            for name, value in state["weights"].items():
+                trainable[name].copy_(value)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        start, pool, info, seen, rounds = state["step"], state["pool"], state["info"], state["seen"], state["rounds"]
+        if len(state["rng"]) == parallel.world_size():
+            solver_lib.set_rng_state(state["rng"][parallel.rank()])
+        sync_sampler(solver, trained)
+        print0(f"[online] resuming at step {start}/{cfg.online_steps}, pool {len(pool)}")
+    policy = torch.nn.parallel.DistributedDataParallel(trained) if parallel.world_size() > 1 else trained
+    end_id = model.turn_end_id(tokenizer)
+    bar = parallel.progress(range(start, cfg.online_steps), desc="online", initial=start, total=cfg.online_steps)
+    for step in (s + 1 for s in bar):
+        t0 = time.time()
+        chosen = draw_batch(pool, info, cfg.online_prompts, cfg.evolved_fraction,
+                            parallel.stable_seed(cfg.seed, step, "draw"))
+        batch = [pool[i] for i in chosen]
+        samples = train_eva.sample_and_score(solver, tokenizer, scorer, batch, cfg, step, "online")
+        rewards_pk = filled_rewards(samples)  # [P, k]
+        batch_info = np.nan_to_num(creator.informativeness(rewards_pk.tolist(), METRIC))  # ties: 0
+        for r, value in zip(batch, batch_info):
+            info[r["id"]], seen[r["id"]] = float(value), step
+        rows = [encode(tokenizer, r["prompt"], text, finish, cfg, end_id)
+                for r, s in zip(batch, samples) for text, finish in zip(s["responses"], s["finish"])]
+        t1 = time.time()
+        policy.train()
+        stats = policy_update(policy, trained, reference, params, optimizer, scheduler, rows, rewards_pk, cfg,
+                              device, step)
+        trained.eval()
+        sync_sampler(solver, trained)
+        record = dict(step=step, reward=float(rewards_pk.mean()), **stats, info=float(batch_info.mean()),
+                      informative=int((batch_info > 0).sum()), pool=len(pool),
+                      evolved=sum(r.get("parent") is not None for r in batch), lr=scheduler.get_last_lr()[0],
+                      gen_seconds=round(t1 - t0, 2), update_seconds=round(time.time() - t1, 2))
+        run.log(record)
+        bar.set_postfix(reward=f"{record['reward']:.3f}", pool=len(pool))
+        if cfg.evolve_every and step % cfg.evolve_every == 0 and step < cfg.online_steps:
+            rounds += 1
+            evolved = creator_round(cfg, rounds, step, pool, info, seen, solver, tokenizer, creator_model,
+                                    creator_tokenizer)
+            run.log(evolved)
+            print0(f"[online] step {step}: creator round {rounds}: {evolved['parents']} of {evolved['recent']} "
+                   f"recent prompts -> {evolved['children']} children, pool {len(pool)} ({evolved['seconds']:.0f} s)")
+        if step % cfg.save_every == 0 or step == cfg.online_steps:
+            save_state(ckpt, trained, optimizer, scheduler, step, pool, info, seen, rounds)
+            rundir.kill_point(0, "online", step)  # test hook
+    return [{**r, "info": info.get(r["id"]), "last_step": seen.get(r["id"])} for r in pool]
+
+
+def save_weights(cfg, run, solver, masters, tokenizer) -> None:
+    """The trained weights of record: adapter/ (LoRA) or model/ (full fine-tuning) in the run folder."""
+    if parallel.is_main():
+        if cfg.lora:
+            model.save_adapter(solver, run.folder / "adapter", cfg.model)
+        else:
+            model.save_full(solver if masters is None else masters, tokenizer, run.folder / "model")
+    parallel.barrier()
+
+
+def run(cfg) -> None:
+    """train_eva.py --online: set up as the offline loop does, evaluate, train online, evaluate, report."""
+    device = parallel.init()
+    torch.manual_seed(cfg.seed)
+    # Bad input stops the run here, before a run folder is created or a model is loaded.
+    seeds = train_eva.read_prompts(cfg.seed_prompts, cfg.reward, cfg.max_seed_prompts)
+    heldout = (train_eva.read_prompts(cfg.heldout_prompts, "rules", cfg.max_heldout_prompts)
+               if cfg.heldout_prompts else [])
+    if len(seeds) < cfg.online_prompts:
+        raise ValueError(f"--online_prompts {cfg.online_prompts}: {cfg.seed_prompts} has only {len(seeds)} prompts")
+    model.resolve(cfg.model)
+    if cfg.creator != "self" and not cfg.creator.startswith("endpoint:"):
+        model.resolve(cfg.creator)
+    run_ = rundir.open_run(cfg)
+    print0(f"online eva: {len(seeds)} seed prompts, {len(heldout)} held-out, solver {cfg.model}, reward {cfg.reward}, "
+           f"{cfg.online_algo} k={cfg.n_samples} beta={kl_weight(cfg)}, {cfg.online_steps} steps x "
+           f"{cfg.online_prompts} prompts, creator every {cfg.evolve_every} steps, world size "
+           f"{parallel.world_size()}, device {device}")
+    solver, masters, tokenizer, scorer, (creator_model, creator_tokenizer) = train_eva.load_models(cfg, run_, device)
+
+    train_eva.evaluate_once(solver, tokenizer, heldout, cfg, run_, "start")
+    pool = train_eva.drop_long_prompts(seeds, tokenizer, cfg, "seed prompts")
+    if len(pool) < cfg.online_prompts:
+        raise ValueError(f"--online_prompts {cfg.online_prompts}: only {len(pool)} seed prompts fit "
+                         f"--max_prompt_tokens {cfg.max_prompt_tokens}")
+    t0 = time.time()
+    final_pool = train(cfg, run_, solver, masters, tokenizer, scorer, pool, device, creator_model, creator_tokenizer)
+    run_.write_jsonl(run_.folder / "pool.jsonl", final_pool)
+    save_weights(cfg, run_, solver, masters, tokenizer)
+    print0(f"[online] trained {cfg.online_steps} steps, pool {len(final_pool)} ({time.time() - t0:.0f} s this run)")
+    train_eva.evaluate_once(solver, tokenizer, heldout, cfg, run_, "end")
+    if parallel.is_main():
+        import report
+        print(report.write_online_report(run_.folder))
+    parallel.barrier()

@@ -1,0 +1,162 @@
+"""Online eva (online.py) on a tiny random Llama with the rules reward: the loop runs and writes its files, a creator
+round adds children to the pool, a run killed after a checkpoint resumes to the uninterrupted result, and 2 gloo
+ranks reproduce 1 process. Bad online flags are refused before anything loads.
+
+    python -m pytest tests/test_online.py -q       # about two minutes on 2 free CPU cores
+"""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import ROOT
+from test_train_eva import TINY_PROMPTS, write_prompts
+
+import online
+import train_eva
+
+# 4 steps of 4 prompts x 2 samples of 16 tokens (shorter ones all tie under TINY_PROMPTS); a creator round after step 2 (one child per parent); LoRA dropout, so that a
+# resumed run needs the checkpoint's RNG state to land on the same weights.
+ARGS = ["--online", "--preset", "smoke", "--online_steps", "4", "--online_prompts", "4", "--micro_batch_size", "2",
+        "--evolve_every", "2", "--evolve_depth", "1", "--creator_max_new_tokens", "16",
+        "--lr", "1e-3", "--lora_dropout", "0.1", "--heldout_prompts", ""]
+
+
+def args_for(tmp_path: Path, model: Path, *extra: str) -> list[str]:
+    prompts = write_prompts(tmp_path / "prompts.jsonl", TINY_PROMPTS)
+    return [*ARGS, "--model", str(model), "--seed_prompts", prompts, *extra]
+
+
+def steps(run: Path) -> list[dict]:
+    return [m for m in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "reward" in m]
+
+
+def test_loop_runs_evolves_and_writes_its_files(tmp_path, tiny_llama_dir):
+    heldout = write_prompts(tmp_path / "heldout.jsonl", TINY_PROMPTS[:2])
+    run = tmp_path / "run"
+    train_eva.main(args_for(tmp_path, tiny_llama_dir, "--heldout_prompts", heldout, "--run_dir", str(run),
+                            "--online_algo", "grpo", "--online_kl", "0.04"))
+    for name in ["config.json", "metrics.jsonl", "online_state.pt", "pool.jsonl", "eval_start.json", "eval_end.json",
+                 "report.md", "report.png", "adapter/adapter_config.json"]:
+        assert (run / name).is_file(), f"missing {name}"
+    records = steps(run)
+    assert [m["step"] for m in records] == [1, 2, 3, 4]
+    for m in records:
+        assert 0 <= m["reward"] <= 1 and m["info"] >= 0 and m["gen_seconds"] > 0 and m["update_seconds"] > 0
+        assert np.isfinite(m["kl"]) and np.isfinite(m["loss"])  # kl: a sample mean of log pi - log ref, any sign
+    assert records[0]["kl"] == pytest.approx(0.0, abs=1e-5), "step 1's policy is the reference"
+    rounds = [m for m in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if m.get("phase")]
+    assert len(rounds) == 1 and rounds[0]["step"] == 2, "one creator round, after step 2 (none after the last)"
+    pool = [json.loads(line) for line in (run / "pool.jsonl").read_text().splitlines()]
+    children = [r for r in pool if r.get("parent") is not None]
+    assert children and len(pool) == len(TINY_PROMPTS) + len(children) == rounds[0]["pool"]
+    assert all(c["iteration"] == 1 and c["parent"] in {r["id"] for r in pool} for c in children)
+    # the untried children are drawn first: step 3 takes round(4 * 0.8) = 3 evolved prompts
+    assert records[2]["evolved"] == min(3, len(children)) and records[1]["evolved"] == 0
+    assert records[2]["pool"] == len(pool)
+    # every prompt drawn has its latest max - mean recorded
+    assert sum(r["info"] is not None for r in pool) >= 8
+    adapter = load_file(run / "adapter" / "adapter_model.safetensors")
+    assert any(v.abs().sum() > 0 for k, v in adapter.items() if "lora_B" in k), "the adapter never moved"
+    assert "held-out" in (run / "report.md").read_text()
+
+
+def test_draw_batch_takes_untried_first_then_by_info():
+    pool = [{"id": f"o{i}", "parent": None} for i in range(6)] + [{"id": f"e{i}", "parent": "o0"} for i in range(4)]
+    info = {"o0": 0.5, "o1": 0.0, "o2": 0.9, "o3": 0.1, "o4": 0.2, "e0": 0.3, "e1": 0.0}
+    chosen = online.draw_batch(pool, info, 5, 0.8, seed=0)
+    ids = [pool[i]["id"] for i in chosen]
+    assert len(ids) == 5 and sum(i.startswith("e") for i in ids) == 4
+    assert set(ids[:2]) == {"e2", "e3"}, "never-tried evolved prompts come first"
+    assert ids[2] == "e0" and ids[3] == "e1", "then by info; info 0 last"
+    assert ids[4] == "o5", "the one never-tried original prompt"
+    assert online.draw_batch(pool, info, 5, 0.8, seed=0) == chosen, "seeded"
+    # over many seeds the higher-info original prompt is drawn more often
+    counts = {k: 0 for k in ("o2", "o3")}
+    for seed in range(300):
+        first = pool[online.draw_batch(pool, {**info, "o5": 0.0}, 2, 0.5, seed)[-1]]["id"]
+        counts[first] = counts.get(first, 0) + 1
+    assert counts["o2"] > counts["o3"] > 0
+
+
+def run_cli(cwd: Path, args: list[str], kill_at: str | None = None, ranks: int = 1) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "EVA_KILL_AT"}
+    env.update(OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")  # one thread: the same float sums every time
+    if kill_at:
+        env["EVA_KILL_AT"] = kill_at
+    launcher = [] if ranks == 1 else ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}"]
+    cwd.mkdir(exist_ok=True)
+    return subprocess.Popen([sys.executable, *launcher, str(ROOT / "train_eva.py"), *args], cwd=cwd, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def finish(proc, code: int = 0) -> None:
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == code, f"exit {proc.returncode}, wanted {code}:\n{out[-2000:]}\n{err[-4000:]}"
+
+
+def test_resume_after_kill_equals_uninterrupted(tmp_path, tiny_llama_dir):
+    args = args_for(tmp_path, tiny_llama_dir, "--save_every", "1")
+    whole = run_cli(tmp_path / "whole", [*args, "--run_dir", "run"])
+    killed = run_cli(tmp_path / "killed", [*args, "--run_dir", "run"], kill_at="0:online:3")
+    finish(killed, -9)  # SIGKILL right after the step-3 checkpoint, the creator round of step 2 inside it
+    state = torch.load(tmp_path / "killed" / "run" / "online_state.pt", weights_only=False)
+    assert state["step"] == 3 and len(state["pool"]) > len(TINY_PROMPTS)
+    finish(run_cli(tmp_path / "killed", [*args, "--run_dir", "run"]))
+    finish(whole)
+    a, b = tmp_path / "whole" / "run", tmp_path / "killed" / "run"
+    assert (a / "pool.jsonl").read_text() == (b / "pool.jsonl").read_text()
+    wa, wb = (load_file(x / "adapter" / "adapter_model.safetensors") for x in (a, b))
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    last = lambda run: {m["step"]: m for m in steps(run)}
+    for key in ("reward", "loss", "info", "pool", "evolved"):
+        assert [m[key] for m in last(a).values()] == [m[key] for m in last(b).values()], key
+
+
+def test_two_ranks_equal_one(tmp_path, tiny_llama_dir):
+    args = args_for(tmp_path, tiny_llama_dir, "--online_steps", "2", "--evolve_every", "1", "--lora_dropout", "0")
+    procs = [run_cli(tmp_path / "one", [*args, "--run_dir", "run"]),
+             run_cli(tmp_path / "two", [*args, "--run_dir", "run"], ranks=2)]
+    for proc in procs:
+        finish(proc)
+    one, two = steps(tmp_path / "one" / "run"), steps(tmp_path / "two" / "run")
+    # step 1: the same samples and rewards (seeded per prompt, sharded), the same loss and KL up to summation order
+    assert one[0]["reward"] == two[0]["reward"] and one[0]["info"] == two[0]["info"]
+    assert one[0]["loss"] == pytest.approx(two[0]["loss"], rel=1e-5, abs=1e-7)
+    assert one[0]["grad_norm"] == pytest.approx(two[0]["grad_norm"], rel=1e-4)
+    wa, wb = (load_file(tmp_path / x / "run" / "adapter" / "adapter_model.safetensors") for x in ("one", "two"))
+    for k in wa:
+        err = ((wa[k].double() - wb[k].double()).norm() / wa[k].double().norm().clamp(min=1e-12)).item()
+        assert err <= 1e-3, f"{k} differs by {err:.1e} between 1 and 2 ranks"
+    assert one[1]["pool"] == two[1]["pool"] > len(TINY_PROMPTS), "the creator round ran on both"
+
+
+BAD = [("online_algo", "ppo"), ("online_steps", "0"), ("evolve_every", "-1"), ("grpo_epsilon", "0"),
+       ("grpo_aggregation", "mean"), ("grpo_iterations", "0"), ("online_prompts", "3")]
+
+
+@pytest.mark.parametrize("flag,value", BAD, ids=[f"{f}={v}" for f, v in BAD])
+def test_bad_online_flag_is_one_line_before_anything_loads(tmp_path, monkeypatch, flag, value):
+    def nothing_may_load(*args, **kwargs):
+        raise AssertionError("a model or prompt file was read before the config was checked")
+
+    for module, name in [(train_eva.model, "load_model"), (train_eva.model, "resolve"),
+                         (train_eva, "read_prompts"), (train_eva.reward, "load_reward")]:
+        monkeypatch.setattr(module, name, nothing_may_load)
+    with pytest.raises(ValueError) as err:
+        train_eva.main(["--online", "--run_dir", str(tmp_path / "r"), f"--{flag}", value])
+    assert str(err.value).startswith(f"--{flag} ") and "\n" not in str(err.value)
+    assert not (tmp_path / "r").exists()
+
+
+def test_off_policy_iterations_need_grpo_and_fsdp_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="--online_algo grpo"):
+        train_eva.parse_config(["--online", "--grpo_iterations", "2"])
+    with pytest.raises(ValueError, match="--fsdp"):
+        train_eva.parse_config(["--online", "--no-lora", "--fsdp"])

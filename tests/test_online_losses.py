@@ -1,0 +1,130 @@
+"""RLOO and GRPO (losses.py, online section) checked against hand arithmetic.
+
+    python -m pytest tests/test_online_losses.py -q
+"""
+import pytest
+import torch
+
+import losses
+
+
+def test_rloo_advantages_by_hand_and_sum_to_zero():
+    rewards = torch.tensor([[1.0, 0.0, 0.5], [2.0, 2.0, 5.0]])
+    # prompt 0: 1 - (0 + .5)/2 = .75;  0 - (1 + .5)/2 = -.75;  .5 - (1 + 0)/2 = 0
+    # prompt 1: 2 - (2 + 5)/2 = -1.5 (twice);  5 - (2 + 2)/2 = 3
+    want = torch.tensor([[0.75, -0.75, 0.0], [-1.5, -1.5, 3.0]])
+    a = losses.rloo_advantages(rewards)
+    assert torch.allclose(a, want)
+    assert torch.allclose(a.sum(-1), torch.zeros(2))
+
+
+def test_rloo_equal_rewards_give_zero_gradient():
+    logps = torch.randn(6, requires_grad=True)
+    loss, adv = losses.rloo_loss(logps, torch.full((2, 3), 0.7))
+    loss.backward()
+    assert torch.all(adv == 0) and torch.all(logps.grad == 0)
+
+
+def test_rloo_loss_and_kl_penalty_by_hand():
+    logps = torch.tensor([-1.0, -2.0], requires_grad=True)
+    rewards = torch.tensor([[1.0, 0.0]])
+    kl = torch.tensor([0.0, 4.0])
+    # beta 0.5: shaped rewards 1 and -2 -> advantages 3 and -3; loss = -(3 * -1 + -3 * -2) / 2 = -1.5
+    loss, adv = losses.rloo_loss(logps, rewards, kl=kl, beta=0.5)
+    assert torch.allclose(adv, torch.tensor([[3.0, -3.0]]))
+    assert loss.item() == pytest.approx(-1.5)
+    loss.backward()
+    assert torch.allclose(logps.grad, torch.tensor([-1.5, 1.5]))  # -A / 2: the better response is pushed up
+    # a normalizer of 4 (the whole batch, of which this is half) halves it
+    assert losses.rloo_loss(logps, rewards, kl=kl, beta=0.5, normalizer=4)[0].item() == pytest.approx(-0.75)
+
+
+def test_grpo_advantages_by_hand_and_dr_grpo():
+    rewards = torch.tensor([[1.0, 0.0, 0.0, 1.0]])
+    # mean 0.5, unbiased std sqrt(1/3) -> +-0.5 / (0.57735 + 1e-4)
+    a = losses.grpo_advantages(rewards)
+    assert torch.allclose(a, torch.tensor([[1, -1, -1, 1]]) * 0.5 / (3 ** -0.5 + 1e-4))
+    assert torch.allclose(losses.grpo_advantages(rewards, scale=False), torch.tensor([[0.5, -0.5, -0.5, 0.5]]))
+    assert torch.all(losses.grpo_advantages(torch.full((1, 3), 2.0)) == 0)
+
+
+def test_grpo_at_ratio_one_is_the_policy_gradient():
+    torch.manual_seed(0)
+    logps = torch.randn(3, 5, requires_grad=True)
+    mask = torch.tensor([[0, 1, 1, 1, 1], [0, 1, 1, 0, 0], [0, 0, 1, 1, 1]])
+    adv = torch.tensor([1.0, -2.0, 0.5])
+    loss, stats = losses.grpo_loss(logps, logps.detach(), adv, mask, epsilon=0.2)
+    loss.backward()
+    pg = logps.detach().clone().requires_grad_(True)
+    (-(adv[:, None] * pg * mask).sum() / mask.sum()).backward()
+    assert loss.item() == pytest.approx(-(adv[:, None] * mask).sum().item() / mask.sum().item())  # ratio 1
+    assert torch.allclose(logps.grad, pg.grad) and stats["clipped"] == 0
+
+
+@pytest.mark.parametrize("advantage,log_ratio,grad_zero", [
+    (1.0, 0.5, True),     # A > 0, ratio e^.5 > 1.2: clipped, no push further up
+    (1.0, -0.5, False),   # A > 0, ratio below 1 - eps: the clip does not apply in this direction
+    (-1.0, -0.5, True),   # A < 0, ratio e^-.5 < 0.8: clipped, no push further down
+    (-1.0, 0.5, False),   # A < 0, ratio above 1 + eps: still pushed down
+    (1.0, 0.1, False),    # inside the clip range
+])
+def test_grpo_clip_cuts_on_both_sides(advantage, log_ratio, grad_zero):
+    old = torch.tensor([[0.0, -1.0]])
+    logps = (old + log_ratio).requires_grad_(True)
+    mask = torch.tensor([[0, 1]])
+    loss, _ = losses.grpo_loss(logps, old, torch.tensor([advantage]), mask, epsilon=0.2)
+    loss.backward()
+    g = logps.grad[0, 1].item()
+    if grad_zero:
+        assert g == 0.0
+        ratio = min(max(torch.tensor(log_ratio).exp().item(), 0.8), 1.2)
+        assert loss.item() == pytest.approx(-advantage * ratio)
+    else:
+        assert g == pytest.approx(-advantage * torch.tensor(log_ratio).exp().item(), rel=1e-6)
+
+
+def test_k3_is_nonnegative_and_zero_at_equality():
+    a, b = torch.randn(1000) * 3, torch.randn(1000) * 3
+    assert torch.all(losses.k3_kl(a, b) >= 0)
+    assert torch.all(losses.k3_kl(a, a) == 0)
+    # by hand: d = log ref - log pi = 1 -> e - 2
+    assert losses.k3_kl(torch.tensor(0.0), torch.tensor(1.0)).item() == pytest.approx(torch.e - 2)
+
+
+def test_grpo_kl_term_is_added_with_its_weight():
+    logps = torch.tensor([[0.0, -1.0, -1.0]])
+    ref = torch.tensor([[0.0, 0.0, -1.0]])
+    mask = torch.tensor([[0, 1, 1]])
+    loss, stats = losses.grpo_loss(logps, logps, torch.tensor([0.0]), mask, beta=0.1, ref_logps=ref)
+    # advantage 0: only the KL; tokens: k3 = e - 2 and 0 -> mean (e - 2) / 2
+    assert loss.item() == pytest.approx(0.1 * (torch.e - 2) / 2, rel=1e-6)
+    assert stats["kl"] == pytest.approx((torch.e - 2) / 2, rel=1e-6)
+
+
+def test_token_mean_and_sequence_mean_differ_on_unequal_lengths():
+    logps = torch.zeros(2, 5)
+    mask = torch.tensor([[0, 1, 1, 1, 1], [0, 1, 0, 0, 0]])  # 4 and 1 response tokens
+    adv = torch.tensor([1.0, -1.0])
+    # at ratio 1 every token's loss is -A: token mean = (-4 + 1) / 5 = -0.6; sequence mean = (-1 + 1) / 2 = 0
+    token, _ = losses.grpo_loss(logps, logps, adv, mask, aggregation="token")
+    seq, _ = losses.grpo_loss(logps, logps, adv, mask, aggregation="sequence")
+    assert token.item() == pytest.approx(-0.6) and seq.item() == pytest.approx(0.0)
+    equal = torch.tensor([[0, 1, 1, 0, 0], [0, 1, 1, 0, 0]])  # equal lengths: the same
+    assert losses.grpo_loss(logps, logps, adv, equal)[0].item() == pytest.approx(
+        losses.grpo_loss(logps, logps, adv, equal, aggregation="sequence")[0].item())
+
+
+@pytest.mark.parametrize("chunk", [None, 7])
+def test_response_token_logps_sum_to_sequence_logps(chunk):
+    torch.manual_seed(0)
+    logits = torch.randn(2, 6, 20, requires_grad=True)
+    ids = torch.randint(0, 20, (2, 6))
+    mask = torch.tensor([[0, 0, 1, 1, 1, 0], [0, 1, 1, 1, 1, 1]])
+    per_token = losses.response_token_logps(logits, ids, mask, chunk)
+    assert torch.all(per_token[mask == 0] == 0)
+    want = losses.sequence_logps(logits, ids, mask, chunk).sum
+    assert torch.allclose(per_token.sum(-1), want, atol=1e-5)
+    # by hand at one position: log softmax(logits[0, 1])[ids[0, 2]]
+    assert per_token[0, 2].item() == pytest.approx(logits[0, 1].log_softmax(-1)[ids[0, 2]].item(), rel=1e-5)
+    per_token.sum().backward()
+    assert torch.isfinite(logits.grad).all()
