@@ -139,10 +139,14 @@ BAD_FLAGS = [("lr", "0"), ("lr", "nan"), ("beta", "0"), ("orpo_lambda", "-0.1"),
              ("micro_batch_size", "0"), ("max_prompt_tokens", "0"), ("gen_batch_size", "0"),
              ("eva_iterations", "-1"), ("select_fraction", "0"), ("endpoint_timeout", "0"), ("reward", "bogus"),
              ("reward", "hf:"), ("reward", "hf:some/rm?batch=8"), ("reward", "judge:")]
+# online eva's own flags, checked with --online
+BAD_ONLINE_FLAGS = [("online_algo", "ppo"), ("online_steps", "0"), ("evolve_every", "-1"), ("grpo_epsilon", "0"),
+                    ("grpo_aggregation", "mean"), ("grpo_iterations", "0"), ("online_prompts", "3")]
+BAD = [([], f, v) for f, v in BAD_FLAGS] + [(["--online"], f, v) for f, v in BAD_ONLINE_FLAGS]
 
 
-@pytest.mark.parametrize("flag,value", BAD_FLAGS, ids=[f"{f}={v}" for f, v in BAD_FLAGS])
-def test_each_bad_flag_is_one_line_before_anything_loads(tmp_path, monkeypatch, flag, value):
+@pytest.mark.parametrize("mode,flag,value", BAD, ids=[f"{' '.join(m)} {f}={v}".strip() for m, f, v in BAD])
+def test_each_bad_flag_is_one_line_before_anything_loads(tmp_path, monkeypatch, mode, flag, value):
     def nothing_may_load(*args, **kwargs):
         raise AssertionError("a model or prompt file was read before the config was checked")
 
@@ -150,7 +154,7 @@ def test_each_bad_flag_is_one_line_before_anything_loads(tmp_path, monkeypatch, 
                          (train_eva, "read_prompts"), (train_eva.reward, "load_reward")]:
         monkeypatch.setattr(module, name, nothing_may_load)
     with pytest.raises(ValueError) as err:
-        train_eva.main(["--run_dir", str(tmp_path / "r"), f"--{flag}", value])
+        train_eva.main([*mode, "--run_dir", str(tmp_path / "r"), f"--{flag}", value])
     message = str(err.value)
     assert message.startswith((f"--{flag} ", f"--{flag}: ")) and "\n" not in message, message
     assert not (tmp_path / "r").exists()
