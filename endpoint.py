@@ -1,25 +1,14 @@
-"""The one OpenAI-compatible chat-completions client of eva (standard library only).
+"""The one OpenAI-compatible chat-completions client of eva (standard library only): the reward judge, the
+creator's endpoint back-end and the evaluation judges all call it. Any server speaking `POST <base_url>/chat/completions`
+works (vllm serve, LiteLLM, SGLang, llama.cpp's server, a hosted API); the key comes from $OPENAI_API_KEY (or the
+variable named) as a bearer token, none for a local server.
 
-Used by the reward judge (reward.py), the creator's endpoint back-end (creator.py) and the evaluation judges (eval/).
-Any server that speaks `POST <base_url>/chat/completions` works: vLLM's `vllm serve`, LiteLLM, SGLang, llama.cpp's
-server, or a hosted API. The key is read from an environment variable (OPENAI_API_KEY unless told otherwise) and
-sent as a bearer token; no key means no Authorization header, which is what a local vLLM server expects.
-
-    import endpoint
-    text = endpoint.chat("http://localhost:8000/v1", "Qwen/Qwen2.5-7B-Instruct",
-                         [{"role": "user", "content": "Say hi."}])
+    text = endpoint.chat("http://localhost:8000/v1", "Qwen/Qwen2.5-7B-Instruct", [{"role": "user", "content": "Hi"}])
     texts = endpoint.chat_many(url, model, [messages_1, messages_2], concurrency=16)  # None where a call failed
+    python endpoint.py <base_url> <model> "question"
 
-base_url is what an OpenAI client takes (it usually ends in /v1); a bare "http://host:port" gets "/v1" added, and a
-URL that already ends in /chat/completions is used as it is.
-
-Failures: HTTP 429, 5xx, timeouts, dropped connections and malformed replies are retried `retries` times with
-exponential backoff and jitter (a server's Retry-After is honoured, capped at 60 s); other 4xx replies (a wrong model
-name, a bad key) fail at once, since trying again cannot help. chat() raises EndpointError with one line naming the
-URL; chat_many() turns a failed item into None for the caller to report, but raises when every item failed, because
-then the endpoint itself is down or misconfigured, not one request.
-
-Run `python endpoint.py <base_url> <model> "question"` for a one-off call.
+429, 5xx, timeouts and malformed replies are retried with exponential backoff (Retry-After honoured); other 4xx fail
+at once. chat() raises EndpointError naming the URL; chat_many() raises only when every item failed.
 """
 import json
 import os
