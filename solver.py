@@ -44,27 +44,36 @@ def encode_pair(tokenizer, pair: dict, cfg: Config, end_id: int) -> dict:
                                          end_id))
 
 
-def collate(encoded: list[dict], pad_id: int, device) -> dict:
-    """Chosen rows then rejected rows in one right-padded batch, so both go through one forward."""
-    rows = [e["prompt"] + e["chosen"] for e in encoded] + [e["prompt"] + e["rejected"] for e in encoded]
-    n_response = [len(e["chosen"]) for e in encoded] + [len(e["rejected"]) for e in encoded]
-    width = max(map(len, rows))
-    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)  # [2B, T]
-    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)  # [2B, T]
-    response_mask = torch.zeros((len(rows), width), dtype=torch.long)  # [2B, T]
-    for i, (row, n) in enumerate(zip(rows, n_response)):
-        input_ids[i, :len(row)] = torch.tensor(row)
-        attention_mask[i, :len(row)] = 1
-        response_mask[i, len(row) - n:len(row)] = 1
-    return dict(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
-                response_mask=response_mask.to(device))
+def collate(encoded: list[dict], device) -> dict:
+    """Chosen sequences then rejected ones, packed end to end into one row without padding, for one forward of
+    both: input_ids, position_ids [1, N] (restarting at 0 per sequence), segments: (start, end) of each of the 2B
+    sequences; for each of the K response tokens, keep [K] the position whose logits predict it, target [K] its id,
+    row [K] its sequence (chosen i is row i, rejected i is row B + i)."""
+    rows = [(e["prompt"], e["chosen"]) for e in encoded] + [(e["prompt"], e["rejected"]) for e in encoded]
+    ids, positions, segments, keep, row = [], [], [], [], []
+    for i, (prompt, response) in enumerate(rows):
+        start, first = len(ids), max(len(prompt), 1)  # nothing predicts a sequence's first token
+        ids += prompt + response
+        positions += range(len(prompt) + len(response))
+        segments.append((start, len(ids)))
+        keep += range(start + first - 1, len(ids) - 1)
+        row += [i] * (len(ids) - start - first)
+    as_tensor = lambda x: torch.tensor(x, dtype=torch.long, device=device)
+    input_ids = as_tensor(ids)[None]  # [1, N]
+    keep = as_tensor(keep)  # [K]
+    return dict(input_ids=input_ids, position_ids=as_tensor(positions)[None], segments=segments, keep=keep,
+                target=input_ids[0, keep + 1], row=as_tensor(row), rows=len(rows))
 
 
 def forward_logps(policy, batch: dict, cfg: Config) -> tuple[losses.SeqLogps, losses.SeqLogps]:
-    """Per-sequence log-probs of the chosen and rejected halves of a collated batch."""
-    logits = policy(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # [2B, T, V]
-    logps = losses.sequence_logps(logits, batch["input_ids"], batch["response_mask"], cfg.vocab_chunk or None)
-    half = logits.shape[0] // 2
+    """Per-sequence log-probs of the chosen and rejected halves of a collated batch: one forward of the packed row,
+    each sequence attending only to itself, the LM head applied only where a response token is predicted."""
+    with model.packed_attention(policy), model.onednn_linears(policy):
+        logits = policy(input_ids=batch["input_ids"], position_ids=batch["position_ids"], logits_to_keep=batch["keep"],
+                        eva_segments=batch["segments"], use_cache=False).logits[0]  # [K, V]
+    token_logps = losses.target_logps(logits, batch["target"], cfg.vocab_chunk or None)  # [K]
+    logps = losses.packed_sequence_logps(token_logps, batch["row"], batch["rows"])
+    half = batch["rows"] // 2
     split = lambda s, part: losses.SeqLogps(*(getattr(s, k)[part] for k in ("sum", "count", "avg")))
     return split(logps, slice(0, half)), split(logps, slice(half, None))
 
@@ -77,7 +86,7 @@ def reference_logps(solver, encoded: list[dict], cfg: Config, device) -> torch.T
     def work(indices: list[int]) -> list[list[float]]:
         out = []
         for s in range(0, len(indices), cfg.micro_batch_size):
-            batch = collate([encoded[i] for i in indices[s:s + cfg.micro_batch_size]], pad_id(solver), device)
+            batch = collate([encoded[i] for i in indices[s:s + cfg.micro_batch_size]], device)
             chosen, rejected = forward_logps(solver, batch, cfg)
             out += torch.stack([chosen.sum, chosen.count, chosen.avg, rejected.sum, rejected.count, rejected.avg],
                                1).tolist()
@@ -133,7 +142,7 @@ def train(solver, masters, tokenizer, pairs: list[dict], cfg: Config, run: rundi
         step_loss, step_chosen, step_rejected = [], [], []
         for s in range(0, per_rank, cfg.micro_batch_size):
             ids = local_ids[s:s + cfg.micro_batch_size]
-            batch = collate([encoded[i] for i in ids], pad_id(solver), device)
+            batch = collate([encoded[i] for i in ids], device)
             # DDP all-reduces on the last micro batch only (its flag is read in forward); FSDP reduce-scatters
             # every one, since unsharded gradients would cost the memory it saves. bf16 autocast on a GPU.
             no_sync = policy.no_sync() if ddp and s + cfg.micro_batch_size < per_rank else nullcontext()

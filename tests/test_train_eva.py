@@ -180,3 +180,70 @@ def test_paper_preset_is_valid_for_every_loss(monkeypatch, loss):
     assert cfg.beta == want, "the paper's beta comes from the per-loss settings only"
     if loss == "orpo":
         assert cfg.beta < 0, "ORPO has no beta: losses.preference_loss refuses one"
+
+
+# ------------------------------------------------------------------------------------ the packed training forward
+def straightforward_logps(policy, encoded: list[dict], half: str):
+    """Sum of log p(response tokens) per pair, each sequence alone through the model: full logits, fp32
+    log_softmax over the whole vocabulary, gather."""
+    import torch
+    out = []
+    for e in encoded:
+        ids = torch.tensor([e["prompt"] + e[half]])  # [1, T]
+        logps = policy(input_ids=ids).logits[0, :-1].float().log_softmax(-1)  # [T-1, V]
+        token = logps.gather(-1, ids[0, 1:, None])[:, 0]  # [T-1]
+        out.append(token[len(e["prompt"]) - 1:].sum())
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("family, lora", [("llama", True), ("llama", False), ("gemma2", False)])
+def test_forward_logps_and_gradients_equal_the_straightforward_ones(tmp_path, family, lora):
+    """Packed rows, per-sequence attention, LM head on response positions only, oneDNN linears and chunked
+    log-softmax give the log-probs and gradients of one plain forward per sequence, to fp32 rounding; the DPO loss
+    against a reference taken the same way is ln 2. gemma2 soft-caps attention scores and uses sliding windows
+    (here 8 tokens, shorter than the sequences)."""
+    import math
+    import torch
+    import losses
+    import model
+    import solver as solver_lib
+    from conftest import make_tiny_llama, make_toy_gemma2
+    make = make_tiny_llama if family == "llama" else make_toy_gemma2
+    from transformers import AutoModelForCausalLM
+    solver = AutoModelForCausalLM.from_pretrained(make(tmp_path / family), attn_implementation="eager")
+    if lora:
+        torch.manual_seed(1)
+        solver = model.add_lora(solver, r=4, alpha=8)
+        for name, p in solver.named_parameters():
+            if "lora_B" in name:  # B = 0 would leave the adapter's A gradients zero
+                p.data.normal_(0, 0.1)
+    solver.train()
+    cfg = train_eva.Config(vocab_chunk=1000)
+    gen = torch.Generator().manual_seed(0)
+    draw = lambda n: torch.randint(10, 1000, (n,), generator=gen).tolist()
+    lengths = [(5, 9, 3), (12, 4, 15), (1, 6, 6)]  # prompt, chosen, rejected
+    encoded = [dict(prompt=draw(p), chosen=draw(c), rejected=draw(r)) for p, c, r in lengths]
+    params = [p for p in solver.parameters() if p.requires_grad]
+
+    def grads(fn):
+        chosen, rejected = fn()
+        (chosen.sum() - 0.5 * rejected.sum()).backward()
+        out = [p.grad.clone() for p in params]
+        solver.zero_grad(set_to_none=True)
+        return chosen.detach(), rejected.detach(), out
+
+    batch = solver_lib.collate(encoded, "cpu")
+    c1, r1, g1 = grads(lambda: tuple(s.sum for s in solver_lib.forward_logps(solver, batch, cfg)))
+    c2, r2, g2 = grads(lambda: (straightforward_logps(solver, encoded, "chosen"),
+                                straightforward_logps(solver, encoded, "rejected")))
+    torch.testing.assert_close(c1, c2, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(r1, r2, rtol=1e-5, atol=1e-4)
+    assert sum(g.abs().sum() for g in g2) > 0
+    for a, b in zip(g1, g2):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    with torch.no_grad():
+        ref = solver_lib.forward_logps(solver, batch, cfg)
+    chosen, rejected = solver_lib.forward_logps(solver, batch, cfg)
+    assert chosen.count.tolist() == [9, 4, 6] and rejected.count.tolist() == [3, 15, 6]
+    loss, _, _ = losses.preference_loss("dpo", chosen, rejected, *ref, beta=0.1)
+    torch.testing.assert_close(loss, torch.full((3,), math.log(2)))
