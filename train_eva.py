@@ -79,6 +79,7 @@ class Config:
     evolved_fraction: float = 0.8  # share of training pairs from evolved prompts (the rest from the pool)
     creator_max_new_tokens: int = 160  # longest rewrite
     creator_temperature: float = 0.7  # sampling temperature of the creator
+    creator_candidates: int = 4  # rewrites sampled per link; the first that passes cleaning is kept
     endpoint_timeout: float = 120.0  # seconds per socket operation of a creator endpoint or judge call
     endpoint_retries: int = 4  # retries (exponential backoff) of a failed endpoint call before it counts as failed
     # --- the solver update
@@ -193,7 +194,7 @@ def check_config(cfg: Config) -> None:
     ]
     ranges += [(name, getattr(cfg, name) >= 1, "at least 1") for name in (
         "max_new_tokens", "max_prompt_tokens", "gen_batch_size", "creator_max_new_tokens", "eval_max_new_tokens",
-        "epochs", "batch_size", "micro_batch_size", "evolve_depth")]
+        "epochs", "batch_size", "micro_batch_size", "evolve_depth", "creator_candidates")]
     ranges += [(name, getattr(cfg, name) >= 0, ">= 0") for name in (
         "eva_iterations", "pairs_per_iteration", "max_seed_prompts", "max_heldout_prompts")]
     for name, holds, requirement in ranges:
@@ -786,16 +787,17 @@ def evaluate_once(solver, tokenizer, heldout: list[dict], cfg: Config, run: Run,
 
 # ------------------------------------------------------------------------------------------------- the loop
 def make_completer(cfg: Config, t: int, solver, tokenizer, creator_model=None, creator_tokenizer=None):
-    """The creator's `complete(messages) -> texts`: the solver itself (self-play), another local model, or an endpoint."""
+    """The creator's `complete(messages) -> candidates per message`: the solver itself (self-play), another local
+    model, or an endpoint; cfg.creator_candidates texts per message."""
     if cfg.creator.startswith("endpoint:"):
         url, _, name = cfg.creator[len("endpoint:"):].partition("#")
         return creator.endpoint_completer(url, name, temperature=cfg.creator_temperature,
                                           max_tokens=cfg.creator_max_new_tokens, timeout=cfg.endpoint_timeout,
-                                          retries=cfg.endpoint_retries)
+                                          retries=cfg.endpoint_retries, candidates=cfg.creator_candidates)
     model, tok = (solver, tokenizer) if cfg.creator == "self" else (creator_model, creator_tokenizer)
     return creator.local_completer(model, tok, seed=stable_seed(cfg.seed, t, "creator"),
                                    max_new_tokens=cfg.creator_max_new_tokens, temperature=cfg.creator_temperature,
-                                   top_p=cfg.top_p, batch_size=cfg.gen_batch_size)
+                                   top_p=cfg.top_p, batch_size=cfg.gen_batch_size, candidates=cfg.creator_candidates)
 
 
 def main(argv=None) -> None:
@@ -874,9 +876,12 @@ def main(argv=None) -> None:
                 write_jsonl(folder / "evolved.jsonl", evolved)
                 run.mark(t, "evolve", dict(children=len(evolved), **stats, seconds=round(time.time() - t1, 1)))
                 rejected = ", ".join(f"{k} {v}" for k, v in stats["rejected"].items() if v) or "none"
-                print0(f"[iter {t}] evolve: {len(selected)} parents -> {len(evolved)} children, "
-                       f"{stats['creator_calls']} creator calls, {stats['fallback']} links made by the in-code "
-                       f"constraint step; rejected rewrites: {rejected} ({time.time() - t1:.0f} s)")
+                kept, written = stats["kept"], stats["written"]
+                print0(f"[iter {t}] evolve: {len(selected)} parents -> {kept} children: {written} written by the "
+                       f"creator ({100 * written / max(1, kept):.0f}%), {kept - written} by the in-code constraint "
+                       f"step ({stats['fallback']} replacing a rejected link); {stats['candidates']} candidates for "
+                       f"{stats['creator_calls']} links, rejected: {rejected}; {len(evolved)} kept under "
+                       f"max_prompt_tokens ({time.time() - t1:.0f} s)")
             evolved = read_jsonl(folder / "evolved.jsonl")
 
             if not run.done(t, "generate"):
