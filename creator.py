@@ -6,8 +6,11 @@ informativeness is the reward gap max - min by default (NaN where a prompt's rew
 weighted by it; evolve grows a chain of up to `depth` rewrites from each selected prompt, one EVOLVE_METHODS method
 per link, cleaned and de-duplicated. Under the rules reward the creator LLM rewrites only a prompt's task and the
 constraints stay in code (instructions.py): add_constraints is the in-code constraint_step, which also replaces a
-rejected rewrite. `complete` is local_completer (the solver itself, or any local model) or endpoint_completer (an
-OpenAI-compatible server). make_pairs pairs each prompt's best and worst response; mix takes 80% of them evolved.
+rejected rewrite only when every candidate the creator sampled for that link was rejected. Each method's message
+ends with worked examples and the label "New request:", so even a small model continues with one request.
+`complete` is local_completer (the solver itself, or any local model) or endpoint_completer (an OpenAI-compatible
+server); it returns a list of candidates per message. make_pairs pairs each prompt's best and worst response; mix
+takes 80% of them evolved.
 """
 import json
 import math

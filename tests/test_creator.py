@@ -468,7 +468,7 @@ def test_local_completer_with_a_tiny_model(tiny_llama_dir):
     complete = creator.local_completer(mdl, tok, max_new_tokens=6, temperature=1.0, seed=3)
     messages = [creator.render("deepen", "Explain how a rainbow forms."), creator.render("persona", "Describe a cat.")]
     first = complete(messages)
-    assert len(first) == 2 and all(isinstance(t, str) for t in first)
+    assert len(first) == 2 and all(len(c) == 1 and isinstance(c[0], str) for c in first)
     again = creator.local_completer(mdl, tok, max_new_tokens=6, temperature=1.0, seed=3)
     assert again(messages) == first, "same seed, same call number: same rewrites"
 
