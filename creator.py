@@ -6,12 +6,13 @@ informativeness is the reward gap max - min by default (NaN where a prompt's rew
 weighted by it; evolve grows a chain of up to `depth` rewrites from each selected prompt, one EVOLVE_METHODS method
 per link, cleaned and de-duplicated. Under the rules reward the creator LLM rewrites only a prompt's task and the
 constraints stay in code (instructions.py): add_constraints is the in-code constraint_step, which also replaces a
-rejected rewrite. `complete` is local_completer (the solver itself, or any local model) or endpoint_completer (an
-OpenAI-compatible server). make_pairs pairs each prompt's best and worst response; mix takes 80% of them evolved.
+rejected rewrite only when every candidate the creator sampled for that link was rejected. Each method's message
+ends with worked examples and the label "New request:", so even a small model continues with one request.
+`complete` is local_completer (the solver itself, or any local model) or endpoint_completer (an OpenAI-compatible
+server); it returns a list of candidates per message. make_pairs pairs each prompt's best and worst response; mix
+takes 80% of them evolved.
 """
-import json
 import math
-import re
 import sys
 from collections import Counter
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ from typing import Callable
 
 import numpy as np
 
+import cleaning
 import instructions
 import losses
 
@@ -136,45 +138,85 @@ class Method:
     name: str
     kind: str  # "depth" (harder) or "breadth" (a new prompt in the same spirit)
     instruction: str  # what this method asks of the creator, one or two sentences
+    examples: tuple[tuple[str, str], ...]  # worked examples: (a request, its rewrite by this method)
     template: str  # the whole creator message, with {prompt} where the prompt to rewrite goes
 
 
-# The frame every method shares. Its last sentences are the paper's three guard rails: answerable by a person,
-# sounds like a real user, about the same length.
-_FRAME = ("Here is a request that someone sent to an AI assistant:\n\n<request>\n{prompt}\n</request>\n\n"
-          "{instruction} The result must still be a request a person could really answer, worded the way a real "
-          "user would write it, and about as long as the original. Reply with the new request only: do not answer "
-          "it and do not explain what you changed.")
-_ECHO_MARKERS = ("reply with the new request only", "worded the way a real user would write it",
-                 "here is a request that someone sent")
+# The frame every method shares: the instruction, the paper's three guard rails (answerable by a person, sounds
+# like a real user, about the same length), worked examples, then the request to rewrite. The message ends with
+# the label a completion continues from, so even a small model writes one line after it (STOP ends it there).
+_HEAD = ("{instruction} Each new request is one a person could really answer, worded the way a real user would "
+         "write it, and about as long as the original; it is never an answer.\n\n")
+_SHOT = "Request: {request}\nNew request: {rewrite}\n\n"
+_ASK = "Request: {prompt}\nNew request:"
+STOP = ("\n\n", "\nRequest:", "\nNew request:")  # a completion ends at the blank line or the next label
 
+# The worked examples are this project's own text: short, everyday requests like the seed prompts, and rewrites
+# that change only the task (a format or length rule would be dropped: the constraints are kept in code).
 _INSTRUCTIONS = {
     # in-depth: the same request made harder
-    "add_constraints": ("depth", "Rewrite it so that it adds one more concrete requirement the answer has to meet, "
-                                 "such as a limit, a format or a condition."),
-    "deepen": ("depth", "Rewrite it so that it asks about the same subject in more depth, going after a harder or "
-                        "less obvious side of it."),
-    "concretise": ("depth", "Rewrite it so that its general ideas become specific: name the people, places, numbers "
-                            "or situation involved."),
-    "reasoning": ("depth", "Rewrite it so that a good answer needs several steps of thinking instead of one quick "
-                           "reply."),
-    "expand": ("depth", "Rewrite it so that it also asks for one closely related part that the answer has to "
-                        "cover."),
+    "add_constraints": ("depth", "Rewrite each request so that it adds one more concrete requirement the answer "
+                                 "has to meet, such as a limit, a format or a condition.", (
+        ("Write a poem about autumn.", "Write a poem about autumn in which every stanza ends with a question."),
+        ("Describe your ideal weekend.", "Describe your ideal weekend without spending any money."))),
+    "deepen": ("depth", "Rewrite each request so that it asks about the same subject in more depth, going after a "
+                        "harder or less obvious side of it.", (
+        ("Explain why the sky is blue.", "Explain why the sky is blue at noon but red and orange at sunset."),
+        ("Write a short story about a lost dog.",
+         "Write a short story about a lost dog, told from the point of view of the family that finds it."))),
+    "concretise": ("depth", "Rewrite each request so that its general ideas become specific: name the people, "
+                            "places, numbers or situation involved.", (
+        ("Write a poem about a city at night.",
+         "Write a poem about Lisbon at three in the morning, seen by a taxi driver on her last shift."),
+        ("Give some advice on saving money.", "Give a student who earns 900 dollars a month advice on saving 100 "
+                                              "of it."))),
+    "reasoning": ("depth", "Rewrite each request so that a good answer needs several steps of thinking instead of "
+                           "one quick reply.", (
+        ("How long does it take to boil an egg?",
+         "If one egg takes ten minutes to boil, how long do four eggs take in the same pot, and why?"),
+        ("Describe a game of chess.", "Describe the first three moves of a game of chess and why each one "
+                                      "helps white."))),
+    "expand": ("depth", "Rewrite each request so that it also asks for one closely related part that the answer "
+                        "has to cover.", (
+        ("Write a recipe for pancakes.",
+         "Write a recipe for pancakes and say how to keep them warm until everyone sits down."),
+        ("Explain what a volcano is.", "Explain what a volcano is and why people still choose to live near one."))),
     # in-breadth: a different request in the same spirit
     "persona": ("breadth", "Write a new request in the same spirit, as a very different person would ask it (for "
-                           "example a nurse, a child, a farmer or a retired sailor)."),
+                           "example a nurse, a child, a farmer or a retired sailor).", (
+        ("Write a poem about the sea.", "I am a retired sailor. Write me a poem about the storms I still dream of."),
+        ("Explain how plants grow.", "I am a farmer with a new greenhouse: how do my tomato seeds grow into "
+                                     "plants?"))),
     "shift_in_domain": ("breadth", "Write a new request of the same kind about a different topic from the same "
-                                   "field."),
+                                   "field.", (
+        ("Write a haiku about a cat.", "Write a haiku about an old dog waiting by the door."),
+        ("Explain how a rainbow forms.", "Explain how lightning forms in a thunderstorm."))),
     "shift_out_domain": ("breadth", "Write a new request of the same kind and difficulty about a topic from an "
-                                    "entirely different field."),
-    "mix_domains": ("breadth", "Write a new request that joins its topic with an unrelated field, so the answer "
-                               "has to draw on both."),
-    "abstract": ("breadth", "Write a new request that asks about the general idea behind it rather than this "
-                            "particular case."),
+                                    "entirely different field.", (
+        ("Write a limerick about a clumsy chef.", "Write a limerick about a goalkeeper who is afraid of the ball."),
+        ("Explain how a rainbow forms.", "Explain how a bank decides the interest on a loan."))),
+    "mix_domains": ("breadth", "Write a new request that joins the topic with an unrelated field, so the answer "
+                               "has to draw on both.", (
+        ("Write a story about a robot.", "Write a story about a robot that learns to cook from a recipe book."),
+        ("Explain how bees make honey.", "Explain how bees make honey as if the hive were a factory with "
+                                         "shifts."))),
+    "abstract": ("breadth", "Write a new request that asks about the general idea behind the request rather than "
+                            "this particular case.", (
+        ("Write a poem about my grandmother's kitchen.",
+         "Write a poem about how places keep the memory of the people who lived in them."),
+        ("How do I fix a flat bicycle tire?", "How do you find and fix a small leak in anything that holds air?"))),
 }
+
+
+def _template(instruction: str, examples: tuple[tuple[str, str], ...]) -> str:
+    shots = "".join(_SHOT.format(request=a, rewrite=b) for a, b in examples)
+    # braces in the text would be read as placeholders by render's str.format
+    return (_HEAD.format(instruction=instruction) + shots).replace("{", "{{").replace("}", "}}") + _ASK
+
+
 EVOLVE_METHODS: dict[str, Method] = {
-    name: Method(name, kind, text, _FRAME.replace("{instruction}", text))
-    for name, (kind, text) in _INSTRUCTIONS.items()
+    name: Method(name, kind, text, examples, _template(text, examples))
+    for name, (kind, text, examples) in _INSTRUCTIONS.items()
 }
 KINDS = ("all", "depth", "breadth")
 
@@ -190,196 +232,6 @@ def methods_for(kinds: str = "all") -> list[str]:
     if kinds not in KINDS:
         raise ValueError(f"creator: evolve kinds must be one of {', '.join(KINDS)}, got '{kinds}'")
     return [name for name, m in EVOLVE_METHODS.items() if kinds == "all" or m.kind == kinds]
-
-
-# ============================================================================================ cleaning rewrites
-
-REJECT_REASONS = ("failed", "empty", "too_short", "echo", "copy", "too_long", "meta", "answer", "duplicate",
-                  "near_duplicate", "no_constraint_step")
-
-_TAG = re.compile(r"(?<!<)</?\s*(?:request|prompt|new[ _]?request|new[ _]?prompt|rewritten(?:[ _]?\w+)?|original"
-                  r"(?:[ _]?\w+)?|instruction|task|output|answer|response|s|/s|im_start|im_end)\s*>(?!>)", re.I)
-_SPECIAL = re.compile(r"\[/?INST\]|<\|[^|>]{1,30}\|>|</?s>|^\s*(?:assistant|user)\s*:?\s*\n", re.I | re.M)
-_LABEL = re.compile(r"(?:^|\n)[ \t>#*_]*(?:the |your |my |here is |here's )?(?:new|rewritten|evolved|revised|modified"
-                    r"|updated|improved|harder|resulting|final)?[ \t]*(?:user[ \t]+)?(?:prompt|request|instruction|"
-                    r"question|task|version)[ \t]*\d*[ \t]*[*_]*[ \t]*:[ \t]*[*_]*[ \t]*", re.I)
-_LEAD_IN = re.compile(r"^\s*(?:sure|certainly|of course|okay|ok|absolutely|great|here(?:'s| is| are)|below is|"
-                      r"i(?:'ve| have) (?:rewritten|written|created))\b[^\n]{0,160}?:\s*(?:\n|$)", re.I)
-_TRAILER = re.compile(r"\n\s*\n\s*[(*_]*(?:note|explanation|changes?|this (?:new |rewritten |revised )?(?:request|"
-                      r"prompt|version|rewrite)|in this (?:version|rewrite)|i (?:have |'ve )?(?:added|changed|made|"
-                      r"kept|rewrote)|the (?:new|rewritten) (?:request|prompt))\b.*$", re.I | re.S)
-_ANSWER_OPENER = re.compile(r"^\W*(?:sure|certainly|of course|absolutely|okay|ok|here(?:'s| is| are)|as an ai|"
-                            r"i(?:'m| am) sorry|i can(?:'t|not)|i'd be happy|i would be happy|great question|"
-                            r"once upon a time|dear\b|title\s*:|<<)", re.I)
-_IMPERATIVES = ("write compose create describe explain tell give list draft summarize summarise suggest imagine design "
-                "plan compare discuss outline provide generate share name recommend translate rewrite make help find "
-                "calculate solve propose invent develop argue analyze analyse evaluate identify prepare craft pretend "
-                "define brainstorm teach show walk guide convince persuade pitch come please let consider assume "
-                "choose decide picture sketch produce put turn draw build").split()
-_QUESTION_WORDS = "what why how when where who which whose can could would should is are do does will may".split()
-# A request: an imperative at the start of a clause, a question word at the start of a sentence, a question mark,
-# or someone speaking to the assistant ("you", "I need ...").
-_REQUEST = re.compile(r"(?:^|[.!?\n]\s*|[,;:]\s*|\b(?:and|then)\s+)(?:" + "|".join(_IMPERATIVES) + r")\b"
-                      r"|(?:^|[.!?\n]\s*)(?:" + "|".join(_QUESTION_WORDS) + r")\b|\?"
-                      r"|\b(?:you|your|yourself|i need|i want|i'd like|i would like|help me|i'm looking|"
-                      r"i am looking)\b", re.I)
-# Talk about the request or about the assistant itself, instead of a request.
-_META = re.compile(r"\b(?:the|this|that|my|your) (?:original |new |above |rewritten |given )?(?:request|prompt)\b"
-                   r"|\brewritten version\b|\bi(?:'m| am) (?:unable|not able|sorry|here to|ready to)\b"
-                   r"|\bi can(?:'t|not) (?:help|assist)\b|\bi(?:'d| would) be (?:happy|glad)\b|\bas an ai\b"
-                   r"|\bi was (?:designed|trained|created)\b|\bhow can i (?:help|assist)\b"
-                   r"|\bwhat(?:'s| is) (?:the|your) question\b", re.I)
-_QUOTE_PAIRS = (('"', '"'), ("'", "'"), ("\u201c", "\u201d"), ("\u2018", "\u2019"), ("`", "`"), ("**", "**"),
-                ("*", "*"))
-
-
-def normalize(text: str) -> str:
-    """Lower case, every run of punctuation and white space made one space: the key of exact de-duplication."""
-    return " ".join(re.sub(r"[\W_]+", " ", text.lower()).split())
-
-
-def _strip_quotes(text: str) -> str:
-    while True:
-        text = text.strip()
-        for left, right in _QUOTE_PAIRS:
-            if len(text) > len(left) + len(right) and text.startswith(left) and text.endswith(right):
-                inner = text[len(left):len(text) - len(right)]
-                if left == right and inner.count(left) % 2:  # '"a" or "b"': two quoted parts, not one quoted whole
-                    continue
-                text = inner
-                break
-        else:
-            return text
-
-
-def parse_rewrite(raw: str | None) -> str:
-    """The rewritten prompt inside a creator's raw output: echoed tags, lead-ins, labels, quotes and trailing
-    commentary removed. Returns "" when nothing is left."""
-    if raw is None:
-        return ""
-    text = raw.replace("\r\n", "\n").strip()
-    fence = re.search(r"```[a-z]*\n(.*?)```", text, re.S)
-    if fence and fence.group(1).strip():
-        text = fence.group(1)
-    text = _SPECIAL.sub("", text)
-    # When the output labels its rewrite ("New request: ..."), only what follows the last label counts: anything
-    # before it is a lead-in or the echoed original.
-    labels = list(_LABEL.finditer(text))
-    if labels and text[labels[-1].end():].strip():
-        text = text[labels[-1].end():]
-    text = _TAG.sub("\n", text).strip()
-    text = _LEAD_IN.sub("", text, count=1)
-    text = _TRAILER.sub("", text)
-    text = re.sub(r"[ \t]+", " ", text)
-    text = re.sub(r"\n\s*\n\s*\n+", "\n\n", text)
-    return _strip_quotes(text).strip()
-
-
-def looks_like_answer(text: str, parent: str = "") -> bool:
-    """True when `text` reads as an answer (a poem, a story, an essay, "Sure! ...") rather than a request."""
-    if _ANSWER_OPENER.match(text):
-        return True
-    lines = [line for line in text.splitlines() if line.strip()]
-    if len(lines) > max(6, len([line for line in parent.splitlines() if line.strip()]) + 4):
-        return True
-    return _REQUEST.search(text) is None
-
-
-def clean_rewrite(parent_text: str, raw: str | None, *, max_ratio: float = 2.0, slack_chars: int = 60,
-                  min_words: int = 3) -> tuple[str | None, str]:
-    """(the cleaned rewrite, "ok") or (None, the reason it is rejected: one of REJECT_REASONS).
-
-    Rejected: a failed call (None), nothing left after parsing, fewer than min_words words, an echo of the creator
-    instruction, a copy of the parent (same normalized text), more than max_ratio times the parent's length (plus
-    slack_chars, so short parents may gain a clause), text that talks about the request or the assistant ("I'd be
-    happy to ...", "the original request ...") instead of being one, and text that answers instead of asking.
-    """
-    if raw is None:
-        return None, "failed"
-    text = parse_rewrite(raw)
-    if not text:
-        return None, "empty"
-    if len(re.findall(r"\w+", text)) < min_words:
-        return None, "too_short"
-    if any(marker in text.lower() for marker in _ECHO_MARKERS):
-        return None, "echo"
-    if normalize(text) == normalize(parent_text):
-        return None, "copy"
-    if len(text) > max_ratio * len(parent_text.strip()) + slack_chars:
-        return None, "too_long"
-    if _META.search(text) and not _META.search(parent_text):
-        return None, "meta"
-    if looks_like_answer(text, parent_text):
-        return None, "answer"
-    return text, "ok"
-
-
-# ============================================================================================ de-duplication
-
-def shingles(text: str, n: int = 3) -> frozenset:
-    """Character n-grams of the normalized text."""
-    norm = normalize(text)
-    return frozenset(norm[i:i + n] for i in range(max(1, len(norm) - n + 1)))
-
-
-def similarity(a: str, b: str, n: int = 3) -> float:
-    """Jaccard similarity of the normalized texts' character n-grams, in [0, 1]."""
-    sa, sb = shingles(a, n), shingles(b, n)
-    return len(sa & sb) / len(sa | sb) if sa | sb else 1.0
-
-
-def _signature(record: dict) -> str:
-    # Two prompts whose texts are near-identical but ask for different constraints (80 -> 60 words) are different
-    # tasks under the rules reward: near-duplicates must also share their constraints.
-    ids = record.get("instruction_id_list") or []
-    kwargs = record.get("kwargs") or [{}] * len(ids)
-    return json.dumps(sorted(zip(ids, [json.dumps(k, sort_keys=True) for k in kwargs])))
-
-
-def _near_text(record: dict) -> str:
-    # Near-duplicates are judged on the task: the constraint sentences two prompts share would otherwise make a
-    # wholly new request look like a copy of its parent (and the constraints themselves are in the signature).
-    task = record.get("task")
-    return task if isinstance(task, str) and task.strip() else (instructions.split_task(record) or record["prompt"])
-
-
-def _new_index() -> dict:
-    return {"exact": set(), "near": {}}  # near: signature -> list of (shingle count, shingles)
-
-
-def _index_add(index: dict, record: dict) -> None:
-    index["exact"].add(normalize(record["prompt"]))
-    grams = shingles(_near_text(record))
-    index["near"].setdefault(_signature(record), []).append((len(grams), grams))
-
-
-def _index_find(index: dict, record: dict, threshold: float) -> str | None:
-    """"duplicate", "near_duplicate" or None."""
-    if normalize(record["prompt"]) in index["exact"]:
-        return "duplicate"
-    grams = shingles(_near_text(record))
-    for size, other in index["near"].get(_signature(record), ()):
-        # Jaccard >= t needs the smaller set to be at least t times the larger one: skip the rest unseen.
-        if min(size, len(grams)) < threshold * max(size, len(grams)):
-            continue
-        if len(grams & other) / len(grams | other) >= threshold:
-            return "near_duplicate"
-    return None
-
-
-def deduplicate(records: list[dict], pool: list[dict] = (), threshold: float = 0.85) -> tuple[list[dict], Counter]:
-    """records without exact or near duplicates of the pool or of an earlier record; and the counts dropped."""
-    index, kept, dropped = _new_index(), [], Counter()
-    for r in pool:
-        _index_add(index, r)
-    for r in records:
-        reason = _index_find(index, r, threshold)
-        if reason:
-            dropped[reason] += 1
-            continue
-        _index_add(index, r)
-        kept.append(r)
-    return kept, dropped
 
 
 # ============================================================================================ evolve
@@ -427,8 +279,11 @@ def evolve(parents: list[dict], complete: Callable[[list[str]], list[str | None]
     """Evolve every parent into a chain of up to `depth` children; returns (children, stats).
 
     One link per step for all chains at once, so `complete` is called once per step with every chain's creator
-    message (it shards them over ranks). Each chain draws its methods from its own generator, seeded by (seed, chain
-    index): the children depend only on the parents, the seed and what `complete` returns, never on the rank.
+    message (it shards them over ranks); it returns, per message, one text or a list of candidates (None: a failed
+    call). Every candidate is cleaned and checked against the index; the first that passes, in the order sampled,
+    is the link, and the in-code constraint step makes it only when every candidate failed. Each chain draws its
+    methods from its own generator, seeded by (seed, chain index): the children depend only on the parents, the
+    seed and what `complete` returns, never on the rank.
     kinds: "all", "depth" (in-depth methods only) or "breadth". verifiable: the reward is the rules back-end, so
     add_constraints is done in code and LLM rewrites touch only the task (module docstring). fallback: a rejected
     LLM link is made by the in-code constraint step instead, when verifiable and add_constraints is among the
@@ -437,9 +292,12 @@ def evolve(parents: list[dict], complete: Callable[[list[str]], list[str | None]
     the tasks >= near_duplicate, with the same constraints). A rejected link without a fallback yields no child and
     the chain goes on from its last kept prompt. max_ratio: the longest rewrite, relative to the parent's task.
 
-    stats (JSON-ready): parents, kept, creator_calls, rejected (count per REJECT_REASONS), fallback, unsplittable
-    (links whose prompt had no separable task: constraint steps only), per_method and per_kind (kept children),
-    constraints_added / constraints_tightened (in-code steps), rule_sentences_dropped (from LLM rewrites).
+    stats (JSON-ready): parents, kept, creator_calls (messages), candidates (texts returned), written (children
+    written by the creator), rejected (failed candidates per cleaning.REJECT_REASONS), fallback, unsplittable (links whose
+    prompt had no separable task: constraint steps only), per_method and per_kind (kept children),
+    constraints_added / constraints_tightened (in-code steps), rule_sentences_dropped (from kept rewrites), and
+    creator_per_method: per method sent to the creator, links, candidates, passed (candidates that passed),
+    accepted (links it wrote) and rejected (per reason).
     """
     if depth < 1:
         raise ValueError(f"creator: evolve depth must be >= 1, got {depth}")
@@ -447,14 +305,15 @@ def evolve(parents: list[dict], complete: Callable[[list[str]], list[str | None]
     ids_seen = [p["id"] for p in parents]
     if len(set(ids_seen)) != len(ids_seen):
         raise ValueError("creator: evolve got the same parent id twice")
-    index = _new_index()
+    index = cleaning.new_index()
     for r in list(pool) + list(parents):
-        _index_add(index, r)
+        cleaning.index_add(index, r)
     taken_ids = {r.get("id") for r in pool} | set(ids_seen)
-    rejected = Counter({reason: 0 for reason in REJECT_REASONS})
-    stats = dict(parents=len(parents), kept=0, creator_calls=0, rejected=rejected, fallback=0, unsplittable=0,
-                 per_method=Counter(), per_kind=Counter(), constraints_added=0, constraints_tightened=0,
-                 rule_sentences_dropped=0)
+    rejected = Counter({reason: 0 for reason in cleaning.REJECT_REASONS})
+    table = {}  # method -> links asked, candidates, passed, accepted, rejected (per reason)
+    stats = dict(parents=len(parents), kept=0, creator_calls=0, candidates=0, written=0, rejected=rejected,
+                 fallback=0, unsplittable=0, per_method=Counter(), per_kind=Counter(), constraints_added=0,
+                 constraints_tightened=0, rule_sentences_dropped=0, creator_per_method=table)
     can_fallback = verifiable and fallback and "add_constraints" in methods
 
     nodes, tasks, cons = [], [], []
@@ -475,26 +334,33 @@ def evolve(parents: list[dict], complete: Callable[[list[str]], list[str | None]
             stats["creator_calls"] += len(ask)
             if len(raw) != len(ask):
                 raise ValueError(f"creator: the completer returned {len(raw)} outputs for {len(ask)} messages")
-            outputs = dict(zip(ask, raw))
+            outputs = {c: _candidates(o) for c, o in zip(ask, raw)}
+            stats["candidates"] += sum(len(o) for o in outputs.values())
         for c, method in enumerate(plan):
             node, (ids, kwargs) = nodes[c], cons[c]
             root = parents[c]["id"]
             child, fallback_from = None, None
-            if c in outputs:
-                text, reason = clean_rewrite(tasks[c], outputs[c], max_ratio=max_ratio)
-                if text is not None and verifiable and ids:
-                    kept_text = instructions.drop_rule_sentences(text)
-                    stats["rule_sentences_dropped"] += int(kept_text != text.strip())
-                    text, reason = (kept_text, "ok") if kept_text else (None, "empty")
-                if text is None:
-                    rejected[reason] += 1
-                else:
-                    child = _child(node, task=text, ids=ids, kwargs=kwargs, method=method, iteration=iteration,
-                                   step=step, root=root, fallback_from=None, verifiable=verifiable)
-                    dup = _index_find(index, child, near_duplicate)
-                    if dup:
-                        rejected[dup] += 1
-                        child = None
+            if c in outputs:  # the creator's candidates, in sampled order: the first that passes is kept
+                row = table.setdefault(method, dict(links=0, candidates=0, passed=0, accepted=0, rejected=Counter()))
+                row["links"] += 1
+                dropped = False
+                for raw in outputs[c]:
+                    made, reason, cut = _written_child(node, tasks[c], raw, ids, kwargs, method, index,
+                                                       verifiable=verifiable, max_ratio=max_ratio,
+                                                       near_duplicate=near_duplicate)
+                    row["candidates"] += 1
+                    if made is None:
+                        rejected[reason] += 1
+                        row["rejected"][reason] += 1
+                        continue
+                    row["passed"] += 1
+                    if child is None:
+                        child, dropped = made, cut
+                if child is not None:
+                    child.update(iteration=iteration, step=step, root=root)
+                    row["accepted"] += 1
+                    stats["written"] += 1
+                    stats["rule_sentences_dropped"] += int(dropped)
                 if child is None:
                     if not can_fallback:
                         continue
@@ -511,7 +377,7 @@ def evolve(parents: list[dict], complete: Callable[[list[str]], list[str | None]
                     continue
                 child, action = made
                 child.update(iteration=iteration, step=step, root=root, fallback_from=fallback_from)
-                dup = _index_find(index, child, near_duplicate)
+                dup = cleaning.index_find(index, child, near_duplicate)
                 if dup:
                     rejected[dup] += 1
                     continue
@@ -519,14 +385,44 @@ def evolve(parents: list[dict], complete: Callable[[list[str]], list[str | None]
                 stats["constraints_added" if action.startswith("added") else "constraints_tightened"] += 1
             child["id"] = _unique_id(f"{root}.i{iteration}.{step}", taken_ids)
             taken_ids.add(child["id"])
-            _index_add(index, child)
+            cleaning.index_add(index, child)
             children.append(child)
             nodes[c], tasks[c], cons[c] = child, child["task"], (child["instruction_id_list"], child["kwargs"])
             stats["per_method"][child["method"]] += 1
             stats["per_kind"][EVOLVE_METHODS[child["method"]].kind] += 1
     stats["kept"] = len(children)
+    for row in table.values():
+        row["rejected"] = {k: v for k, v in row["rejected"].items() if v}
     stats = {k: dict(v) if isinstance(v, Counter) else v for k, v in stats.items()}
     return children, stats
+
+
+def _candidates(output) -> list:
+    """A completer's output for one message as a list of candidates: a list as it is, one text (or None) as one."""
+    if isinstance(output, (list, tuple)):
+        return list(output) or [None]  # no candidate at all counts as one failed call
+    return [output]
+
+
+def _written_child(node: dict, task: str, raw: str | None, ids: list[str], kwargs: list[dict], method: str,
+                   index: dict, *, verifiable: bool, max_ratio: float,
+                   near_duplicate: float) -> tuple[dict | None, str, bool]:
+    """(child, "ok", whether rule sentences were cut from it) for a creator candidate that passes cleaning and
+    de-duplication, else (None, the reason, False). The child's iteration, step and root are set by evolve."""
+    examples = tuple(text for pair in EVOLVE_METHODS[method].examples for text in pair)
+    text, reason = cleaning.clean_rewrite(task, raw, max_ratio=max_ratio, examples=examples, near_duplicate=near_duplicate)
+    if text is None:
+        return None, reason, False
+    cut = False
+    if verifiable and ids:
+        kept_text = instructions.drop_rule_sentences(text)
+        if not kept_text:
+            return None, "empty", False
+        cut, text = kept_text != text.strip(), kept_text
+    child = _child(node, task=text, ids=ids, kwargs=kwargs, method=method, iteration=0, step=0, root="",
+                   fallback_from=None, verifiable=verifiable)
+    dup = cleaning.index_find(index, child, near_duplicate)
+    return (None, dup, False) if dup else (child, "ok", cut)
 
 
 def _unique_id(base: str, taken: set) -> str:
@@ -539,27 +435,34 @@ def _unique_id(base: str, taken: set) -> str:
 
 # ============================================================================================ creator back-ends
 
-def local_completer(model, tokenizer, *, seed: int = 0, batch_size: int = 16,
-                    **sample_kwargs) -> Callable[[list[str]], list[str]]:
-    """A `complete` that asks a local model (the solver itself, or any loaded model) through generate.sample.
+def local_completer(model, tokenizer, *, seed: int = 0, batch_size: int = 16, candidates: int = 1,
+                    stop: tuple[str, ...] = STOP, chat: bool = False,
+                    **sample_kwargs) -> Callable[[list[str]], list[list[str]]]:
+    """A `complete` that asks a local model (the solver itself, or any loaded model) through generate.sample:
+    `candidates` texts per message, sampled in one batch, each cut at the first of `stop`.
 
-    The messages are sharded over ranks (parallel.sharded); message i of the c-th call samples with a seed made of
-    (seed, c, i), so the outputs do not depend on the number of ranks or on the batch. sample_kwargs go to
-    generate.sample (max_new_tokens, temperature, top_p, ...); batch_size is halved after an out-of-memory error.
+    chat=False: the message is continued as plain text (the template ends with the label of the answer), which a
+    small model follows more often than a chat turn. The messages are sharded over ranks (parallel.sharded);
+    message i of the c-th call samples with a seed made of (seed, c, i), so the outputs do not depend on the number
+    of ranks or on the batch. sample_kwargs go to generate.sample (max_new_tokens, temperature, top_p, ...);
+    batch_size (messages) is halved after an out-of-memory error.
     """
     import generate
     import parallel
+    if candidates < 1:
+        raise ValueError(f"creator: candidates must be >= 1, got {candidates}")
     calls = [0]
 
-    def complete(messages: list[str]) -> list[str]:
+    def complete(messages: list[str]) -> list[list[str]]:
         call = calls[0]
         calls[0] += 1
 
-        def run(local: list[tuple[int, str]]) -> list[str]:
+        def run(local: list[tuple[int, str]]) -> list[list[str]]:
             out = generate.halve_on_oom(lambda size: generate.sample(
-                model, tokenizer, [m for _, m in local], n=1, seeds=[parallel.stable_seed(seed, call, i) for i, _ in local],
-                batch_size=size, **sample_kwargs), batch_size, "creator: sampling")
-            return [texts[0] if texts else "" for texts in out.texts]
+                model, tokenizer, [m for _, m in local], n=candidates,
+                seeds=[parallel.stable_seed(seed, call, i) for i, _ in local], batch_size=size, stop=list(stop),
+                chat=chat, **sample_kwargs), batch_size, "creator: sampling")
+            return [list(texts) for texts in out.texts]
 
         return parallel.sharded(run, list(enumerate(messages)), desc="creator")
 
@@ -567,15 +470,18 @@ def local_completer(model, tokenizer, *, seed: int = 0, batch_size: int = 16,
 
 
 def endpoint_completer(base_url: str, model: str, *, temperature: float = 0.7, max_tokens: int = 512,
-                       concurrency: int = 8, **kwargs) -> Callable[[list[str]], list[str | None]]:
-    """A `complete` that asks an OpenAI-compatible server (vLLM, LiteLLM, a hosted model) via endpoint.chat_many.
+                       concurrency: int = 8, candidates: int = 1,
+                       **kwargs) -> Callable[[list[str]], list[list[str | None]]]:
+    """A `complete` that asks an OpenAI-compatible server (vLLM, LiteLLM, a hosted model) via endpoint.chat_many:
+    `candidates` chat calls per message (a call that failed after its retries gives None, rejected as "failed").
 
-    The messages are sharded over ranks; a call that failed after its retries gives None (rejected as "failed");
-    when every call of a batch fails the endpoint itself is down and EndpointError is raised on every rank.
-    kwargs go to endpoint.chat (timeout, retries, api_key_env, extra).
+    The calls are sharded over ranks; when every call of a batch fails the endpoint itself is down and
+    EndpointError is raised on every rank. kwargs go to endpoint.chat (timeout, retries, api_key_env, extra).
     """
     import endpoint
     import parallel
+    if candidates < 1:
+        raise ValueError(f"creator: candidates must be >= 1, got {candidates}")
 
     def run(local: list[str]) -> list[str | None]:
         try:
@@ -585,11 +491,11 @@ def endpoint_completer(base_url: str, model: str, *, temperature: float = 0.7, m
             print(f"creator: {err}", file=sys.stderr)
             return [None] * len(local)  # raising on one rank only would leave the others waiting in the gather
 
-    def complete(messages: list[str]) -> list[str | None]:
-        out = parallel.sharded(run, messages, desc="creator endpoint")
+    def complete(messages: list[str]) -> list[list[str | None]]:
+        out = parallel.sharded(run, [m for m in messages for _ in range(candidates)], desc="creator endpoint")
         if out and all(o is None for o in out):
             raise endpoint.EndpointError(f"creator endpoint {base_url} ({model}): all {len(out)} calls failed")
-        return out
+        return [out[i:i + candidates] for i in range(0, len(out), candidates)]
 
     return complete
 

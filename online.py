@@ -16,7 +16,6 @@ RNG, step) is written atomically; rerunning the same command resumes from it. Th
 (a line per step and per creator round), online_state.pt, pool.jsonl, adapter/ (LoRA) or model/ (full fine-tuning),
 eval_start.json and eval_end.json, report.md and report.png.
 """
-import json
 import math
 import time
 from contextlib import nullcontext

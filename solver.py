@@ -4,7 +4,7 @@ train_eva.py calls load_solver / load_masters once, then train and save_solver i
 
     encode_pair -> collate -> forward_logps -> losses.preference_loss -> backward -> clip -> step
 """
-from __future__ import annotations  # `cfg: Config` is train_eva.Config, duck-typed: annotations are not evaluated
+from __future__ import annotations
 
 import gc
 import json
@@ -12,6 +12,7 @@ import math
 import os
 from contextlib import nullcontext
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -23,6 +24,9 @@ import model
 import parallel
 import rundir
 from parallel import print0
+
+if TYPE_CHECKING:  # only for the annotations: train_eva imports this module, not the other way round
+    from train_eva import Config
 
 
 # ------------------------------------------------------------------------------------------------- batches

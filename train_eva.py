@@ -76,6 +76,7 @@ class Config:
     evolved_fraction: float = 0.8  # share of training pairs from evolved prompts (the rest from the pool)
     creator_max_new_tokens: int = 160  # longest rewrite
     creator_temperature: float = 0.7  # sampling temperature of the creator
+    creator_candidates: int = 4  # rewrites sampled per link; the first that passes cleaning is kept
     endpoint_timeout: float = 120.0  # seconds per socket operation of a creator endpoint or judge call
     endpoint_retries: int = 4  # retries (exponential backoff) of a failed endpoint call before it counts as failed
     # --- the solver update
@@ -204,7 +205,7 @@ def check_config(cfg: Config) -> None:
     ]
     ranges += [(name, getattr(cfg, name) >= 1, "at least 1") for name in (
         "max_new_tokens", "max_prompt_tokens", "gen_batch_size", "creator_max_new_tokens", "eval_max_new_tokens",
-        "epochs", "batch_size", "micro_batch_size", "evolve_depth")]
+        "epochs", "batch_size", "micro_batch_size", "evolve_depth", "creator_candidates")]
     ranges += [(name, getattr(cfg, name) >= 0, ">= 0") for name in (
         "eva_iterations", "pairs_per_iteration", "max_seed_prompts", "max_heldout_prompts")]
     for name, holds, requirement in ranges:
@@ -357,16 +358,17 @@ def evaluate_once(policy, tokenizer, heldout: list[dict], cfg: Config, run: rund
 
 
 def make_completer(cfg: Config, t: int, policy, tokenizer, creator_model=None, creator_tokenizer=None):
-    """The creator's `complete(messages) -> texts`: the solver itself (self-play), another local model, or an endpoint."""
+    """The creator's `complete(messages) -> candidates per message`: the solver itself (self-play), another local
+    model, or an endpoint; cfg.creator_candidates texts per message."""
     if cfg.creator.startswith("endpoint:"):
         url, _, name = cfg.creator[len("endpoint:"):].partition("#")
         return creator.endpoint_completer(url, name, temperature=cfg.creator_temperature,
                                           max_tokens=cfg.creator_max_new_tokens, timeout=cfg.endpoint_timeout,
-                                          retries=cfg.endpoint_retries)
+                                          retries=cfg.endpoint_retries, candidates=cfg.creator_candidates)
     lm, tok = (policy, tokenizer) if cfg.creator == "self" else (creator_model, creator_tokenizer)
     return creator.local_completer(lm, tok, seed=parallel.stable_seed(cfg.seed, t, "creator"),
                                    max_new_tokens=cfg.creator_max_new_tokens, temperature=cfg.creator_temperature,
-                                   top_p=cfg.top_p, batch_size=cfg.gen_batch_size)
+                                   top_p=cfg.top_p, batch_size=cfg.gen_batch_size, candidates=cfg.creator_candidates)
 
 
 # ------------------------------------------------------------------------------------------------- the loop
@@ -413,9 +415,12 @@ def evolve_prompts(selected: list[dict], pool: list[dict], complete, tokenizer, 
                                     verifiable=cfg.reward == "rules", pool=pool)
     evolved = drop_long_prompts(evolved, tokenizer, cfg, "evolved prompts")
     rejected = ", ".join(f"{k} {v}" for k, v in stats["rejected"].items() if v) or "none"
+    kept, written = stats["kept"], stats["written"]
     return evolved, dict(children=len(evolved), **stats), (
-        f"{len(selected)} parents -> {len(evolved)} children, {stats['creator_calls']} creator calls, "
-        f"{stats['fallback']} links made by the in-code constraint step; rejected rewrites: {rejected}")
+        f"{len(selected)} parents -> {kept} children: {written} written by the creator "
+        f"({100 * written / max(1, kept):.0f}%), {kept - written} by the in-code constraint step ({stats['fallback']} "
+        f"replacing a rejected link); {stats['candidates']} candidates for {stats['creator_calls']} links, rejected: "
+        f"{rejected}; {len(evolved)} kept under max_prompt_tokens")
 
 
 def sample_children(policy, tokenizer, scorer, evolved: list[dict], cfg: Config, t: int):

@@ -11,6 +11,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import numpy as np
 import pytest
 
+import cleaning
 import creator
 import instructions
 import report
@@ -159,7 +160,7 @@ GOAL = "Write a poem about a lighthouse keeper who is afraid of the dark."
     f"[INST] {GOAL} [/INST]",
 ])
 def test_parse_messy_creator_outputs(raw):
-    assert creator.parse_rewrite(raw) == GOAL
+    assert cleaning.parse_rewrite(raw) == GOAL
 
 
 @pytest.mark.parametrize("raw,reason", [
@@ -179,7 +180,7 @@ def test_parse_messy_creator_outputs(raw):
     ("As a fisherman, what would you want a lighthouse to do in a storm?", "ok"),
 ])
 def test_clean_rewrite_reasons(raw, reason):
-    text, why = creator.clean_rewrite("Write a poem about a lighthouse.", raw)
+    text, why = cleaning.clean_rewrite("Write a poem about a lighthouse.", raw)
     assert why == reason, (raw, text)
     assert (text is None) == (reason != "ok")
 
@@ -192,11 +193,11 @@ def test_dedup_catches_respaced_recased_copy_and_near_copies():
              {"id": "c", "prompt": "Write a short poem about the first snowfalls of the year."},  # near
              {"id": "d", "prompt": "Describe a busy train station at rush hour."},
              {"id": "e", "prompt": "describe a busy train station at rush hour"}]  # copy of an earlier candidate
-    kept, dropped = creator.deduplicate(cands, pool)
+    kept, dropped = cleaning.deduplicate(cands, pool)
     assert [r["id"] for r in kept] == ["d"]
     assert dropped == {"duplicate": 2, "near_duplicate": 1}
-    assert creator.similarity(pool[0]["prompt"], cands[1]["prompt"]) > 0.85
-    assert creator.similarity(pool[0]["prompt"], cands[2]["prompt"]) < 0.1
+    assert cleaning.similarity(pool[0]["prompt"], cands[1]["prompt"]) > 0.85
+    assert cleaning.similarity(pool[0]["prompt"], cands[2]["prompt"]) < 0.1
 
 
 def test_near_duplicates_must_share_constraints():
@@ -205,8 +206,8 @@ def test_near_duplicates_must_share_constraints():
             "kwargs": [{"relation": "less than", "num_words": 80}]}
     tighter = {**base, "id": "b", "prompt": "Write a poem about snow. Answer with fewer than 60 words.",
                "kwargs": [{"relation": "less than", "num_words": 60}]}
-    assert creator.similarity(base["prompt"], tighter["prompt"]) > 0.85
-    kept, _ = creator.deduplicate([tighter], [base])
+    assert cleaning.similarity(base["prompt"], tighter["prompt"]) > 0.85
+    kept, _ = cleaning.deduplicate([tighter], [base])
     assert kept == [tighter], "a tightened constraint is a new task, not a near-duplicate"
 
 
@@ -422,11 +423,11 @@ class _ChatHandler(BaseHTTPRequestHandler):
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         message = body["messages"][0]["content"]
         _ChatHandler.seen.append((self.path, body["model"], message))
-        if "rainbow" in message:  # one request the server refuses: it must come back as a "failed" rewrite
+        topic = message.rsplit("\nRequest: ", 1)[1].removesuffix("\nNew request:")  # the request to rewrite
+        if "rainbow" in topic:  # one request the server refuses: it must come back as a "failed" rewrite
             self.send_response(400)
             self.end_headers()
             return
-        topic = message.split("<request>\n")[1].split("\n</request>")[0]
         reply = {"choices": [{"message": {"role": "assistant",
                                           "content": f"New request: {topic[:-1]} and how it changes by night?"}}]}
         data = json.dumps(reply).encode()
@@ -468,7 +469,7 @@ def test_local_completer_with_a_tiny_model(tiny_llama_dir):
     complete = creator.local_completer(mdl, tok, max_new_tokens=6, temperature=1.0, seed=3)
     messages = [creator.render("deepen", "Explain how a rainbow forms."), creator.render("persona", "Describe a cat.")]
     first = complete(messages)
-    assert len(first) == 2 and all(isinstance(t, str) for t in first)
+    assert len(first) == 2 and all(len(c) == 1 and isinstance(c[0], str) for c in first)
     again = creator.local_completer(mdl, tok, max_new_tokens=6, temperature=1.0, seed=3)
     assert again(messages) == first, "same seed, same call number: same rewrites"
 
@@ -484,3 +485,98 @@ def test_cli_prints_the_lineage_of_a_run(tmp_path, capsys):
     assert lineage["evolved"] == 6 and lineage["per_iteration"] == {"1": 6}
     with pytest.raises(FileNotFoundError, match="no iter_"):
         report.main([str(tmp_path / "missing"), "--lineage"])
+
+
+# ------------------------------------------------------------------------------------------------ candidates
+
+def test_templates_show_worked_examples_and_end_at_the_label():
+    for name, method in creator.EVOLVE_METHODS.items():
+        text = creator.render(name, "Describe a busy train station.")
+        assert 1 <= len(method.examples) <= 2, name
+        for request, rewrite in method.examples:
+            assert f"Request: {request}\nNew request: {rewrite}\n\n" in text, name
+        assert text.endswith("\nRequest: Describe a busy train station.\nNew request:"), name
+        # the model's line ends at a stop string before it could start the next example
+        assert any(f"{rewrite}{stop}" in text for stop in creator.STOP for _, rewrite in method.examples)
+    # a rewrite that copies a worked example is rejected, however it is spaced or cased
+    request, rewrite = creator.EVOLVE_METHODS["persona"].examples[0]
+    examples = creator.EVOLVE_METHODS["persona"].examples[0]
+    assert cleaning.clean_rewrite("Write a poem about a lighthouse.", rewrite.upper(), examples=examples)[1] == "example"
+    assert cleaning.clean_rewrite("Write a poem about a lighthouse.", "Write a poem about a lighthouse keeper's "
+                                 "last night on duty.", examples=examples)[1] == "ok"
+
+
+def candidate_completer(per_message, log=None):
+    """A fake completer returning, for the i-th message of a call, per_message(i, message): a list of candidates."""
+    def complete(messages):
+        if log is not None:
+            log.append(len(messages))
+        return [per_message(i, m) for i, m in enumerate(messages)]
+    return complete
+
+
+def test_the_first_passing_candidate_is_kept():
+    parents = seed_records()
+    answer = "Sure! Here is a lovely poem about snow."
+    calls = []
+    topics = iter(["a night market", "a chess club", "a glacier", "a bakery at dawn", "a moon base", "a river ferry",
+                   "a snowed-in cabin", "a street musician", "a tiny robot"])
+
+    def per_message(i, message):
+        topic = next(topics)
+        return [None, answer, f"Describe {topic} with its lanterns at a winter fair.",
+                f"Why would anyone visit {topic} twice?"]
+
+    children, stats = creator.evolve(parents, candidate_completer(per_message, calls), depth=3, kinds="breadth",
+                                     seed=0, pool=parents)
+    assert len(children) == 9 and stats["fallback"] == 0 and stats["written"] == 9
+    assert all("with its lanterns" in c["task"] for c in children), "the third candidate is the first that passes"
+    assert stats["creator_calls"] == 9 and stats["candidates"] == 36
+    table = stats["creator_per_method"]
+    assert sum(row["links"] for row in table.values()) == 9
+    assert sum(row["candidates"] for row in table.values()) == 36
+    assert sum(row["accepted"] for row in table.values()) == 9
+    assert sum(row["passed"] for row in table.values()) == 18, "every candidate is checked, not only up to the first"
+    assert sum(row["rejected"].get("failed", 0) for row in table.values()) == 9 == stats["rejected"]["failed"]
+    assert sum(row["rejected"].get("answer", 0) for row in table.values()) == 9 == stats["rejected"]["answer"]
+    for name, row in table.items():
+        assert row["candidates"] == row["passed"] + sum(row["rejected"].values()), name
+        assert row["accepted"] == stats["per_method"][name], name
+    json.dumps(stats)
+
+
+def test_the_constraint_step_only_when_every_candidate_fails():
+    parents = seed_records()
+    topics = iter(["a night market", "a chess club", "a glacier", "a bakery at dawn", "a moon base", "a river ferry"])
+
+    # chain s1's candidates all fail (its task is the only one about a poem); the others' last candidate passes
+    def per_message(i, message):
+        if "poem" in message.rsplit("\nRequest: ", 1)[1]:
+            return ["Sure! Here is a poem.", "", "A poem."]
+        return ["Sure! Here is a poem.", "", f"Why do stars twinkle over {next(topics)} on a cold night?"]
+
+    children, stats = creator.evolve(parents, candidate_completer(per_message), depth=2, seed=3, pool=parents)
+    assert len(children) == 6
+    for c in children:
+        if c["method"] == "add_constraints" and c["fallback_from"]:
+            assert c["root"] == "s1" and c["fallback_from"] in creator.EVOLVE_METHODS
+    written = [c for c in children if c["method"] != "add_constraints"]
+    assert stats["written"] == len(written) and all("stars twinkle" in c["task"] for c in written)
+    assert stats["fallback"] == sum(1 for c in children if c["fallback_from"]) >= 1
+    assert stats["written"] + stats["constraints_added"] + stats["constraints_tightened"] == 6
+    table = stats["creator_per_method"]
+    assert sum(row["links"] - row["accepted"] for row in table.values()) == stats["fallback"]
+    assert stats["rejected"]["answer"] == stats["rejected"]["empty"] == stats["creator_calls"]
+    assert stats["rejected"]["too_short"] == stats["fallback"]
+
+
+def test_local_completer_samples_candidates_in_one_batch(tiny_llama_dir):
+    import model as modeling
+    mdl, tok = modeling.load_model(str(tiny_llama_dir))
+    messages = [creator.render("deepen", "Explain how a rainbow forms."), creator.render("persona", "Describe a cat.")]
+    complete = creator.local_completer(mdl, tok, max_new_tokens=6, temperature=1.0, seed=3, candidates=3)
+    out = complete(messages)
+    assert len(out) == 2 and all(len(c) == 3 and all(isinstance(t, str) for t in c) for c in out)
+    assert not any(s in t for c in out for t in c for s in creator.STOP), "candidates are cut at the stop strings"
+    with pytest.raises(ValueError, match="candidates"):
+        creator.local_completer(mdl, tok, candidates=0)

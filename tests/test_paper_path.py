@@ -9,7 +9,6 @@ The prompts are in UltraFeedback's shape (prompt_id + prompt, no instruction lis
 """
 import json
 import os
-import re
 import subprocess
 import sys
 import threading
@@ -46,7 +45,7 @@ class Creator(BaseHTTPRequestHandler):
     def do_POST(self):
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         shown = body["messages"][-1]["content"]
-        request = re.search(r"<request>\n(.*?)\n</request>", shown, re.S).group(1)
+        request = shown.rsplit("\nRequest: ", 1)[1].removesuffix("\nNew request:")  # the request to rewrite
         self.server.calls += 1
         text = f"{request} Answer for a reader who is twelve years old, with example number {self.server.calls}."
         reply = json.dumps({"choices": [{"message": {"role": "assistant", "content": text}}]}).encode()
