@@ -24,8 +24,10 @@ from pathlib import Path
 
 import torch
 
-# peft 0.21 reads transformers 5's deprecated `is_gradient_checkpointing` on every wrap: noise, nothing to act on
-warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+# transformers 5 deprecates the gradient-checkpointing names that peft 0.21 (and eva, for the same versions) call:
+# noise, nothing to act on
+warnings.filterwarnings("ignore", message=".*(is_gradient_checkpointing|gradient_checkpointing_enable).*",
+                        category=FutureWarning)
 
 # bitsandbytes (imported by peft) warns at import that an optional CPU kernel package is missing; it is not needed.
 logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
@@ -320,6 +322,14 @@ def packed_attention(model):
     finally:
         for c, attention in saved:
             c._attn_implementation = attention
+
+
+@contextlib.contextmanager
+def packed_training(model):
+    """packed_attention and onednn_linears together, entered around the forward AND the backward: checkpointed
+    layers run their forward again during backward, and it must be the same forward."""
+    with packed_attention(model), onednn_linears(model):
+        yield
 
 
 class _OneDNNLinear(torch.autograd.Function):

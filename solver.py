@@ -71,10 +71,10 @@ def collate(encoded: list[dict], device) -> dict:
 
 def forward_logps(policy, batch: dict, cfg: Config) -> tuple[losses.SeqLogps, losses.SeqLogps]:
     """Per-sequence log-probs of the chosen and rejected halves of a collated batch: one forward of the packed row,
-    each sequence attending only to itself, the LM head applied only where a response token is predicted."""
-    with model.packed_attention(policy), model.onednn_linears(policy):
-        logits = policy(input_ids=batch["input_ids"], position_ids=batch["position_ids"], logits_to_keep=batch["keep"],
-                        eva_segments=batch["segments"], use_cache=False).logits[0]  # [K, V]
+    each sequence attending only to itself, the LM head applied only where a response token is predicted. Call it
+    inside model.packed_training(policy), which also covers the backward."""
+    logits = policy(input_ids=batch["input_ids"], position_ids=batch["position_ids"], logits_to_keep=batch["keep"],
+                    eva_segments=batch["segments"], use_cache=False).logits[0]  # [K, V]
     token_logps = losses.target_logps(logits, batch["target"], cfg.vocab_chunk or None)  # [K]
     logps = losses.packed_sequence_logps(token_logps, batch["row"], batch["rows"])
     half = batch["rows"] // 2
@@ -89,11 +89,12 @@ def reference_logps(solver, encoded: list[dict], cfg: Config, device) -> torch.T
 
     def work(indices: list[int]) -> list[list[float]]:
         out = []
-        for s in range(0, len(indices), cfg.micro_batch_size):
-            batch = collate([encoded[i] for i in indices[s:s + cfg.micro_batch_size]], device)
-            chosen, rejected = forward_logps(solver, batch, cfg)
-            out += torch.stack([chosen.sum, chosen.count, chosen.avg, rejected.sum, rejected.count, rejected.avg],
-                               1).tolist()
+        with model.packed_training(solver):
+            for s in range(0, len(indices), cfg.micro_batch_size):
+                batch = collate([encoded[i] for i in indices[s:s + cfg.micro_batch_size]], device)
+                chosen, rejected = forward_logps(solver, batch, cfg)
+                out += torch.stack([chosen.sum, chosen.count, chosen.avg, rejected.sum, rejected.count,
+                                    rejected.avg], 1).tolist()
         return out
 
     return torch.tensor(parallel.sharded(work, list(range(len(encoded))), desc="reference"), dtype=torch.float32)
@@ -141,41 +142,42 @@ def train(solver, masters, tokenizer, pairs: list[dict], cfg: Config, run: rundi
     stats = []
     bar = parallel.progress(range(start_step, total_steps), desc=f"iter {t} train", initial=start_step,
                             total=total_steps)
-    for step in bar:
-        local_ids = batch_ids(step, len(pairs), cfg, t)
-        step_loss, step_chosen, step_rejected = [], [], []
-        for s in range(0, per_rank, cfg.micro_batch_size):
-            ids = local_ids[s:s + cfg.micro_batch_size]
-            batch = collate([encoded[i] for i in ids], device)
-            # DDP all-reduces on the last micro batch only (its flag is read in forward); FSDP reduce-scatters
-            # every one, since unsharded gradients would cost the memory it saves. bf16 autocast on a GPU.
-            no_sync = policy.no_sync() if ddp and s + cfg.micro_batch_size < per_rank else nullcontext()
-            with no_sync, torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                chosen, rejected = forward_logps(policy, batch, cfg)
-            ref_chosen, ref_rejected = reference_of(ref, ids, device)
-            loss, chosen_reward, rejected_reward = losses.preference_loss(
-                cfg.loss, chosen, rejected, ref_chosen, ref_rejected,
-                p_chosen=p_chosen[ids].to(device), p_rejected=p_rejected[ids].to(device),
-                beta=None if cfg.beta < 0 else cfg.beta, gamma_beta_ratio=cfg.gamma_beta_ratio, lam=cfg.orpo_lambda)
-            if nonfinite_point(t, step + 1):  # test hook
-                loss = loss * math.nan
-            stop_if_nonfinite(loss, f"the {cfg.loss} loss", ids, pairs, folder, t, step + 1)
-            # sum over the global batch / batch size; DDP averages over ranks, hence the * world
-            (loss.sum() * world / cfg.batch_size).backward()
-            step_loss += loss.detach().tolist()
-            step_chosen += chosen_reward.tolist()
-            step_rejected += rejected_reward.tolist()
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-        stop_if_nonfinite(grad_norm, "the gradient norm", local_ids, pairs, folder, t, step + 1)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        record = step_record(t, step + 1, step_loss, step_chosen, step_rejected, grad_norm, scheduler)
-        stats.append(record)
-        run.log(record)
-        bar.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record['accuracy']:.2f}")
-        if (step + 1) % cfg.save_every == 0 and step + 1 < total_steps and not uses_fsdp(cfg):
-            save_checkpoint(folder, trained, optimizer, scheduler, t, step + 1)
+    with model.packed_training(policy):  # the packed forward, for forward and (checkpointed) backward alike
+        for step in bar:
+            local_ids = batch_ids(step, len(pairs), cfg, t)
+            step_loss, step_chosen, step_rejected = [], [], []
+            for s in range(0, per_rank, cfg.micro_batch_size):
+                ids = local_ids[s:s + cfg.micro_batch_size]
+                batch = collate([encoded[i] for i in ids], device)
+                # DDP all-reduces on the last micro batch only (its flag is read in forward); FSDP reduce-scatters
+                # every one, since unsharded gradients would cost the memory it saves. bf16 autocast on a GPU.
+                no_sync = policy.no_sync() if ddp and s + cfg.micro_batch_size < per_rank else nullcontext()
+                with no_sync, torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                    chosen, rejected = forward_logps(policy, batch, cfg)
+                ref_chosen, ref_rejected = reference_of(ref, ids, device)
+                loss, chosen_reward, rejected_reward = losses.preference_loss(
+                    cfg.loss, chosen, rejected, ref_chosen, ref_rejected,
+                    p_chosen=p_chosen[ids].to(device), p_rejected=p_rejected[ids].to(device),
+                    beta=None if cfg.beta < 0 else cfg.beta, gamma_beta_ratio=cfg.gamma_beta_ratio, lam=cfg.orpo_lambda)
+                if nonfinite_point(t, step + 1):  # test hook
+                    loss = loss * math.nan
+                stop_if_nonfinite(loss, f"the {cfg.loss} loss", ids, pairs, folder, t, step + 1)
+                # sum over the global batch / batch size; DDP averages over ranks, hence the * world
+                (loss.sum() * world / cfg.batch_size).backward()
+                step_loss += loss.detach().tolist()
+                step_chosen += chosen_reward.tolist()
+                step_rejected += rejected_reward.tolist()
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            stop_if_nonfinite(grad_norm, "the gradient norm", local_ids, pairs, folder, t, step + 1)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            record = step_record(t, step + 1, step_loss, step_chosen, step_rejected, grad_norm, scheduler)
+            stats.append(record)
+            run.log(record)
+            bar.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record['accuracy']:.2f}")
+            if (step + 1) % cfg.save_every == 0 and step + 1 < total_steps and not uses_fsdp(cfg):
+                save_checkpoint(folder, trained, optimizer, scheduler, t, step + 1)
     del policy, params, optimizer, scheduler
     gc.collect()  # FSDP's hooks form reference cycles: free the optimizer state now
     trained.eval()

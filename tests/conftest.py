@@ -20,6 +20,7 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 def pytest_configure(config):
     # pytest resets warning filters per test, so model.py's own filter for this peft/transformers noise needs a twin
     config.addinivalue_line("filterwarnings", "ignore:.*is_gradient_checkpointing.*:FutureWarning")
+    config.addinivalue_line("filterwarnings", "ignore:.*gradient_checkpointing_enable.*:FutureWarning")
     # importing bitsandbytes (through peft) imports torch's inductor, which trips torch's own deprecated jit decorator
     config.addinivalue_line("filterwarnings", "ignore:.*torch.jit.script_method.*:DeprecationWarning")
 

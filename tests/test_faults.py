@@ -382,7 +382,7 @@ def server():
 def test_creator_endpoint_timeout_fails_the_phase_and_keeps_finished_work(tmp_path, tiny_llama_dir, server):
     server["mode"] = "slow"  # every call outlives --endpoint_timeout
     args = eva_args(tmp_path, tiny_llama_dir, "--eva_iterations", "1", "--creator", f"endpoint:{server['url']}#m",
-                    "--endpoint_timeout", "0.5", "--endpoint_retries", "1")
+                    "--endpoint_timeout", "0.5", "--endpoint_retries", "1", "--creator_candidates", "1")
     line = one_error_line(run_cli(*args))
     assert "creator endpoint" in line and server["url"] in line and "failed" in line, line
     asked = server["posts"]

@@ -196,8 +196,9 @@ def straightforward_logps(policy, encoded: list[dict], half: str):
     return torch.stack(out)
 
 
-@pytest.mark.parametrize("family, lora", [("llama", True), ("llama", False), ("gemma2", False)])
-def test_forward_logps_and_gradients_equal_the_straightforward_ones(tmp_path, family, lora):
+@pytest.mark.parametrize("family, lora, checkpointing", [("llama", True, False), ("llama", False, False),
+                                                         ("gemma2", False, False), ("gemma2", False, True)])
+def test_forward_logps_and_gradients_equal_the_straightforward_ones(tmp_path, family, lora, checkpointing):
     """Packed rows, per-sequence attention, LM head on response positions only, oneDNN linears and chunked
     log-softmax give the log-probs and gradients of one plain forward per sequence, to fp32 rounding; the DPO loss
     against a reference taken the same way is ln 2. gemma2 soft-caps attention scores and uses sliding windows
@@ -217,6 +218,8 @@ def test_forward_logps_and_gradients_equal_the_straightforward_ones(tmp_path, fa
         for name, p in solver.named_parameters():
             if "lora_B" in name:  # B = 0 would leave the adapter's A gradients zero
                 p.data.normal_(0, 0.1)
+    if checkpointing:  # the paper preset's setting: layers recompute their forward in backward
+        solver.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     solver.train()
     cfg = train_eva.Config(vocab_chunk=1000)
     gen = torch.Generator().manual_seed(0)
@@ -233,7 +236,8 @@ def test_forward_logps_and_gradients_equal_the_straightforward_ones(tmp_path, fa
         return chosen.detach(), rejected.detach(), out
 
     batch = solver_lib.collate(encoded, "cpu")
-    c1, r1, g1 = grads(lambda: tuple(s.sum for s in solver_lib.forward_logps(solver, batch, cfg)))
+    with model.packed_training(solver):  # checkpointed layers rerun the packed forward during backward
+        c1, r1, g1 = grads(lambda: tuple(s.sum for s in solver_lib.forward_logps(solver, batch, cfg)))
     c2, r2, g2 = grads(lambda: (straightforward_logps(solver, encoded, "chosen"),
                                 straightforward_logps(solver, encoded, "rejected")))
     torch.testing.assert_close(c1, c2, rtol=1e-5, atol=1e-4)
@@ -241,9 +245,10 @@ def test_forward_logps_and_gradients_equal_the_straightforward_ones(tmp_path, fa
     assert sum(g.abs().sum() for g in g2) > 0
     for a, b in zip(g1, g2):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
-    with torch.no_grad():
-        ref = solver_lib.forward_logps(solver, batch, cfg)
-    chosen, rejected = solver_lib.forward_logps(solver, batch, cfg)
+    with model.packed_training(solver):
+        with torch.no_grad():
+            ref = solver_lib.forward_logps(solver, batch, cfg)
+        chosen, rejected = solver_lib.forward_logps(solver, batch, cfg)
     assert chosen.count.tolist() == [9, 4, 6] and rejected.count.tolist() == [3, 15, 6]
     loss, _, _ = losses.preference_loss("dpo", chosen, rejected, *ref, beta=0.1)
     torch.testing.assert_close(loss, torch.full((3,), math.log(2)))
