@@ -25,6 +25,8 @@ import torch
 from transformers import AttentionInterface
 from transformers.cache_utils import Cache, CacheLayerMixin
 
+import onednn
+
 
 @dataclass
 class SampleOutput:
@@ -293,76 +295,6 @@ def _rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch
     return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * signed_sin
 
 
-def _linear_weight(module) -> tuple[torch.Tensor, torch.Tensor | None] | None:
-    """(weight, bias) that module(x) applies, for a plain fp32 CPU nn.Linear or a peft LoRA layer over one (whose
-    weight is W + the active adapters' B A * scaling, computed now); None for anything else (4-bit, DoRA, GPU...)."""
-    base = getattr(module, "base_layer", None)
-    linear = base if base is not None and hasattr(module, "lora_A") else module
-    weight = linear.weight if type(linear) is torch.nn.Linear else None
-    if weight is None or weight.device.type != "cpu" or weight.dtype != torch.float32:
-        return None
-    if linear is module:
-        return module.weight, module.bias
-    if module.merged:
-        return None
-    if not module.disable_adapters:
-        for name in module.active_adapters:
-            if name in module.lora_A:
-                if name in getattr(module, "lora_variant", {}):  # DoRA and other variants: not a plain sum
-                    return None
-                weight = weight + module.get_delta_weight(name)
-    return weight, linear.bias
-
-
-# oneDNN's reordered-weight linear, on the x86 CPUs it was measured on (elsewhere the modules run as they are)
-ONEDNN_LINEARS = (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-                  and torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"))
-
-
-@torch.no_grad()
-def _pack_linears(model) -> dict:
-    """{module: x -> module(x)} for the linear layers of a model on a CPU, with weights reordered once per sample()
-    call for oneDNN's fp32 GEMM (torch.ops.mkldnn; on x86 CPUs with AVX2 or AVX-512, see ONEDNN_LINEARS), which
-    runs them faster than torch's linear (bench/bench_generate.py prints both). fp32 throughout: products differ from the module's by float rounding only (summation order), and a row's
-    product does not depend on how many rows come with it (weights reordered for 128 rows; tests/test_generate.py
-    checks both). Costs one more copy of the weights while sampling. Modules left out (GPU, 4-bit, bf16, DoRA) are
-    called as they are."""
-    if not ONEDNN_LINEARS:
-        return {}
-    packed, inside_lora = {}, set()
-    for module in model.modules():  # parents come before their children
-        if module in inside_lora:  # a LoRA layer's own base and A/B layers are never called on their own here
-            continue
-        if hasattr(module, "lora_A"):
-            inside_lora.update(set(module.modules()) - {module})
-        found = _linear_weight(module)
-        if found is None:
-            continue
-        weight, bias = found
-        reordered = torch.ops.mkldnn._reorder_linear_weight(weight, 128)
-        packed[module] = (lambda w, b: lambda x: torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], ""))(
-            reordered, bias)
-    return packed
-
-
-@contextlib.contextmanager
-def _packed_linears(model):
-    """Inside, the linear layers that _pack_linears covers run through its kernels (their forward is swapped, then
-    restored): in the model's own forward (prefill; decoding of other families) and in _decode_step alike."""
-    packed = _pack_linears(model)
-    saved = {module: module.__dict__.get("forward") for module in packed}  # an instance forward (accelerate hooks)
-    for module, fn in packed.items():
-        module.forward = fn
-    try:
-        yield
-    finally:
-        for module, forward in saved.items():
-            if forward is None:
-                del module.forward
-            else:
-                module.forward = forward
-
-
 def _attention_options(config, attn, index: int, masks) -> tuple:
     """(mask, scaling, softcap, window) that _attend takes for layer `index` with attention module attn: the mask of
     its layer type where models mix full and sliding-window layers, its window where windows vary by layer."""
@@ -376,7 +308,7 @@ def _decode_step(model, tokens: torch.Tensor, positions: torch.Tensor, masks, ca
 
     The decoder of the families in DECODE_FAMILIES written out: the model's own modules (embedding, norms, rotary
     tables, projections, head; LoRA adapters and 4-bit layers work unchanged; on a CPU the linear layers run as
-    _packed_linears swapped them) without the per-layer glue of its forward (mask construction, cache
+    onednn.packed_linears swapped them) without the per-layer glue of its forward (mask construction, cache
     bookkeeping, attention dispatch), which at decode batch sizes costs a good part of a step on a CPU. Other
     families decode through the model's forward (_forward)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -658,7 +590,7 @@ def sample(model, tokenizer, prompts: list[str], n: int = 1, *, max_new_tokens: 
     model.eval()  # no dropout while sampling, even when called between training steps
     try:
         # inductor cannot lower the oneDNN linear op: a compiled step calls the modules, as compiled
-        with contextlib.nullcontext() if compile else _packed_linears(model):
+        with contextlib.nullcontext() if compile else onednn.packed_linears(model):
             for batch in batches:
                 rows = _sample_batch(model, tokenizer, step, [ids[i] for i in batch],
                                      [_row_key(seeds[i], j) for i in batch for j in range(n)], n, settings)

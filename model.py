@@ -24,6 +24,8 @@ from pathlib import Path
 
 import torch
 
+import onednn
+
 # transformers 5 deprecates the gradient-checkpointing names that peft 0.21 (and eva, for the same versions) call:
 # noise, nothing to act on
 warnings.filterwarnings("ignore", message=".*(is_gradient_checkpointing|gradient_checkpointing_enable).*",
@@ -326,56 +328,10 @@ def packed_attention(model):
 
 @contextlib.contextmanager
 def packed_training(model):
-    """packed_attention and onednn_linears together, entered around the forward AND the backward: checkpointed
+    """packed_attention and onednn.trained_linears together, entered around the forward AND the backward: checkpointed
     layers run their forward again during backward, and it must be the same forward."""
-    with packed_attention(model), onednn_linears(model):
+    with packed_attention(model), onednn.trained_linears(model):
         yield
-
-
-class _OneDNNLinear(torch.autograd.Function):
-    """y = x W^T + b with forward and backward through oneDNN's fp32 GEMM (torch.ops.mkldnn._linear_pointwise):
-    dx = dy W, dW = dy^T x, db = sum dy. x [..., in], W [out, in] -> y [..., out]."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias):
-        ctx.save_for_backward(x, weight)
-        ctx.has_bias = bias is not None
-        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
-
-    @staticmethod
-    def backward(ctx, grad):
-        x, weight = ctx.saved_tensors
-        dx = dw = db = None
-        if ctx.needs_input_grad[0]:
-            dx = torch.ops.mkldnn._linear_pointwise(grad, weight.t(), None, "none", [], "")  # [..., in]
-        flat = grad.reshape(-1, grad.shape[-1])  # [M, out]
-        if ctx.needs_input_grad[1]:
-            dw = torch.ops.mkldnn._linear_pointwise(flat.t().contiguous(), x.reshape(-1, x.shape[-1]).t(), None,
-                                                    "none", [], "")  # [out, in]
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            db = flat.sum(0)
-        return dx, dw, db
-
-
-@contextlib.contextmanager
-def onednn_linears(model):
-    """Inside, the model's fp32 CPU torch.nn.Linear layers (not their subclasses, e.g. 4-bit ones) train through
-    _OneDNNLinear, on the x86 CPUs where generate.py's sampler uses oneDNN too (generate.ONEDNN_LINEARS). Products
-    differ from torch's linear by float rounding only. Elsewhere the layers run as they are."""
-    from generate import ONEDNN_LINEARS
-    layers = [m for m in model.modules() if type(m) is torch.nn.Linear and m.weight.device.type == "cpu"
-              and m.weight.dtype == torch.float32] if ONEDNN_LINEARS else []
-    saved = {m: m.__dict__.get("forward") for m in layers}  # an instance forward (accelerate hooks) comes back
-    for m in layers:
-        m.forward = (lambda m: lambda x: _OneDNNLinear.apply(x, m.weight, m.bias))(m)
-    try:
-        yield
-    finally:
-        for m, forward in saved.items():
-            if forward is None:
-                del m.forward
-            else:
-                m.forward = forward
 
 
 if __name__ == "__main__":

@@ -50,9 +50,9 @@ def matmul_rates(device: torch.device) -> dict[str, float]:
     does rather than the best of the library we happen to call."""
     size, dtype = (2048, torch.float32) if device.type == "cpu" else (4096, torch.bfloat16)
     a, b = torch.randn(size, size, device=device, dtype=dtype), torch.randn(size, size, device=device, dtype=dtype)
-    from generate import ONEDNN_LINEARS
+    import onednn
     kernels = {"torch.mm": lambda: a @ b}
-    if device.type == "cpu" and ONEDNN_LINEARS:
+    if device.type == "cpu" and onednn.AVAILABLE:
         reordered = torch.ops.mkldnn._reorder_linear_weight(b, size)
         kernels["oneDNN"] = lambda: torch.ops.mkldnn._linear_pointwise(a, reordered, None, "none", [], "")  # a @ b.T
     return {name: 2 * size**3 / best_seconds(kernel, device, 6) for name, kernel in kernels.items()}
@@ -73,7 +73,7 @@ def linear_rate(model, rows: int, as_generate: bool = True) -> float:
     """Tokens/s if a decode step of `rows` rows cost only its linear layers and LM head, best of 6. as_generate: run
     as generate.py runs them (oneDNN on an x86 CPU), the ceiling of any sampler built on these matmuls; otherwise
     as the modules run them (torch's linear, what `generate` uses)."""
-    from generate import _packed_linears
+    import onednn
     layers = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
     inputs = [torch.randn(rows, m.in_features, device=model.device, dtype=model.dtype) for m in layers]
 
@@ -81,7 +81,7 @@ def linear_rate(model, rows: int, as_generate: bool = True) -> float:
         for m, x in zip(layers, inputs):
             m(x)
 
-    with torch.inference_mode(), _packed_linears(model) if as_generate else contextlib.nullcontext():
+    with torch.inference_mode(), onednn.packed_linears(model) if as_generate else contextlib.nullcontext():
         return rows / best_seconds(step, model.device, 6)
 
 

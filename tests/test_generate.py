@@ -10,6 +10,7 @@ import torch
 
 import generate
 import model
+import onednn
 from generate import _sample_from_logits, _uniforms, sample
 
 PROMPTS = ["Hi", "Tell me a long story about a dragon and a knight who become friends.", "2+2?"]
@@ -296,11 +297,11 @@ def test_other_families_decode_through_the_model_forward(tok, monkeypatch):
     assert [r[0] for r in out.token_ids] == ref and [r[1] for r in out.token_ids] == ref
 
 
-@pytest.mark.skipif(not generate.ONEDNN_LINEARS, reason="oneDNN linear layers are used on x86 CPUs only")
+@pytest.mark.skipif(not onednn.AVAILABLE, reason="oneDNN linear layers are used on x86 CPUs only")
 def test_packed_linears_equal_the_modules(tiny_llama_dir):
     """Weights reordered once (for 128 rows) give the modules' products up to float rounding for any row count, a
     row's product does not depend on the rows beside it, LoRA adapters are included (merged into the weight) and
-    disable_adapter() is followed; inside _packed_linears the modules call them, and afterwards their own forward."""
+    disable_adapter() is followed; inside packed_linears the modules call them, and afterwards their own forward."""
     m, _ = model.load_model(str(tiny_llama_dir))
     m = model.add_lora(m, r=4)
     with torch.no_grad():
@@ -311,7 +312,7 @@ def test_packed_linears_equal_the_modules(tiny_llama_dir):
     q_proj = m.get_base_model().model.layers[0].self_attn.q_proj  # a LoRA layer
     for context in (torch.no_grad, m.disable_adapter):
         with context():
-            packed = generate._pack_linears(m)
+            packed = onednn.pack_linears(m)
             assert q_proj in packed and m.get_base_model().lm_head in packed
             assert q_proj.base_layer not in packed and q_proj.lora_A["default"] not in packed
             for module, fn in packed.items():
@@ -321,10 +322,10 @@ def test_packed_linears_equal_the_modules(tiny_llama_dir):
                 for rows in (1, 5, 128):
                     assert torch.equal(fn(x[:rows]), together[:rows]), f"{rows} rows differ from the same rows in 300"
     x = torch.randn(3, q_proj.in_features)
-    with torch.no_grad(), generate._packed_linears(m):
+    with torch.no_grad(), onednn.packed_linears(m):
         assert "forward" in vars(q_proj)
         inside = q_proj(x)
-    assert "forward" not in vars(q_proj), "_packed_linears left its forward on the module"
+    assert "forward" not in vars(q_proj), "packed_linears left its forward on the module"
     with torch.no_grad():
         torch.testing.assert_close(inside, q_proj(x), atol=1e-5, rtol=1e-5)
 
