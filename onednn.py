@@ -42,12 +42,10 @@ def linear_weight(module) -> tuple[torch.Tensor, torch.Tensor | None] | None:
 
 @torch.no_grad()
 def pack_linears(model) -> dict:
-    """{module: x -> module(x)} for the linear layers of a model on a CPU, with weights reordered once per sample()
-    call for oneDNN's fp32 GEMM (on x86 CPUs with AVX2 or AVX-512, see AVAILABLE), which
-    runs them faster than torch's linear (bench/bench_generate.py prints both). fp32 throughout: products differ from the module's by float rounding only (summation order), and a row's
-    product does not depend on how many rows come with it (weights reordered for 128 rows; tests/test_generate.py
-    checks both). Costs one more copy of the weights while sampling. Modules left out (GPU, 4-bit, bf16, DoRA) are
-    called as they are."""
+    """{module: x -> module(x)} for the linear layers of a model on a CPU, with weights reordered once (per sample()
+    call) for oneDNN's fp32 GEMM. A row's product does not depend on how many rows come with it (weights reordered
+    for 128 rows; tests/test_generate.py checks it). Costs one more copy of the weights while sampling. Modules left
+    out (GPU, 4-bit, bf16, DoRA) are called as they are."""
     if not AVAILABLE:
         return {}
     packed, inside_lora = {}, set()
