@@ -293,8 +293,8 @@ def evolve(parents: list[dict], complete: Callable[[list[str]], list[str | None]
     the chain goes on from its last kept prompt. max_ratio: the longest rewrite, relative to the parent's task.
 
     stats (JSON-ready): parents, kept, creator_calls (messages), candidates (texts returned), written (children
-    written by the creator), rejected (failed candidates per cleaning.REJECT_REASONS), fallback, unsplittable (links whose
-    prompt had no separable task: constraint steps only), per_method and per_kind (kept children),
+    written by the creator), rejected (failed candidates per cleaning.REJECT_REASONS), fallback, unsplittable
+    (links whose prompt had no separable task: constraint steps only), per_method and per_kind (kept children),
     constraints_added / constraints_tightened (in-code steps), rule_sentences_dropped (from kept rewrites), and
     creator_per_method: per method sent to the creator, links, candidates, passed (candidates that passed),
     accepted (links it wrote) and rejected (per reason).
@@ -410,7 +410,8 @@ def _written_child(node: dict, task: str, raw: str | None, ids: list[str], kwarg
     """(child, "ok", whether rule sentences were cut from it) for a creator candidate that passes cleaning and
     de-duplication, else (None, the reason, False). The child's iteration, step and root are set by evolve."""
     examples = tuple(text for pair in EVOLVE_METHODS[method].examples for text in pair)
-    text, reason = cleaning.clean_rewrite(task, raw, max_ratio=max_ratio, examples=examples, near_duplicate=near_duplicate)
+    text, reason = cleaning.clean_rewrite(task, raw, max_ratio=max_ratio, examples=examples,
+                                          near_duplicate=near_duplicate)
     if text is None:
         return None, reason, False
     cut = False

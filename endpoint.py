@@ -1,7 +1,7 @@
 """The one OpenAI-compatible chat-completions client of eva (standard library only): the reward judge, the
-creator's endpoint back-end and the evaluation judges all call it. Any server speaking `POST <base_url>/chat/completions`
-works (vllm serve, LiteLLM, SGLang, llama.cpp's server, a hosted API); the key comes from $OPENAI_API_KEY (or the
-variable named) as a bearer token, none for a local server.
+creator's endpoint back-end and the evaluation judges all call it. Any server speaking
+`POST <base_url>/chat/completions` works (vllm serve, LiteLLM, SGLang, llama.cpp's server, a hosted API); the key
+comes from $OPENAI_API_KEY (or the variable named) as a bearer token, none for a local server.
 
     text = endpoint.chat("http://localhost:8000/v1", "Qwen/Qwen2.5-7B-Instruct", [{"role": "user", "content": "Hi"}])
     texts = endpoint.chat_many(url, model, [messages_1, messages_2], concurrency=16)  # None where a call failed

@@ -67,7 +67,8 @@ def _cache_is_valid(folder: Path) -> bool:
         return False
     try:
         files = json.loads(manifest.read_text())["files"]
-        return all((folder / name).is_file() and (folder / name).stat().st_size == size and _sha256(folder / name) == sha
+        return all((folder / name).is_file() and (folder / name).stat().st_size == size
+                   and _sha256(folder / name) == sha
                    for name, (size, sha) in files.items())
     except (OSError, ValueError, KeyError, TypeError):
         return False

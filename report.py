@@ -175,7 +175,8 @@ def write_online_report(run: Path, windows: int = 8) -> str:
     rounds = sorted({m["step"]: m for m in records if m.get("phase") == "evolve"}.values(), key=lambda m: m["step"])
     start = json.loads((run / "eval_start.json").read_text()) if (run / "eval_start.json").exists() else None
     end = json.loads((run / "eval_end.json").read_text()) if (run / "eval_end.json").exists() else None
-    lines = ["| steps | mean reward | info (max - mean) | KL | evolved prompts drawn | pool |", "|---|---|---|---|---|---|"]
+    lines = ["| steps | mean reward | info (max - mean) | KL | evolved prompts drawn | pool |",
+             "|---|---|---|---|---|---|"]
     for part in np.array_split(np.arange(len(steps)), min(windows, len(steps))) if steps else []:
         ms = [steps[i] for i in part]
         kls = [m["kl"] for m in ms if m.get("kl") is not None]

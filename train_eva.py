@@ -54,7 +54,7 @@ class Config:
     creator: str = "self"  # "self" (the solver rewrites prompts), a model id/folder, or endpoint:<url>#<model>
     reward: str = "rules"  # rules | hf:<id-or-folder> | judge:<base-url> (see reward.py)
     seed_prompts: str = "data/seed_prompts.jsonl"  # the starting pool (IFEval-style JSON Lines)
-    heldout_prompts: str = "data/heldout_prompts.jsonl"  # evaluated at the start and the end, never trained on ("" = skip)
+    heldout_prompts: str = "data/heldout_prompts.jsonl"  # evaluated at the start and end, never trained on ("" = skip)
     max_seed_prompts: int = 0  # use only the first K seed prompts (0 = all)
     max_heldout_prompts: int = 0  # evaluate only the first K held-out prompts (0 = all)
     # --- the loop
