@@ -290,11 +290,7 @@ def response_token_logps(logits: Tensor, input_ids: Tensor, response_mask: Tenso
     if mask[:, 0].any():
         raise ValueError("response_token_logps: response_mask[:, 0] is set, but no logit predicts the first token")
     targets = torch.where(mask[:, 1:], input_ids[:, 1:], 0)  # [B, T-1]
-    if vocab_chunk is None:
-        logps = logits[:, :-1].to(torch.promote_types(logits.dtype, torch.float32)).log_softmax(-1)
-        logps = logps.gather(-1, targets[..., None]).squeeze(-1)  # [B, T-1]
-    else:
-        logps = _ChunkedTokenLogps.apply(logits[:, :-1], targets, vocab_chunk)  # [B, T-1]
+    logps = target_logps(logits[:, :-1], targets, vocab_chunk)  # [B, T-1]
     logps = torch.where(mask[:, 1:], logps, 0.0)
     return F.pad(logps, (1, 0))  # [B, T]: nothing predicts position 0
 
