@@ -1,23 +1,25 @@
-"""The paper's claim in miniature: from the same iteration-0 solver, does one eva iteration beat one ordinary one?
+"""The paper's claim in miniature: from one shared iteration-0 solver, do eva iterations beat ordinary ones?
 
-    python bench/eva_vs_baseline.py --out runs/compare                       # 3 seeds, DPO, both arms
-    python bench/eva_vs_baseline.py --out runs/compare --losses dpo simpo orpo sppo \
-        --ifeval ../shared/data/ifeval_input_data.jsonl                      # + the loss table, + official IFEval
-    python bench/eva_vs_baseline.py --out /tmp/c --seeds 0 --train_args --preset smoke --model <tiny folder>
+    python bench/eva_vs_baseline.py --out runs/compare --ifeval ../shared/data/ifeval_input_data.jsonl
+    python bench/eva_vs_baseline.py --out /tmp/c --seeds 0 --iterations 1 --train_args --preset smoke --model <tiny>
 
-For each seed (and each extra loss, seed 0 only): train_eva.py runs iteration 0 once; its run folder is copied
-twice and each copy is resumed for one more iteration:
-  baseline  --no-evolve: the pool is re-sampled with the iteration-0 solver, pairs from the seed prompts
+train_eva.py runs iteration 0 once (seed 0). For each seed its folder is copied twice and each copy is resumed for
+--iterations more iterations, one at a time:
+  baseline  --no-evolve: the pool is re-sampled with the current solver, pairs from the seed prompts
   eva       estimate, select, evolve, then pairs from 80% evolved / 20% original prompts
-Both arms train on the same number of pairs (--pairs) for the same number of steps with the same settings.
-Each arm's final solver answers the held-out prompts greedily (train_eva's eval_end.json); the table reports
-held-out accuracy (instruction- and prompt-level), the win rate against the iteration-0 solver's answers under the
-rules reward (ties 1/2, bootstrap 95% interval), and, with --ifeval, accuracy on that file. Every step is a
-resumable train_eva run, so rerunning the command continues where it stopped. Writes <out>/results.json,
-<out>/results.md and <out>/results.png.
+Both arms train on the same number of pairs (--pairs) for the same number of steps with the same settings; only
+--seed differs between seeds. After every iteration the solver answers the held-out prompts greedily (train_eva's
+eval_end.json, kept as eval_iter<k>.json); the table reports held-out accuracy and the win rate against the
+iteration-0 solver's answers under the rules reward (ties 1/2). With --ifeval, iteration 0 and each arm's last
+iteration also answer that IFEval-format file (every prompt the rules can score, greedy). Per iteration the
+per-seed eva-minus-baseline difference gets a 95% t interval. --workers runs that many jobs side by side, each with
+its share of the cores. Every job is a resumable run, so rerunning the command continues where it stopped. Writes
+<out>/results.json, <out>/results.md and <out>/results.png.
 """
 import argparse
+import concurrent.futures
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -33,125 +35,181 @@ import files  # noqa: E402
 import reward  # noqa: E402
 from eval.winrate import win_rate  # noqa: E402
 
-
-def train_eva(args: list[str]) -> None:
-    command = [sys.executable, str(ROOT / "train_eva.py"), *args]
-    print("+", " ".join(command), flush=True)
-    subprocess.run(command, check=True, cwd=ROOT)
+ARMS = ("baseline", "eva")
+# Student's t quantile t_{0.975, df} for df = 1..10 (beyond: the normal 1.96 is within 10%).
+T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
 
 
-def run_arms(out: Path, seed: int, loss: str, opts) -> dict:
-    """Iteration 0 once, then both arms from copies of it; returns the folders."""
-    tag = f"{loss}_seed{seed}"
-    common = ["--seed", str(seed), "--loss", loss, "--pairs_per_iteration", str(opts.pairs), *opts.train_args]
-    base = out / tag / "iter0"
-    if not (base / "eval_end.json").exists():  # a finished run is not reopened (rerunning only re-tabulates)
-        train_eva(["--run_dir", str(base), "--eva_iterations", "0", *common])
-    folders = {"iter0": base}
-    for arm in ("baseline", "eva"):
-        folder = out / tag / arm
-        if not folder.exists():
-            tmp = folder.with_name(arm + ".copying")
-            shutil.rmtree(tmp, ignore_errors=True)
-            shutil.copytree(base, tmp)
-            for name in ("eval_end.json", "report.md", "report.png"):
-                (tmp / name).unlink(missing_ok=True)
-            tmp.rename(folder)
-        evolve_flag = "--evolve" if arm == "eva" else "--no-evolve"
-        if not (folder / "eval_end.json").exists():
-            train_eva(["--run_dir", str(folder), "--eva_iterations", "1", evolve_flag, "--allow_config_change",
-                       *common])
-        folders[arm] = folder
-    return folders
+def run_logged(command: list[str], log: Path, threads: int) -> None:
+    """One job as a subprocess, its output appended to log; a failure names the log."""
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+    print(f"+ {' '.join(command)}  (log {log})", flush=True)
+    with open(log, "a") as f:
+        if subprocess.run(command, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT).returncode:
+            raise SystemExit(f"error: job failed, see {log}")
 
 
-def answers_and_records(folder: Path, heldout: dict) -> tuple[list[dict], list[str]]:
-    result = json.loads((folder / "eval_end.json").read_text())
-    records = [heldout[a["prompt_id"]] for a in result["answers"]]
-    return records, [a["answer"] for a in result["answers"]]
+def train_eva(args: list[str], log: Path, threads: int) -> None:
+    run_logged([sys.executable, str(ROOT / "train_eva.py"), *args], log, threads)
 
 
-def official_ifeval(folder: Path, path: str, opts) -> dict:
-    out = folder / "ifeval_official.json"
-    if not out.exists():
-        adapter = folder / f"iter_{1 if (folder / 'iter_1').exists() else 0}" / "adapter"
-        command = [sys.executable, str(ROOT / "eval" / "ifeval.py"), "--model", str(adapter), "--prompts", path,
-                   "--out", str(out), "--max_new_tokens", str(opts.ifeval_max_new_tokens)]
-        if opts.ifeval_limit:
-            command += ["--limit", str(opts.ifeval_limit)]
-        print("+", " ".join(command), flush=True)
-        subprocess.run(command, check=True, cwd=ROOT)
-    return json.loads(out.read_text())
+def common_args(opts) -> list[str]:
+    return ["--loss", opts.loss, "--pairs_per_iteration", str(opts.pairs), "--eval_max_new_tokens",
+            str(opts.eval_max_new_tokens), *opts.train_args]
 
 
-def measure(folders: dict, heldout: dict, opts) -> dict:
-    records, base_answers = answers_and_records(folders["iter0"], heldout)
-    base_rewards = [reward.rules_reward(r, a) for r, a in zip(records, base_answers)]
-    rows = {}
-    for arm in ("iter0", "baseline", "eva"):
-        result = json.loads((folders[arm] / "eval_end.json").read_text())
-        row = dict(instruction_level=result["instruction_level"], prompt_level=result["prompt_level"])
-        if arm != "iter0":
-            arm_records, answers = answers_and_records(folders[arm], heldout)
-            assert [r["id"] for r in arm_records] == [r["id"] for r in records], "held-out sets differ between arms"
-            rewards = [reward.rules_reward(r, a) for r, a in zip(records, answers)]
-            row["win_rate_vs_iter0"] = win_rate(rewards, base_rewards, n_boot=1000, seed=0)
-            pairs = files.read_jsonl(folders[arm] / "iter_1" / "pairs.jsonl")
-            row["pairs"] = len(pairs)
-            row["evolved_pairs"] = sum(p["source"] == "evolved" for p in pairs)
-        if opts.ifeval:
-            official = official_ifeval(folders[arm], opts.ifeval, opts)
-            row["ifeval_prompt_level"] = official["prompt_level"]
-            row["ifeval_instruction_level"] = official["instruction_level"]
-        rows[arm] = row
-    return rows
+def iteration_zero(out: Path, opts, threads: int) -> Path:
+    folder = out / "iter0"
+    if not (folder / "eval_end.json").exists():  # a finished run is not reopened
+        folder.mkdir(parents=True, exist_ok=True)
+        train_eva(["--run_dir", str(folder), "--seed", "0", "--eva_iterations", "0", *common_args(opts)],
+                  out / "iter0.log", threads)
+    return folder
 
 
-def summarize(results: dict, opts) -> str:
-    def mean_sd(values):
-        values = np.array(values, dtype=float)
-        return f"{values.mean():.3f} ± {values.std(ddof=1) if len(values) > 1 else 0:.3f}"
-
-    keys = [("instruction_level", "held-out instr."), ("prompt_level", "held-out prompt")]
+def run_arm(out: Path, seed: int, arm: str, opts, threads: int) -> Path:
+    """A copy of iteration 0 resumed one iteration at a time; eval_iter<k>.json after each."""
+    folder = out / f"seed{seed}" / arm
+    if not folder.exists():
+        tmp = folder.with_name(arm + ".copying")
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(out / "iter0", tmp)
+        for name in ("eval_end.json", "report.md", "report.png"):
+            (tmp / name).unlink(missing_ok=True)
+        tmp.rename(folder)
+    flag = "--evolve" if arm == "eva" else "--no-evolve"
+    for k in range(1, opts.iterations + 1):
+        if (folder / f"eval_iter{k}.json").exists():
+            continue
+        train_eva(["--run_dir", str(folder), "--seed", str(seed), "--eva_iterations", str(k), flag,
+                   "--allow_config_change", *common_args(opts)], folder.with_suffix(".log"), threads)
+        (folder / "eval_end.json").rename(folder / f"eval_iter{k}.json")  # the next resume evaluates afresh
     if opts.ifeval:
-        keys += [("ifeval_instruction_level", "IFEval instr."), ("ifeval_prompt_level", "IFEval prompt")]
-    lines = ["| loss | arm | seeds | " + " | ".join(label for _, label in keys) + " | win rate vs iter 0 |",
-             "|---|---|---|" + "---|" * len(keys) + "---|"]
-    for loss in opts.losses:
-        runs = [results[k] for k in results if k.startswith(loss + "_")]
-        for arm in ("iter0", "baseline", "eva"):
-            cells = [mean_sd([r[arm][k] for r in runs]) for k, _ in keys]
-            wins = [r[arm]["win_rate_vs_iter0"]["win_rate"] for r in runs if "win_rate_vs_iter0" in r[arm]]
-            win = mean_sd(wins) if wins else "-"
-            if len(runs) == 1 and wins:
-                w = runs[0][arm]["win_rate_vs_iter0"]
-                win = f"{w['win_rate']:.3f} [{w['ci_low']:.3f}, {w['ci_high']:.3f}]"
-            lines.append(f"| {loss} | {arm} | {len(runs)} | " + " | ".join(cells) + f" | {win} |")
-        if len(runs) > 1:  # seeds share their iteration-0 solver, so the per-seed difference is the sharper test
-            cells = [mean_sd([r["eva"][k] - r["baseline"][k] for r in runs]) for k, _ in keys]
-            wins = [r["eva"]["win_rate_vs_iter0"]["win_rate"] - r["baseline"]["win_rate_vs_iter0"]["win_rate"]
-                    for r in runs]
-            lines.append(f"| {loss} | eva - baseline, per seed | {len(runs)} | " + " | ".join(cells) +
-                         f" | {mean_sd(wins)} |")
+        official_ifeval(folder, opts.iterations, opts, threads)
+    return folder
+
+
+def official_ifeval(folder: Path, k: int, opts, threads: int) -> dict:
+    """The IFEval file's accuracies of the solver after iteration k (cached in ifeval_iter<k>.json)."""
+    path = folder / f"ifeval_iter{k}.json"
+    if not path.exists():
+        command = [sys.executable, str(ROOT / "eval" / "ifeval.py"), "--model", str(folder / f"iter_{k}" / "adapter"),
+                   "--prompts", opts.ifeval, "--out", str(path), "--max_new_tokens", str(opts.ifeval_max_new_tokens),
+                   "--batch_size", str(opts.ifeval_batch_size)]
+        run_logged(command, folder.parent / f"{folder.name}_ifeval.log", threads)
+    return json.loads(path.read_text())
+
+
+def held_out(folder: Path, name: str, heldout: dict) -> tuple[dict, list[float]]:
+    """Accuracies of eval file `name` in folder and the rules reward of each held-out answer."""
+    result = json.loads((folder / name).read_text())
+    rewards = [reward.rules_reward(heldout[a["prompt_id"]], a["answer"]) for a in result["answers"]]
+    return dict(instruction_level=result["instruction_level"], prompt_level=result["prompt_level"]), rewards
+
+
+def measure(out: Path, seeds: list[int], heldout: dict, opts) -> dict:
+    """results[arm][k][seed] = row of metrics (iteration 0 is arm "iter0", k 0, under every seed)."""
+    row0, rewards0 = held_out(out / "iter0", "eval_end.json", heldout)
+    if opts.ifeval:
+        official = official_ifeval(out / "iter0", 0, opts, 0)
+        row0.update(ifeval_prompt_level=official["prompt_level"], ifeval_instruction_level=official["instruction_level"])
+    results = {"iter0": {0: {s: row0 for s in seeds}}}
+    for arm in ARMS:
+        results[arm] = {}
+        for k in range(1, opts.iterations + 1):
+            results[arm][k] = {}
+            for s in seeds:
+                folder = out / f"seed{s}" / arm
+                row, rewards = held_out(folder, f"eval_iter{k}.json", heldout)
+                row["win_rate_vs_iter0"] = win_rate(rewards, rewards0, n_boot=1000, seed=0)["win_rate"]
+                pairs = files.read_jsonl(folder / f"iter_{k}" / "pairs.jsonl")
+                row.update(pairs=len(pairs), evolved_pairs=sum(p["source"] == "evolved" for p in pairs))
+                if opts.ifeval and k == opts.iterations:
+                    official = official_ifeval(folder, k, opts, 0)
+                    row.update(ifeval_prompt_level=official["prompt_level"],
+                               ifeval_instruction_level=official["instruction_level"])
+                results[arm][k][s] = row
+    return results
+
+
+def metrics(results: dict) -> list[tuple[str, str]]:
+    keys = [("instruction_level", "held-out instr."), ("prompt_level", "held-out prompt"),
+            ("win_rate_vs_iter0", "win rate vs iter 0")]
+    if "ifeval_prompt_level" in next(iter(results["iter0"][0].values())):
+        keys += [("ifeval_instruction_level", "IFEval instr."), ("ifeval_prompt_level", "IFEval prompt"),
+                 ("ifeval_average", "IFEval avg")]
+    return keys
+
+
+def value(row: dict, key: str) -> float | None:
+    if key == "ifeval_average" and "ifeval_prompt_level" in row:  # the leaderboards' IFEval: mean of the two
+        return (row["ifeval_prompt_level"] + row["ifeval_instruction_level"]) / 2
+    return row.get(key)
+
+
+def interval(diffs: list[float]) -> str:
+    """mean [95% t interval] of per-seed differences."""
+    d = np.array(diffs, dtype=float)
+    if len(d) < 2:
+        return f"{d.mean():+.3f}"
+    half = T975.get(len(d) - 1, 1.96) * d.std(ddof=1) / np.sqrt(len(d))
+    return f"{d.mean():+.3f} [{d.mean() - half:+.3f}, {d.mean() + half:+.3f}]"
+
+
+def summarize(results: dict) -> str:
+    """One row per arm and iteration (mean ± sd over seeds) and one per iteration of the per-seed difference."""
+    keys = metrics(results)
+    lines = ["| iteration | arm | seeds | " + " | ".join(label for _, label in keys) + " |",
+             "|---|---|---|" + "---|" * len(keys)]
+
+    def cells(rows: list[dict]) -> list[str]:
+        out = []
+        for key, _ in keys:
+            values = [v for v in (value(r, key) for r in rows) if v is not None]
+            sd = np.std(values, ddof=1) if len(values) > 1 else 0.0
+            out.append(f"{np.mean(values):.3f} ± {sd:.3f}" if values else "-")
+        return out
+
+    rows0 = list(results["iter0"][0].values())
+    lines.append("| 0 | shared | 1 | " + " | ".join(cells(rows0[:1])) + " |")
+    for k in sorted(results["eva"]):
+        seeds = sorted(results["eva"][k])
+        for arm in ARMS:
+            lines.append(f"| {k} | {arm} | {len(seeds)} | " + " | ".join(cells([results[arm][k][s] for s in seeds]))
+                         + " |")
+        diff = []
+        for key, _ in keys:
+            pairs = [(value(results["eva"][k][s], key), value(results["baseline"][k][s], key)) for s in seeds]
+            diff.append(interval([a - b for a, b in pairs]) if all(a is not None for a, _ in pairs) else "-")
+        lines.append(f"| {k} | **eva - baseline** | {len(seeds)} | " + " | ".join(diff) + " |")
     return "\n".join(lines)
 
 
-def plot(results: dict, opts, path: Path) -> None:
+def plot(results: dict, path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(7, 3.6))
-    arms = ("iter0", "baseline", "eva")
-    for k, loss in enumerate(opts.losses):
-        runs = [results[key] for key in results if key.startswith(loss + "_")]
-        for a, arm in enumerate(arms):
-            values = [r[arm]["instruction_level"] for r in runs]
-            x = k * (len(arms) + 1) + a
-            ax.bar(x, np.mean(values), color=f"C{a}", label=arm if k == 0 else None)
-            ax.scatter([x] * len(values), values, color="k", s=10, zorder=3)
-    ax.set_xticks([k * (len(arms) + 1) + 1 for k in range(len(opts.losses))], opts.losses)
-    ax.set(ylabel="held-out instruction-level accuracy", title="eva vs ordinary iteration (dots: seeds)")
-    ax.legend()
+    panels = [("instruction_level", "held-out instruction-level"), ("win_rate_vs_iter0", "win rate vs iteration 0")]
+    if "ifeval_average" in dict(metrics(results)):
+        panels.append(("ifeval_average", "IFEval (prompt + instr.) / 2"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4))
+    row0 = next(iter(results["iter0"][0].values()))
+    for ax, (key, title) in zip(axes, panels):
+        for a, arm in enumerate(ARMS):
+            ks = [k for k in sorted(results[arm]) if value(next(iter(results[arm][k].values())), key) is not None]
+            per_seed = [[value(results[arm][k][s], key) for k in ks] for s in sorted(results[arm][ks[0]])] if ks else []
+            x0 = [0] if value(row0, key) is not None else []
+            y0 = [value(row0, key)] if x0 else []
+            if ks:
+                mean = np.mean(per_seed, axis=0)
+                ax.plot(x0 + ks, y0 + list(mean), "-o", color=f"C{a}", label=arm)
+                for ys in per_seed:
+                    ax.scatter(ks, ys, color=f"C{a}", s=10, alpha=0.5)
+        if key == "ifeval_average":
+            ax.axhline(0.299, color="gray", ls="--", lw=1, label="published SmolLM2-135M-Instruct")
+        ax.set(title=title, xlabel="iteration")
+        ax.legend(fontsize=7)
+    fig.suptitle("eva vs ordinary iterations (lines: mean over seeds, dots: seeds)", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -160,36 +218,41 @@ def plot(results: dict, opts, path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", required=True, help="folder for every run and the results")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds of the DPO comparison")
-    parser.add_argument("--losses", nargs="+", default=["dpo"], help="losses (the first with every seed, the others "
-                                                                      "with the first seed)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="one baseline and one eva run each")
+    parser.add_argument("--iterations", type=int, default=3, help="iterations after the shared iteration 0")
+    parser.add_argument("--loss", default="dpo", help="the preference loss of both arms")
     parser.add_argument("--pairs", type=int, default=48, help="training pairs per iteration, the same in both arms")
+    parser.add_argument("--eval_max_new_tokens", type=int, default=256, help="held-out answer budget (greedy)")
     parser.add_argument("--heldout", default=str(ROOT / "data" / "heldout_prompts.jsonl"))
-    parser.add_argument("--ifeval", default="", help="an IFEval-format file to evaluate every final solver on")
-    parser.add_argument("--ifeval_limit", type=int, default=0, help="only the first K prompts of --ifeval")
-    parser.add_argument("--ifeval_max_new_tokens", type=int, default=128)
+    parser.add_argument("--ifeval", default="", help="an IFEval-format file for iteration 0 and each arm's last")
+    parser.add_argument("--ifeval_max_new_tokens", type=int, default=512)
+    parser.add_argument("--ifeval_batch_size", type=int, default=64)
+    parser.add_argument("--workers", type=int, default=1, help="jobs side by side (each gets cores / workers)")
     parser.add_argument("--train_args", nargs=argparse.REMAINDER, default=[], help="passed on to train_eva.py")
     opts = parser.parse_args()
+    if opts.ifeval and not Path(opts.ifeval).is_file():
+        parser.error(f"--ifeval {opts.ifeval}: no such file")
     out = Path(opts.out)
     out.mkdir(parents=True, exist_ok=True)
     heldout_path = opts.heldout
     if "--heldout_prompts" in opts.train_args:
         heldout_path = opts.train_args[opts.train_args.index("--heldout_prompts") + 1]
-    heldout = {}
-    for r in files.read_jsonl(heldout_path):
-        r.setdefault("id", r.get("key"))
-        heldout[str(r["id"])] = r
-    start = time.time()
-    results = {}
-    jobs = [(opts.losses[0], s) for s in opts.seeds] + [(loss, opts.seeds[0]) for loss in opts.losses[1:]]
-    for loss, seed in jobs:
-        folders = run_arms(out, seed, loss, opts)
-        results[f"{loss}_seed{seed}"] = measure(folders, heldout, opts)
-    table = summarize(results, opts)
+    heldout = {str(r.get("id", r.get("key"))): r for r in files.read_jsonl(heldout_path)}
+    start, cores = time.time(), os.cpu_count() or 1
+    iteration_zero(out, opts, cores)
+    threads = max(1, cores // opts.workers)
+    jobs = [(run_arm, out, s, arm, opts, threads) for s in opts.seeds for arm in ARMS]
+    if opts.ifeval:  # after seed 0's arms: the first seed is complete first
+        jobs.insert(2, (official_ifeval, out / "iter0", 0, opts, threads))
+    with concurrent.futures.ThreadPoolExecutor(opts.workers) as pool:
+        for job in concurrent.futures.as_completed([pool.submit(*job) for job in jobs]):
+            job.result()
+    results = measure(out, opts.seeds, heldout, opts)
+    table = summarize(results)
     minutes = (time.time() - start) / 60
     (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
     (out / "results.md").write_text(f"{table}\n\n(wall time of this invocation: {minutes:.1f} min)\n")
-    plot(results, opts, out / "results.png")
+    plot(results, out / "results.png")
     print(table)
     print(f"wall time {minutes:.1f} min; results in {out}/results.md")
 

@@ -1,4 +1,5 @@
-"""Smoke version of the eva-vs-baseline benchmark (issue 10): both arms from one iteration-0 run, on a tiny model."""
+"""Smoke version of the eva-vs-baseline benchmark: both arms from one iteration-0 run, several iterations, tiny model."""
+import importlib.util
 import json
 import subprocess
 import sys
@@ -7,48 +8,61 @@ from conftest import ROOT
 from test_train_eva import TINY_PROMPTS, write_prompts
 
 
-def test_both_arms_share_iteration_zero_and_train_equally(tmp_path, tiny_llama_dir):
-    prompts = write_prompts(tmp_path / "prompts.jsonl", TINY_PROMPTS)
-    heldout = write_prompts(tmp_path / "heldout.jsonl", TINY_PROMPTS[:3])
-    out = tmp_path / "compare"
-    subprocess.run([sys.executable, str(ROOT / "bench" / "eva_vs_baseline.py"), "--out", str(out), "--seeds", "0",
-                    "--pairs", "4", "--train_args", "--preset", "smoke", "--model", str(tiny_llama_dir),
-                    "--seed_prompts", prompts, "--heldout_prompts", heldout, "--lr", "1e-3"],
-                   check=True, cwd=ROOT, timeout=600, capture_output=True)
-    results = json.loads((out / "results.json").read_text())["dpo_seed0"]
-    assert results["baseline"]["pairs"] == results["eva"]["pairs"] == 4, "both arms train on --pairs pairs"
-    assert results["baseline"]["evolved_pairs"] == 0
-    for arm in ("baseline", "eva"):
-        w = results[arm]["win_rate_vs_iter0"]
-        assert 0 <= w["ci_low"] <= w["win_rate"] <= w["ci_high"] <= 1
-        # both arms start from the very same iteration-0 adapter
-        assert (out / "dpo_seed0" / arm / "iter_0" / "adapter").is_dir()
-    base_adapter = (out / "dpo_seed0" / "iter0" / "iter_0" / "adapter" / "adapter_model.safetensors").read_bytes()
-    assert (out / "dpo_seed0" / "eva" / "iter_0" / "adapter" / "adapter_model.safetensors").read_bytes() == base_adapter
-    assert (out / "dpo_seed0" / "eva" / "iter_1" / "evolved.jsonl").exists()
-    assert not (out / "dpo_seed0" / "baseline" / "iter_1" / "evolved.jsonl").exists()
-    assert (out / "results.md").read_text().count("| dpo |") == 3
-    assert (out / "results.png").stat().st_size > 0
-
-
-def test_table_has_the_per_seed_difference_of_the_arms():
-    import argparse
-    import importlib.util
+def load_bench():
     spec = importlib.util.spec_from_file_location("eva_vs_baseline", ROOT / "bench" / "eva_vs_baseline.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
+    return bench
 
-    def arm(instruction, prompt, win=None):
-        row = dict(instruction_level=instruction, prompt_level=prompt)
-        if win is not None:
-            row["win_rate_vs_iter0"] = dict(win_rate=win, ci_low=0.0, ci_high=1.0)
-        return row
 
-    results = {f"dpo_seed{s}": dict(iter0=arm(0.4, 0.2), baseline=arm(0.40 + s / 10, 0.2, 0.5),
-                                    eva=arm(0.45 + s / 10, 0.1 + s / 10, 0.6 + s / 10)) for s in (0, 1)}
-    table = bench.summarize(results, argparse.Namespace(losses=["dpo"], ifeval=""))
+def test_arms_share_iteration_zero_train_equally_and_are_scored_every_iteration(tmp_path, tiny_llama_dir):
+    prompts = write_prompts(tmp_path / "prompts.jsonl", TINY_PROMPTS)
+    heldout = write_prompts(tmp_path / "heldout.jsonl", TINY_PROMPTS[:3])
+    out = tmp_path / "compare"
+    subprocess.run([sys.executable, str(ROOT / "bench" / "eva_vs_baseline.py"), "--out", str(out), "--seeds", "0", "1",
+                    "--iterations", "2", "--workers", "2", "--pairs", "4", "--eval_max_new_tokens", "8",
+                    "--ifeval", heldout, "--ifeval_max_new_tokens", "8",
+                    "--train_args", "--preset", "smoke", "--model", str(tiny_llama_dir),
+                    "--seed_prompts", prompts, "--heldout_prompts", heldout, "--lr", "1e-3"],
+                   check=True, cwd=ROOT, timeout=900, capture_output=True)
+    results = json.loads((out / "results.json").read_text())
+    for k in ("1", "2"):
+        for s in ("0", "1"):
+            base, eva = results["baseline"][k][s], results["eva"][k][s]
+            assert base["pairs"] == eva["pairs"] == 4, "both arms train on --pairs pairs"
+            assert base["evolved_pairs"] == 0
+            assert 0 <= eva["win_rate_vs_iter0"] <= 1
+    assert "ifeval_prompt_level" in results["eva"]["2"]["0"] and "ifeval_prompt_level" not in results["eva"]["1"]["0"]
+    base_adapter = (out / "iter0" / "iter_0" / "adapter" / "adapter_model.safetensors").read_bytes()
+    for s in (0, 1):
+        for arm in ("baseline", "eva"):
+            folder = out / f"seed{s}" / arm
+            assert (folder / "iter_0" / "adapter" / "adapter_model.safetensors").read_bytes() == base_adapter
+            assert (folder / "eval_iter1.json").exists() and (folder / "eval_iter2.json").exists()
+        assert (out / f"seed{s}" / "eva" / "iter_2" / "evolved.jsonl").exists()
+        assert not (out / f"seed{s}" / "baseline" / "iter_2" / "evolved.jsonl").exists()
+    # the seeds really differ: their eva arms evolved different children
+    evolved = [(out / f"seed{s}" / "eva" / "iter_1" / "evolved.jsonl").read_text() for s in (0, 1)]
+    assert evolved[0] != evolved[1]
+    table = (out / "results.md").read_text()
+    assert table.count("eva - baseline") == 2 and "IFEval avg" in table
+    assert (out / "results.png").stat().st_size > 0
+
+
+def test_table_has_the_per_seed_difference_with_a_t_interval():
+    bench = load_bench()
+
+    def row(instruction, prompt, win=0.5):
+        return dict(instruction_level=instruction, prompt_level=prompt, win_rate_vs_iter0=win)
+
+    results = {"iter0": {0: {0: row(0.4, 0.2), 1: row(0.4, 0.2)}},
+               "baseline": {1: {s: row(0.40 + s / 10, 0.2, 0.5) for s in (0, 1)}},
+               "eva": {1: {s: row(0.45 + s / 10, 0.1 + s / 10, 0.6 + s / 10) for s in (0, 1)}}}
+    table = bench.summarize(results)
     paired = [line for line in table.splitlines() if "eva - baseline" in line]
     assert len(paired) == 1, table
     cells = [c.strip() for c in paired[0].split("|")[1:-1]]
-    # instruction level: +0.05 in both seeds; prompt level: -0.1 and 0.0; win rate: +0.1 and +0.2
-    assert cells[3] == "0.050 ± 0.000" and cells[4] == "-0.050 ± 0.071" and cells[5] == "0.150 ± 0.071", cells
+    # instruction level: +0.05 in both seeds (no spread); prompt level: -0.1 and 0.0, sd 0.0707, t(1) 12.706
+    assert cells[3] == "+0.050 [+0.050, +0.050]", cells
+    assert cells[4] == "-0.050 [-0.685, +0.585]", cells
+    assert cells[5] == "+0.150 [-0.485, +0.785]", cells
