@@ -85,19 +85,23 @@ def run_arm(out: Path, seed: int, arm: str, opts, threads: int) -> Path:
                    "--allow_config_change", *common_args(opts)], folder.with_suffix(".log"), threads)
         (folder / "eval_end.json").rename(folder / f"eval_iter{k}.json")  # the next resume evaluates afresh
     if opts.ifeval:
-        official_ifeval(folder, opts.iterations, opts, threads)
+        arm_ifeval(folder, opts.iterations, opts, threads)
     return folder
 
 
-def official_ifeval(folder: Path, k: int, opts, threads: int) -> dict:
-    """The IFEval file's accuracies of the solver after iteration k (cached in ifeval_iter<k>.json)."""
-    path = folder / f"ifeval_iter{k}.json"
+def official_ifeval(model_dir: Path, path: Path, opts, threads: int) -> dict:
+    """The IFEval file's accuracies of the model in model_dir, cached in path (its log beside it)."""
     if not path.exists():
-        command = [sys.executable, str(ROOT / "eval" / "ifeval.py"), "--model", str(folder / f"iter_{k}" / "adapter"),
-                   "--prompts", opts.ifeval, "--out", str(path), "--max_new_tokens", str(opts.ifeval_max_new_tokens),
+        command = [sys.executable, str(ROOT / "eval" / "ifeval.py"), "--model", str(model_dir), "--prompts", opts.ifeval,
+                   "--out", str(path), "--max_new_tokens", str(opts.ifeval_max_new_tokens),
                    "--batch_size", str(opts.ifeval_batch_size)]
-        run_logged(command, folder.parent / f"{folder.name}_ifeval.log", threads)
+        run_logged(command, path.with_suffix(".log"), threads)
     return json.loads(path.read_text())
+
+
+def arm_ifeval(folder: Path, k: int, opts, threads: int) -> dict:
+    """official_ifeval of the solver after iteration k of a run folder."""
+    return official_ifeval(folder / f"iter_{k}" / "adapter", folder / f"ifeval_iter{k}.json", opts, threads)
 
 
 def held_out(folder: Path, name: str, heldout: dict) -> tuple[dict, list[float]]:
@@ -111,7 +115,7 @@ def measure(out: Path, seeds: list[int], heldout: dict, opts) -> dict:
     """results[arm][k][seed] = row of metrics (iteration 0 is arm "iter0", k 0, under every seed)."""
     row0, rewards0 = held_out(out / "iter0", "eval_end.json", heldout)
     if opts.ifeval:
-        official = official_ifeval(out / "iter0", 0, opts, 0)
+        official = arm_ifeval(out / "iter0", 0, opts, 0)
         row0.update(ifeval_prompt_level=official["prompt_level"], ifeval_instruction_level=official["instruction_level"])
     results = {"iter0": {0: {s: row0 for s in seeds}}}
     for arm in ARMS:
@@ -125,7 +129,7 @@ def measure(out: Path, seeds: list[int], heldout: dict, opts) -> dict:
                 pairs = files.read_jsonl(folder / f"iter_{k}" / "pairs.jsonl")
                 row.update(pairs=len(pairs), evolved_pairs=sum(p["source"] == "evolved" for p in pairs))
                 if opts.ifeval and k == opts.iterations:
-                    official = official_ifeval(folder, k, opts, 0)
+                    official = arm_ifeval(folder, k, opts, 0)
                     row.update(ifeval_prompt_level=official["prompt_level"],
                                ifeval_instruction_level=official["instruction_level"])
                 results[arm][k][s] = row
@@ -243,7 +247,7 @@ def main() -> None:
     threads = max(1, cores // opts.workers)
     jobs = [(run_arm, out, s, arm, opts, threads) for s in opts.seeds for arm in ARMS]
     if opts.ifeval:  # after seed 0's arms: the first seed is complete first
-        jobs.insert(2, (official_ifeval, out / "iter0", 0, opts, threads))
+        jobs.insert(2, (arm_ifeval, out / "iter0", 0, opts, threads))
     with concurrent.futures.ThreadPoolExecutor(opts.workers) as pool:
         for job in concurrent.futures.as_completed([pool.submit(*job) for job in jobs]):
             job.result()

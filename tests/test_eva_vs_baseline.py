@@ -66,3 +66,30 @@ def test_table_has_the_per_seed_difference_with_a_t_interval():
     assert cells[3] == "+0.050 [+0.050, +0.050]", cells
     assert cells[4] == "-0.050 [-0.685, +0.585]", cells
     assert cells[5] == "+0.150 [-0.485, +0.785]", cells
+
+
+def test_online_comparison_runs_both_arms_with_equal_rollouts(tmp_path, tiny_llama_dir):
+    prompts = write_prompts(tmp_path / "prompts.jsonl", TINY_PROMPTS)
+    heldout = write_prompts(tmp_path / "heldout.jsonl", TINY_PROMPTS[:3])
+    out = tmp_path / "online"
+    subprocess.run([sys.executable, str(ROOT / "bench" / "online_vs_rloo.py"), "--out", str(out), "--seeds", "0", "1",
+                    "--workers", "2", "--eval_max_new_tokens", "8", "--ifeval", heldout, "--ifeval_max_new_tokens",
+                    "8", "--start_model", str(tiny_llama_dir),
+                    "--train_args", "--preset", "smoke", "--model", str(tiny_llama_dir), "--seed_prompts", prompts,
+                    "--heldout_prompts", heldout, "--online_steps", "4", "--online_prompts", "4",
+                    "--micro_batch_size", "2", "--evolve_every", "2", "--evolve_depth", "1",
+                    "--creator_max_new_tokens", "16", "--lr", "1e-3"],
+                   check=True, cwd=ROOT, timeout=900, capture_output=True)
+    results = json.loads((out / "results.json").read_text())
+    for s in ("0", "1"):
+        rloo, eva = results["rloo"][s], results["eva"][s]
+        assert len(rloo["rewards"]) == len(eva["rewards"]) == 4, "both arms take the same number of steps"
+        assert rloo["evolved_drawn"] == 0 and rloo["pool"] == len(TINY_PROMPTS)
+        assert eva["pool"] >= len(TINY_PROMPTS)
+        assert 0 <= eva["win_rate_vs_start"] <= 1 and "ifeval_average" in eva
+    assert "ifeval_average" in results["start"]
+    config = json.loads((out / "seed1" / "rloo" / "config.json").read_text())
+    assert config["online"] and config["evolve_every"] == 0 and config["seed"] == 1
+    table = (out / "results.md").read_text()
+    assert "eva - rloo" in table and "| start |" in table
+    assert (out / "results.png").stat().st_size > 0

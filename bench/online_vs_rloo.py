@@ -1,0 +1,181 @@
+"""Online eva against plain online RLOO on the fixed seed pool: the same rollouts and updates, several seeds.
+
+    python bench/online_vs_rloo.py --out runs/online_compare --ifeval ../shared/data/ifeval_input_data.jsonl
+    python bench/online_vs_rloo.py --out /tmp/o --seeds 0 --train_args --preset smoke --model <tiny folder>
+
+For each seed, two train_eva.py --online runs from the bundled model with the online preset (unless --train_args
+says otherwise), differing only in the creator:
+  rloo  --evolve_every 0: every step draws from the seed prompts (untried first, then by their info)
+  eva   the creator evolves the most informative recent prompts every evolve_every steps; 80% of a step's prompts
+        come from the evolved ones once there are any
+Both take online_steps steps of online_prompts prompts x k responses. Each final solver answers the held-out prompts
+(greedy, --eval_max_new_tokens) and, with --ifeval, that IFEval-format file (every prompt the rules can score,
+greedy), as does the starting model once. The table has each arm's mean ± sd over seeds and the per-seed
+eva-minus-rloo difference with a 95% t interval; the plot the reward curves and the final scores. Resumable like
+bench/eva_vs_baseline.py; writes <out>/results.json, results.md and results.png.
+"""
+import argparse
+import concurrent.futures
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+import eva_vs_baseline as compare  # noqa: E402  (its job runner, IFEval job and interval)
+import files  # noqa: E402
+import reward  # noqa: E402
+from eval.winrate import win_rate  # noqa: E402
+
+ARMS = ("rloo", "eva")
+
+
+def run_arm(out: Path, seed: int, arm: str, opts, threads: int) -> Path:
+    """One online run (resumed if it stopped), then its IFEval."""
+    folder = out / f"seed{seed}" / arm
+    if not (folder / "eval_end.json").exists():
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        extra = ["--evolve_every", "0"] if arm == "rloo" else []
+        compare.train_eva(["--preset", "online", "--online", "--run_dir", str(folder), "--seed", str(seed),
+                           "--max_heldout_prompts", "0", "--eval_max_new_tokens", str(opts.eval_max_new_tokens),
+                           *opts.train_args, *extra], folder.with_suffix(".log"), threads)
+    if opts.ifeval:
+        compare.official_ifeval(folder / "adapter", folder / "ifeval.json", opts, threads)
+    return folder
+
+
+def row_of(folder: Path, heldout: dict, start_rewards: list[float] | None, opts) -> dict:
+    result = json.loads((folder / "eval_end.json").read_text())
+    rewards = [reward.rules_reward(heldout[a["prompt_id"]], a["answer"]) for a in result["answers"]]
+    steps = {m["step"]: m for m in files.read_jsonl(folder / "metrics.jsonl") if "reward" in m}
+    row = dict(instruction_level=result["instruction_level"], prompt_level=result["prompt_level"],
+               rewards=[steps[s]["reward"] for s in sorted(steps)],
+               evolved_drawn=sum(m["evolved"] for m in steps.values()), pool=steps[max(steps)]["pool"])
+    if start_rewards is not None:
+        row["win_rate_vs_start"] = win_rate(rewards, start_rewards, n_boot=1000, seed=0)["win_rate"]
+    if opts.ifeval:
+        official = json.loads((folder / "ifeval.json").read_text())
+        row.update(ifeval_prompt_level=official["prompt_level"], ifeval_instruction_level=official["instruction_level"],
+                   ifeval_average=(official["prompt_level"] + official["instruction_level"]) / 2)
+    return row
+
+
+def measure(out: Path, heldout: dict, opts) -> dict:
+    """results[arm][seed] = row; results["start"] = the starting model's held-out (and IFEval) scores."""
+    first = out / f"seed{opts.seeds[0]}" / "eva"
+    start = json.loads((first / "eval_start.json").read_text())
+    start_rewards = [reward.rules_reward(heldout[a["prompt_id"]], a["answer"]) for a in start["answers"]]
+    results = {"start": dict(instruction_level=start["instruction_level"], prompt_level=start["prompt_level"])}
+    if opts.ifeval:
+        official = json.loads((out / "start_ifeval.json").read_text())
+        results["start"].update(ifeval_prompt_level=official["prompt_level"],
+                                ifeval_instruction_level=official["instruction_level"],
+                                ifeval_average=(official["prompt_level"] + official["instruction_level"]) / 2)
+    for arm in ARMS:
+        results[arm] = {s: row_of(out / f"seed{s}" / arm, heldout, start_rewards, opts) for s in opts.seeds}
+    return results
+
+
+KEYS = [("instruction_level", "held-out instr."), ("prompt_level", "held-out prompt"),
+        ("win_rate_vs_start", "win rate vs start"), ("ifeval_instruction_level", "IFEval instr."),
+        ("ifeval_prompt_level", "IFEval prompt"), ("ifeval_average", "IFEval avg")]
+
+
+def summarize(results: dict) -> str:
+    seeds = sorted(results["eva"])
+    keys = [(k, label) for k, label in KEYS if k in results["eva"][seeds[0]]]
+    lines = ["| arm | seeds | " + " | ".join(label for _, label in keys) + " | evolved prompts drawn | pool |",
+             "|---|---|" + "---|" * (len(keys) + 2)]
+    lines.append("| start | - | " + " | ".join(f"{results['start'][k]:.3f}" if k in results["start"] else "-"
+                                                 for k, _ in keys) + " | - | - |")
+    for arm in ARMS:
+        rows = [results[arm][s] for s in seeds]
+        cells = [f"{np.mean([r[k] for r in rows]):.3f} ± {np.std([r[k] for r in rows], ddof=1) if len(rows) > 1 else 0:.3f}"
+                 for k, _ in keys]
+        lines.append(f"| {arm} | {len(seeds)} | " + " | ".join(cells) +
+                     f" | {np.mean([r['evolved_drawn'] for r in rows]):.0f} | {np.mean([r['pool'] for r in rows]):.0f} |")
+    diff = [compare.interval([results["eva"][s][k] - results["rloo"][s][k] for s in seeds]) for k, _ in keys]
+    lines.append(f"| **eva - rloo** | {len(seeds)} | " + " | ".join(diff) + " | | |")
+    return "\n".join(lines)
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    seeds = sorted(results["eva"])
+    keys = [(k, label) for k, label in KEYS if k in results["eva"][seeds[0]] and k != "win_rate_vs_start"]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 3.6))
+    for a, arm in enumerate(ARMS):
+        curves = np.array([results[arm][s]["rewards"] for s in seeds])  # [seeds, steps]
+        width = max(1, curves.shape[1] // 6)
+        smooth = np.array([np.convolve(c, np.ones(width) / width, mode="valid") for c in curves])
+        x = np.arange(width, curves.shape[1] + 1)
+        left.plot(x, smooth.mean(0), color=f"C{a}", label=f"{arm} (mean of {len(seeds)} seeds)")
+        left.fill_between(x, smooth.min(0), smooth.max(0), color=f"C{a}", alpha=0.2)
+        for j, (k, _) in enumerate(keys):
+            values = [results[arm][s][k] for s in seeds]
+            xb = j * 3 + a
+            right.bar(xb, np.mean(values), color=f"C{a}", label=arm if j == 0 else None)
+            right.scatter([xb] * len(values), values, color="k", s=10, zorder=3)
+    left.set(title=f"training reward (running mean of {width} steps; band: seed range)", xlabel="step",
+             ylabel="mean reward of the step's samples")
+    left.legend(fontsize=7)
+    for j, (k, _) in enumerate(keys):
+        if k in results["start"]:
+            right.hlines(results["start"][k], j * 3 - 0.4, j * 3 + 1.4, color="gray", ls="--",
+                         label="start" if j == 0 else None)
+    right.set_xticks([j * 3 + 0.5 for j in range(len(keys))], [label for _, label in keys], fontsize=7)
+    right.set(title="final solvers (dots: seeds)")
+    right.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", required=True, help="folder for every run and the results")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="one rloo and one eva run each")
+    parser.add_argument("--eval_max_new_tokens", type=int, default=256, help="held-out answer budget (greedy)")
+    parser.add_argument("--heldout", default=str(ROOT / "data" / "heldout_prompts.jsonl"))
+    parser.add_argument("--ifeval", default="", help="an IFEval-format file for the start and every final solver")
+    parser.add_argument("--ifeval_max_new_tokens", type=int, default=512)
+    parser.add_argument("--ifeval_batch_size", type=int, default=64)
+    parser.add_argument("--start_model", default="default", help="the model the runs start from (for its IFEval)")
+    parser.add_argument("--workers", type=int, default=1, help="jobs side by side (each gets cores / workers)")
+    parser.add_argument("--train_args", nargs=argparse.REMAINDER, default=[], help="passed on to train_eva.py")
+    opts = parser.parse_args()
+    if opts.ifeval and not Path(opts.ifeval).is_file():
+        parser.error(f"--ifeval {opts.ifeval}: no such file")
+    out = Path(opts.out)
+    out.mkdir(parents=True, exist_ok=True)
+    heldout_path = opts.heldout
+    if "--heldout_prompts" in opts.train_args:
+        heldout_path = opts.train_args[opts.train_args.index("--heldout_prompts") + 1]
+    heldout = {str(r.get("id", r.get("key"))): r for r in files.read_jsonl(heldout_path)}
+    start, threads = time.time(), max(1, (os.cpu_count() or 1) // opts.workers)
+    jobs = [(run_arm, out, s, arm, opts, threads) for s in opts.seeds for arm in ARMS]
+    if opts.ifeval:  # after the first seed's runs
+        jobs.insert(2, (compare.official_ifeval, opts.start_model, out / "start_ifeval.json", opts, threads))
+    with concurrent.futures.ThreadPoolExecutor(opts.workers) as pool:
+        for job in concurrent.futures.as_completed([pool.submit(*job) for job in jobs]):
+            job.result()
+    results = measure(out, heldout, opts)
+    table = summarize(results)
+    minutes = (time.time() - start) / 60
+    (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+    (out / "results.md").write_text(f"{table}\n\n(wall time of this invocation: {minutes:.1f} min)\n")
+    plot(results, out / "results.png")
+    print(table)
+    print(f"wall time {minutes:.1f} min; results in {out}/results.md")
+
+
+if __name__ == "__main__":
+    main()
