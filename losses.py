@@ -279,22 +279,6 @@ def preference_loss(name: str, chosen: SeqLogps, rejected: SeqLogps, ref_chosen:
 # per-token log-probs of those responses. Rewards and advantages are [P, k]; everything per response is flattened
 # prompt-major to [P * k] (rows p * k .. p * k + k - 1 are prompt p's samples).
 
-def response_token_logps(logits: Tensor, input_ids: Tensor, response_mask: Tensor,
-                         vocab_chunk: int | None = None) -> Tensor:
-    """log p(token) at every response position, [B, T] in fp32, 0 elsewhere; the per-token twin of sequence_logps.
-
-    Aligned with input_ids: out[b, t] is the log-prob of input_ids[b, t] (predicted by logits[b, t - 1]) where
-    response_mask[b, t] = 1, and 0 where it is 0. So out.sum(-1) equals sequence_logps(...).sum.
-    """
-    mask = response_mask.bool()  # [B, T]
-    if mask[:, 0].any():
-        raise ValueError("response_token_logps: response_mask[:, 0] is set, but no logit predicts the first token")
-    targets = torch.where(mask[:, 1:], input_ids[:, 1:], 0)  # [B, T-1]
-    logps = target_logps(logits[:, :-1], targets, vocab_chunk)  # [B, T-1]
-    logps = torch.where(mask[:, 1:], logps, 0.0)
-    return F.pad(logps, (1, 0))  # [B, T]: nothing predicts position 0
-
-
 def rloo_advantages(rewards: Tensor) -> Tensor:
     """REINFORCE leave-one-out (Ahmadian et al. 2024, arXiv 2402.14740): [P, k] rewards -> [P, k] advantages
 

@@ -77,24 +77,20 @@ def encode(tokenizer, prompt: str, text: str, finish: str, cfg, end_id: int) -> 
             solver_lib.encode_response(tokenizer, text, finish, cfg, end_id))
 
 
-def collate(rows: list[tuple[list[int], list[int]]], pad_id: int, device) -> dict:
-    """Right-padded input_ids, attention_mask and response_mask [B, T] for (prompt ids, response ids) rows."""
-    width = max(len(p) + len(r) for p, r in rows)
-    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)  # [B, T]
-    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)  # [B, T]
-    response_mask = torch.zeros((len(rows), width), dtype=torch.long)  # [B, T]
-    for i, (p, r) in enumerate(rows):
-        input_ids[i, :len(p) + len(r)] = torch.tensor(p + r)
-        attention_mask[i, :len(p) + len(r)] = 1
-        response_mask[i, len(p):len(p) + len(r)] = 1
-    return dict(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
-                response_mask=response_mask.to(device))
+def collate(rows: list[tuple[list[int], list[int]]], device) -> dict:
+    """(prompt ids, response ids) rows packed into one row (solver.pack), plus response_mask [B, R]: which of the
+    R = longest-response columns hold a response token."""
+    batch = solver_lib.pack(rows, device)
+    mask = torch.zeros((len(rows), max(len(r) for _, r in rows)), dtype=torch.bool, device=device)  # [B, R]
+    mask[batch["row"], batch["col"]] = True
+    return dict(batch, response_mask=mask)
 
 
-def token_logps(model, batch: dict, cfg) -> torch.Tensor:
-    """[B, T] log-probs of the response tokens under `model` (0 elsewhere)."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # [B, T, V]
-    return losses.response_token_logps(logits, batch["input_ids"], batch["response_mask"], cfg.vocab_chunk or None)
+def token_logps(model_, batch: dict, cfg) -> torch.Tensor:
+    """[B, R] log-probs of each row's response tokens (0 past its end) under model_, from one packed forward; call it
+    inside model.packed_training."""
+    flat = solver_lib.packed_token_logps(model_, batch, cfg)  # [K]
+    return flat.new_zeros(batch["response_mask"].shape).index_put((batch["row"], batch["col"]), flat)
 
 
 def filled_rewards(samples: list[dict]) -> torch.Tensor:
@@ -127,40 +123,42 @@ def policy_update(policy, trained, reference, params, optimizer, scheduler, rows
     advantages = (losses.grpo_advantages(rewards_pk, scale=cfg.grpo_scale_rewards)
                   if cfg.online_algo == "grpo" else None)  # [P, k]; RLOO's come with the KL-shaped rewards
     micro = [list(mine[s:s + cfg.micro_batch_size]) for s in range(0, per_rank, cfg.micro_batch_size)]
-    batches = [collate([rows[p * k + j] for p in ps for j in range(k)], solver_lib.pad_id(trained), device)
-               for ps in micro]
+    batches = [collate([rows[p * k + j] for p in ps for j in range(k)], device) for ps in micro]
     autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     with torch.no_grad(), autocast():
         refs = [None] * len(batches)
         if reference is not None:
-            with reference[1]():
+            with reference[1](), model.packed_training(reference[0]):
                 refs = [token_logps(reference[0], b, cfg) for b in batches]
-        olds = [token_logps(trained, b, cfg) for b in batches] if cfg.grpo_iterations > 1 else None
+        with model.packed_training(trained):
+            olds = [token_logps(trained, b, cfg) for b in batches] if cfg.grpo_iterations > 1 else None
     ddp = world > 1
     out = dict(loss=0.0, kl=[], clipped=[], grad_norm=0.0)
     for it in range(cfg.grpo_iterations):
         loss_sum = 0.0
         for m, (ps, batch) in enumerate(zip(micro, batches)):
             no_sync = policy.no_sync() if ddp and m + 1 < len(micro) else nullcontext()
-            with no_sync, autocast():
-                logps = token_logps(policy, batch, cfg)  # [b*k, T]
-                ref = refs[m]
-                if cfg.online_algo == "rloo":
-                    seq_kl = (logps.detach() - ref).sum(-1) if ref is not None else None  # [b*k]
-                    loss, _ = losses.rloo_loss(logps.sum(-1), rewards_pk[ps].to(device), seq_kl, beta, normalizer)
-                else:
-                    old = olds[m] if olds is not None else logps.detach()
-                    loss, stats = losses.grpo_loss(logps, old, advantages[ps].flatten().to(device),
-                                                   batch["response_mask"], epsilon=cfg.grpo_epsilon, beta=beta,
-                                                   ref_logps=ref, aggregation=cfg.grpo_aggregation,
-                                                   normalizer=normalizer)
-                    out["clipped"].append(stats["clipped"])
-                if it == 0 and ref is not None:
-                    out["kl"] += (logps.detach() - ref).sum(-1).tolist()  # per-response KL, sum over tokens
-            if parallel.any_rank(not torch.isfinite(loss)):
-                raise SystemExit(f"error: online step {step}: the {cfg.online_algo} loss is not finite; no update "
-                                 f"made; rerun to resume from the last checkpoint")
-            loss.backward()
+            with no_sync, model.packed_training(trained):  # the packed forward, for forward and backward alike
+                with autocast():
+                    logps = token_logps(policy, batch, cfg)  # [b*k, R]
+                    ref = refs[m]
+                    if cfg.online_algo == "rloo":
+                        seq_kl = (logps.detach() - ref).sum(-1) if ref is not None else None  # [b*k]
+                        loss, _ = losses.rloo_loss(logps.sum(-1), rewards_pk[ps].to(device), seq_kl, beta,
+                                                   normalizer)
+                    else:
+                        old = olds[m] if olds is not None else logps.detach()
+                        loss, stats = losses.grpo_loss(logps, old, advantages[ps].flatten().to(device),
+                                                       batch["response_mask"], epsilon=cfg.grpo_epsilon, beta=beta,
+                                                       ref_logps=ref, aggregation=cfg.grpo_aggregation,
+                                                       normalizer=normalizer)
+                        out["clipped"].append(stats["clipped"])
+                    if it == 0 and ref is not None:
+                        out["kl"] += (logps.detach() - ref).sum(-1).tolist()  # per-response KL, sum over tokens
+                if parallel.any_rank(not torch.isfinite(loss)):
+                    raise SystemExit(f"error: online step {step}: the {cfg.online_algo} loss is not finite; no update "
+                                     f"made; rerun to resume from the last checkpoint")
+                loss.backward()
             loss_sum += loss.item()
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
         if parallel.any_rank(not torch.isfinite(grad_norm)):

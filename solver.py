@@ -48,13 +48,12 @@ def encode_pair(tokenizer, pair: dict, cfg: Config, end_id: int) -> dict:
                                          end_id))
 
 
-def collate(encoded: list[dict], device) -> dict:
-    """Chosen sequences then rejected ones, packed end to end into one row without padding, for one forward of
-    both: input_ids, position_ids [1, N] (restarting at 0 per sequence), segments: (start, end) of each of the 2B
-    sequences; for each of the K response tokens, keep [K] the position whose logits predict it, target [K] its id,
-    row [K] its sequence (chosen i is row i, rejected i is row B + i)."""
-    rows = [(e["prompt"], e["chosen"]) for e in encoded] + [(e["prompt"], e["rejected"]) for e in encoded]
-    ids, positions, segments, keep, row = [], [], [], [], []
+def pack(rows: list[tuple[list[int], list[int]]], device) -> dict:
+    """(prompt ids, response ids) rows packed end to end into one row without padding, for one forward of all:
+    input_ids, position_ids [1, N] (restarting at 0 per sequence), segments: (start, end) of each sequence; for each
+    of the K response tokens, keep [K] the position whose logits predict it, target [K] its id, row [K] its sequence
+    and col [K] its index in the response."""
+    ids, positions, segments, keep, row, col = [], [], [], [], [], []
     for i, (prompt, response) in enumerate(rows):
         start, first = len(ids), max(len(prompt), 1)  # nothing predicts a sequence's first token
         ids += prompt + response
@@ -62,21 +61,32 @@ def collate(encoded: list[dict], device) -> dict:
         segments.append((start, len(ids)))
         keep += range(start + first - 1, len(ids) - 1)
         row += [i] * (len(ids) - start - first)
+        col += range(first - len(prompt), len(response))
     as_tensor = lambda x: torch.tensor(x, dtype=torch.long, device=device)
     input_ids = as_tensor(ids)[None]  # [1, N]
     keep = as_tensor(keep)  # [K]
     return dict(input_ids=input_ids, position_ids=as_tensor(positions)[None], segments=segments, keep=keep,
-                target=input_ids[0, keep + 1], row=as_tensor(row), rows=len(rows))
+                target=input_ids[0, keep + 1], row=as_tensor(row), col=as_tensor(col), rows=len(rows))
+
+
+def collate(encoded: list[dict], device) -> dict:
+    """A micro-batch of encoded pairs packed into one row: chosen sequence i is row i, rejected i is row B + i."""
+    return pack([(e["prompt"], e["chosen"]) for e in encoded] + [(e["prompt"], e["rejected"]) for e in encoded],
+                device)
+
+
+def packed_token_logps(policy, batch: dict, cfg: Config) -> torch.Tensor:
+    """[K] log-probs of the response tokens of a packed batch: one forward, each sequence attending only to itself,
+    the LM head applied only where a response token is predicted. Call it inside model.packed_training(policy),
+    which also covers the backward."""
+    logits = policy(input_ids=batch["input_ids"], position_ids=batch["position_ids"], logits_to_keep=batch["keep"],
+                    eva_segments=batch["segments"], use_cache=False).logits[0]  # [K, V]
+    return losses.target_logps(logits, batch["target"], cfg.vocab_chunk or None)
 
 
 def forward_logps(policy, batch: dict, cfg: Config) -> tuple[losses.SeqLogps, losses.SeqLogps]:
-    """Per-sequence log-probs of the chosen and rejected halves of a collated batch: one forward of the packed row,
-    each sequence attending only to itself, the LM head applied only where a response token is predicted. Call it
-    inside model.packed_training(policy), which also covers the backward."""
-    logits = policy(input_ids=batch["input_ids"], position_ids=batch["position_ids"], logits_to_keep=batch["keep"],
-                    eva_segments=batch["segments"], use_cache=False).logits[0]  # [K, V]
-    token_logps = losses.target_logps(logits, batch["target"], cfg.vocab_chunk or None)  # [K]
-    logps = losses.packed_sequence_logps(token_logps, batch["row"], batch["rows"])
+    """Per-sequence log-probs of the chosen and rejected halves of a collated batch (see packed_token_logps)."""
+    logps = losses.packed_sequence_logps(packed_token_logps(policy, batch, cfg), batch["row"], batch["rows"])
     half = batch["rows"] // 2
     split = lambda s, part: losses.SeqLogps(*(getattr(s, k)[part] for k in ("sum", "count", "avg")))
     return split(logps, slice(0, half)), split(logps, slice(half, None))

@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 from conftest import ROOT
 from test_train_eva import TINY_PROMPTS, write_prompts
 
+import model
 import online
 import train_eva
 
@@ -142,3 +143,22 @@ def test_off_policy_iterations_need_grpo_and_fsdp_is_refused(tmp_path):
         train_eva.parse_config(["--online", "--grpo_iterations", "2"])
     with pytest.raises(ValueError, match="--fsdp"):
         train_eva.parse_config(["--online", "--no-lora", "--fsdp"])
+
+
+def test_packed_token_logps_equal_a_plain_forward_per_response(tiny_llama_dir):
+    policy, _ = model.load_model(str(tiny_llama_dir))
+    rows = [([5, 6, 7], [8, 9]), ([10, 11], [12, 13, 14, 15]), ([3], [4])]
+    cfg = train_eva.parse_config(["--preset", "smoke", "--vocab_chunk", "7"])
+    batch = online.collate(rows, "cpu")
+    assert batch["response_mask"].sum(-1).tolist() == [2, 4, 1]
+    with model.packed_training(policy):
+        got = online.token_logps(policy, batch, cfg)  # [3, 4]
+        got.sum().backward()
+    assert got.shape == (3, 4)
+    for b, (prompt, response) in enumerate(rows):
+        with torch.no_grad():
+            logits = policy(input_ids=torch.tensor([prompt + response])).logits[0]  # [T, V]
+        want = logits[len(prompt) - 1:-1].log_softmax(-1).gather(-1, torch.tensor(response)[:, None])[:, 0]
+        assert torch.allclose(got[b, :len(response)].detach(), want, atol=1e-5), b
+        assert torch.all(got[b, len(response):] == 0)
+    assert all(torch.isfinite(p.grad).all() for p in policy.parameters() if p.grad is not None)
