@@ -308,18 +308,7 @@ def save_weights(cfg, run, solver, masters, tokenizer) -> None:
 
 def run(cfg) -> None:
     """train_eva.py --online: set up as the offline loop does, evaluate, train online, evaluate, report."""
-    device = parallel.init()
-    torch.manual_seed(cfg.seed)
-    # Bad input stops the run here, before a run folder is created or a model is loaded.
-    seeds = train_eva.read_prompts(cfg.seed_prompts, cfg.reward, cfg.max_seed_prompts)
-    heldout = (train_eva.read_prompts(cfg.heldout_prompts, "rules", cfg.max_heldout_prompts)
-               if cfg.heldout_prompts else [])
-    if len(seeds) < cfg.online_prompts:
-        raise ValueError(f"--online_prompts {cfg.online_prompts}: {cfg.seed_prompts} has only {len(seeds)} prompts")
-    model.resolve(cfg.model)
-    if cfg.creator != "self" and not cfg.creator.startswith("endpoint:"):
-        model.resolve(cfg.creator)
-    run_ = rundir.open_run(cfg)
+    device, seeds, heldout, run_ = train_eva.start_run(cfg)
     print0(f"online eva: {len(seeds)} seed prompts, {len(heldout)} held-out, solver {cfg.model}, reward {cfg.reward}, "
            f"{cfg.online_algo} k={cfg.n_samples} beta={kl_weight(cfg)}, {cfg.online_steps} steps x "
            f"{cfg.online_prompts} prompts, creator every {cfg.evolve_every} steps, world size "

@@ -474,20 +474,27 @@ def load_models(cfg: Config, run: rundir.Run, device):
     return policy, masters, tokenizer, scorer, creator_lm
 
 
+def start_run(cfg: Config) -> tuple[torch.device, list[dict], list[dict], rundir.Run]:
+    """Ranks up, the prompt files read and the models found, then the run folder opened: bad input stops a run
+    here, before a folder is created or a model is loaded. Returns (device, seed prompts, held-out prompts, run)."""
+    device = parallel.init()
+    torch.manual_seed(cfg.seed)
+    seeds = read_prompts(cfg.seed_prompts, cfg.reward, cfg.max_seed_prompts)
+    heldout = read_prompts(cfg.heldout_prompts, "rules", cfg.max_heldout_prompts) if cfg.heldout_prompts else []
+    if cfg.online and len(seeds) < cfg.online_prompts:
+        raise ValueError(f"--online_prompts {cfg.online_prompts}: {cfg.seed_prompts} has only {len(seeds)} prompts")
+    model.resolve(cfg.model)
+    if cfg.creator != "self" and not cfg.creator.startswith("endpoint:"):
+        model.resolve(cfg.creator)
+    return device, seeds, heldout, rundir.open_run(cfg)
+
+
 def main(argv=None) -> None:
     cfg = parse_config(argv)
     if cfg.online:  # online eva: the creator evolves the pool while the solver trains; it reuses this file's phases
         import online
         return online.run(cfg)
-    device = parallel.init()
-    torch.manual_seed(cfg.seed)
-    # Bad input stops the run here, before a run folder is created or a model is loaded.
-    seeds = read_prompts(cfg.seed_prompts, cfg.reward, cfg.max_seed_prompts)
-    heldout = read_prompts(cfg.heldout_prompts, "rules", cfg.max_heldout_prompts) if cfg.heldout_prompts else []
-    model.resolve(cfg.model)
-    if cfg.creator not in ("self",) and not cfg.creator.startswith("endpoint:"):
-        model.resolve(cfg.creator)
-    run = rundir.open_run(cfg)
+    device, seeds, heldout, run = start_run(cfg)
     print0(f"eva: {len(seeds)} seed prompts, {len(heldout)} held-out, solver {cfg.model}, reward {cfg.reward}, "
            f"loss {cfg.loss}, world size {parallel.world_size()}, device {device}")
     policy, masters, tokenizer, scorer, creator_lm = load_models(cfg, run, device)
