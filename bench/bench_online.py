@@ -19,11 +19,9 @@ pays for it. Each run is a fresh process, eva and TRL alternating (--repeats eac
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -31,6 +29,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+import bench_train  # noqa: E402  (its fresh-process runner)
 
 K, PROMPTS_PER_STEP, MICRO_PROMPTS, MAX_NEW_TOKENS, LR, BETA = 4, 8, 4, 48, 2e-4, 0.05
 
@@ -137,22 +138,10 @@ def main() -> None:
     if args.side:
         print(json.dumps(worker(args)))
         return
-    sides = ["eva"]
-    if importlib.util.find_spec("trl") is None:
-        print("TRL is not installed in this Python, so its column is skipped; to compare, install it (benchmark-only) "
-              "with `pip install trl` and rerun.")
-    else:
+    results = bench_train.alternate_sides(__file__, args.repeats, {**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+    sides = list(results)
+    if "trl" in sides:
         import trl
-        sides.append("trl")
-    results = {side: [] for side in sides}
-    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
-    for _ in range(args.repeats):
-        for side in sides:
-            out = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--side", side], capture_output=True,
-                                 text=True, env=env)
-            if out.returncode != 0:
-                sys.exit(f"{side} failed:\n{out.stderr[-3000:]}")
-            results[side].append(json.loads(out.stdout.strip().splitlines()[-1]))
     import torch
     print(f"model {args.model} + LoRA r16/alpha 32, RLOO k={K}, {PROMPTS_PER_STEP} prompts per step, up to "
           f"{MAX_NEW_TOKENS} new tokens, {args.steps} steps per run, {args.threads} threads, torch "

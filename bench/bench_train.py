@@ -150,6 +150,26 @@ def worker(args: argparse.Namespace) -> dict:
         return dict(seconds=seconds, peak=peak - before, tokens=tokens, loss=first_loss())
 
 
+def alternate_sides(script: str, repeats: int, env: dict) -> dict:
+    """Run `script` again with --side eva and --side trl (TRL only where installed), `repeats` times each,
+    alternating, each in a fresh process; {side: [the JSON each run printed last]}."""
+    sides = ["eva"]
+    if importlib.util.find_spec("trl") is None:
+        print("TRL is not installed in this Python, so its column is skipped; to compare, install it (benchmark-only) "
+              "with `pip install trl` and rerun.")
+    else:
+        sides.append("trl")
+    results = {side: [] for side in sides}
+    for _ in range(repeats):
+        for side in sides:
+            out = subprocess.run([sys.executable, script, *sys.argv[1:], "--side", side], capture_output=True,
+                                 text=True, env=env)
+            if out.returncode != 0:
+                sys.exit(f"{side} failed:\n{out.stderr[-3000:]}")
+            results[side].append(json.loads(out.stdout.strip().splitlines()[-1]))
+    return results
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="default", help="model spec for model.load_model")
@@ -166,22 +186,11 @@ def main() -> None:
         return
 
     make_pairs(args.pairs)  # build the cache once, before any timed run
-    sides = ["eva"]
-    if importlib.util.find_spec("trl") is None:
-        print("TRL is not installed in this Python, so its column is skipped; to compare, install it (benchmark-only) "
-              "with `pip install trl` and rerun.")
-    else:
-        import trl
-        sides.append("trl")
-    results = {side: [] for side in sides}
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072", "TOKENIZERS_PARALLELISM": "false"}
-    for _ in range(args.repeats):
-        for side in sides:
-            out = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--side", side], capture_output=True,
-                                 text=True, env=env)
-            if out.returncode != 0:
-                sys.exit(f"{side} failed:\n{out.stderr[-3000:]}")
-            results[side].append(json.loads(out.stdout.strip().splitlines()[-1]))
+    results = alternate_sides(__file__, args.repeats, env)
+    sides = list(results)
+    if "trl" in sides:
+        import trl
     tokens = results["eva"][0]["tokens"]
     import torch
     print(f"model {args.model} {'+ LoRA r16/alpha 32' if args.lora else 'full fine-tuning'}, {args.pairs} pairs "

@@ -219,46 +219,64 @@ def plot(results: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def add_common_args(parser: argparse.ArgumentParser) -> None:
+    """The flags both comparisons (this file, online_vs_rloo.py) share; --train_args must come last."""
     parser.add_argument("--out", required=True, help="folder for every run and the results")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="one baseline and one eva run each")
-    parser.add_argument("--iterations", type=int, default=3, help="iterations after the shared iteration 0")
-    parser.add_argument("--loss", default="dpo", help="the preference loss of both arms")
-    parser.add_argument("--pairs", type=int, default=48, help="training pairs per iteration, the same in both arms")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="one run per arm each")
     parser.add_argument("--eval_max_new_tokens", type=int, default=256, help="held-out answer budget (greedy)")
     parser.add_argument("--heldout", default=str(ROOT / "data" / "heldout_prompts.jsonl"))
-    parser.add_argument("--ifeval", default="", help="an IFEval-format file for iteration 0 and each arm's last")
+    parser.add_argument("--ifeval", default="", help="an IFEval-format file to score the start and final solvers on")
     parser.add_argument("--ifeval_max_new_tokens", type=int, default=512)
     parser.add_argument("--ifeval_batch_size", type=int, default=64)
     parser.add_argument("--workers", type=int, default=1, help="jobs side by side (each gets cores / workers)")
     parser.add_argument("--train_args", nargs=argparse.REMAINDER, default=[], help="passed on to train_eva.py")
+
+
+def parse(parser: argparse.ArgumentParser) -> tuple[argparse.Namespace, Path, dict]:
+    """(options, output folder, held-out records by id); a missing --ifeval file is named before any work."""
     opts = parser.parse_args()
     if opts.ifeval and not Path(opts.ifeval).is_file():
         parser.error(f"--ifeval {opts.ifeval}: no such file")
     out = Path(opts.out)
     out.mkdir(parents=True, exist_ok=True)
-    heldout_path = opts.heldout
+    path = opts.heldout
     if "--heldout_prompts" in opts.train_args:
-        heldout_path = opts.train_args[opts.train_args.index("--heldout_prompts") + 1]
-    heldout = {str(r.get("id", r.get("key"))): r for r in files.read_jsonl(heldout_path)}
+        path = opts.train_args[opts.train_args.index("--heldout_prompts") + 1]
+    return opts, out, {str(r.get("id", r.get("key"))): r for r in files.read_jsonl(path)}
+
+
+def run_jobs(jobs: list[tuple], workers: int) -> None:
+    """(function, *args) jobs, `workers` at a time, started in list order; the first failure stops the command."""
+    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+        for job in concurrent.futures.as_completed([pool.submit(*job) for job in jobs]):
+            job.result()
+
+
+def write_results(out: Path, results: dict, table: str, plot_results, start: float) -> None:
+    minutes = (time.time() - start) / 60
+    (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+    (out / "results.md").write_text(f"{table}\n\n(wall time of this invocation: {minutes:.1f} min)\n")
+    plot_results(results, out / "results.png")
+    print(table)
+    print(f"wall time {minutes:.1f} min; results in {out}/results.md")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    add_common_args(parser)
+    parser.add_argument("--iterations", type=int, default=3, help="iterations after the shared iteration 0")
+    parser.add_argument("--loss", default="dpo", help="the preference loss of both arms")
+    parser.add_argument("--pairs", type=int, default=48, help="training pairs per iteration, the same in both arms")
+    opts, out, heldout = parse(parser)
     start, cores = time.time(), os.cpu_count() or 1
     iteration_zero(out, opts, cores)
     threads = max(1, cores // opts.workers)
     jobs = [(run_arm, out, s, arm, opts, threads) for s in opts.seeds for arm in ARMS]
     if opts.ifeval:  # after seed 0's arms: the first seed is complete first
         jobs.insert(2, (arm_ifeval, out / "iter0", 0, opts, threads))
-    with concurrent.futures.ThreadPoolExecutor(opts.workers) as pool:
-        for job in concurrent.futures.as_completed([pool.submit(*job) for job in jobs]):
-            job.result()
+    run_jobs(jobs, opts.workers)
     results = measure(out, opts.seeds, heldout, opts)
-    table = summarize(results)
-    minutes = (time.time() - start) / 60
-    (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
-    (out / "results.md").write_text(f"{table}\n\n(wall time of this invocation: {minutes:.1f} min)\n")
-    plot(results, out / "results.png")
-    print(table)
-    print(f"wall time {minutes:.1f} min; results in {out}/results.md")
+    write_results(out, results, summarize(results), plot, start)
 
 
 if __name__ == "__main__":

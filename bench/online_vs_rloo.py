@@ -15,7 +15,6 @@ eva-minus-rloo difference with a 95% t interval; the plot the reward curves and 
 bench/eva_vs_baseline.py; writes <out>/results.json, results.md and results.png.
 """
 import argparse
-import concurrent.futures
 import json
 import os
 import sys
@@ -141,40 +140,16 @@ def plot(results: dict, path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--out", required=True, help="folder for every run and the results")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="one rloo and one eva run each")
-    parser.add_argument("--eval_max_new_tokens", type=int, default=256, help="held-out answer budget (greedy)")
-    parser.add_argument("--heldout", default=str(ROOT / "data" / "heldout_prompts.jsonl"))
-    parser.add_argument("--ifeval", default="", help="an IFEval-format file for the start and every final solver")
-    parser.add_argument("--ifeval_max_new_tokens", type=int, default=512)
-    parser.add_argument("--ifeval_batch_size", type=int, default=64)
+    compare.add_common_args(parser)
     parser.add_argument("--start_model", default="default", help="the model the runs start from (for its IFEval)")
-    parser.add_argument("--workers", type=int, default=1, help="jobs side by side (each gets cores / workers)")
-    parser.add_argument("--train_args", nargs=argparse.REMAINDER, default=[], help="passed on to train_eva.py")
-    opts = parser.parse_args()
-    if opts.ifeval and not Path(opts.ifeval).is_file():
-        parser.error(f"--ifeval {opts.ifeval}: no such file")
-    out = Path(opts.out)
-    out.mkdir(parents=True, exist_ok=True)
-    heldout_path = opts.heldout
-    if "--heldout_prompts" in opts.train_args:
-        heldout_path = opts.train_args[opts.train_args.index("--heldout_prompts") + 1]
-    heldout = {str(r.get("id", r.get("key"))): r for r in files.read_jsonl(heldout_path)}
+    opts, out, heldout = compare.parse(parser)
     start, threads = time.time(), max(1, (os.cpu_count() or 1) // opts.workers)
     jobs = [(run_arm, out, s, arm, opts, threads) for s in opts.seeds for arm in ARMS]
     if opts.ifeval:  # after the first seed's runs
         jobs.insert(2, (compare.official_ifeval, opts.start_model, out / "start_ifeval.json", opts, threads))
-    with concurrent.futures.ThreadPoolExecutor(opts.workers) as pool:
-        for job in concurrent.futures.as_completed([pool.submit(*job) for job in jobs]):
-            job.result()
+    compare.run_jobs(jobs, opts.workers)
     results = measure(out, heldout, opts)
-    table = summarize(results)
-    minutes = (time.time() - start) / 60
-    (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
-    (out / "results.md").write_text(f"{table}\n\n(wall time of this invocation: {minutes:.1f} min)\n")
-    plot(results, out / "results.png")
-    print(table)
-    print(f"wall time {minutes:.1f} min; results in {out}/results.md")
+    compare.write_results(out, results, summarize(results), plot, start)
 
 
 if __name__ == "__main__":
