@@ -110,11 +110,6 @@ def reference_logps(solver, encoded: list[dict], cfg: Config, device) -> torch.T
     return torch.tensor(parallel.sharded(work, list(range(len(encoded))), desc="reference"), dtype=torch.float32)
 
 
-def pad_id(solver) -> int:
-    config = solver.config
-    return config.pad_token_id if config.pad_token_id is not None else (config.eos_token_id or 0)
-
-
 def lr_at(step: int, total: int, cfg: Config) -> float:
     """Linear warmup then cosine decay to zero, as a multiplier of --lr."""
     warmup = max(1, round(cfg.warmup_ratio * total))
