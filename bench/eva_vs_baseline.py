@@ -115,7 +115,7 @@ def measure(out: Path, seeds: list[int], heldout: dict, opts) -> dict:
     """results[arm][k][seed] = row of metrics (iteration 0 is arm "iter0", k 0, under every seed)."""
     row0, rewards0 = held_out(out / "iter0", "eval_end.json", heldout)
     if opts.ifeval:
-        official = arm_ifeval(out / "iter0", 0, opts, 0)
+        official = arm_ifeval(out / "iter0", 0, opts, os.cpu_count() or 1)
         row0.update(ifeval_prompt_level=official["prompt_level"], ifeval_instruction_level=official["instruction_level"])
     results = {"iter0": {0: {s: row0 for s in seeds}}}
     for arm in ARMS:
@@ -129,7 +129,7 @@ def measure(out: Path, seeds: list[int], heldout: dict, opts) -> dict:
                 pairs = files.read_jsonl(folder / f"iter_{k}" / "pairs.jsonl")
                 row.update(pairs=len(pairs), evolved_pairs=sum(p["source"] == "evolved" for p in pairs))
                 if opts.ifeval and k == opts.iterations:
-                    official = arm_ifeval(folder, k, opts, 0)
+                    official = arm_ifeval(folder, k, opts, os.cpu_count() or 1)
                     row.update(ifeval_prompt_level=official["prompt_level"],
                                ifeval_instruction_level=official["instruction_level"])
                 results[arm][k][s] = row
