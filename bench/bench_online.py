@@ -139,14 +139,9 @@ def main() -> None:
         print(json.dumps(worker(args)))
         return
     results = bench_train.alternate_sides(__file__, args.repeats, {**os.environ, "TOKENIZERS_PARALLELISM": "false"})
-    sides = list(results)
-    if "trl" in sides:
-        import trl
-    import torch
     print(f"model {args.model} + LoRA r16/alpha 32, RLOO k={K}, {PROMPTS_PER_STEP} prompts per step, up to "
-          f"{MAX_NEW_TOKENS} new tokens, {args.steps} steps per run, {args.threads} threads, torch "
-          f"{torch.__version__}" + (f", trl {trl.__version__}" if "trl" in sides else "")
-          + f"; {args.repeats} fresh runs per side, alternating")
+          f"{MAX_NEW_TOKENS} new tokens, {args.steps} steps per run, {args.threads} threads, "
+          f"{bench_train.versions(results)}; {args.repeats} fresh runs per side, alternating")
     print(f"{'side':<5} {'steps/s best':>12} {'median':>8} {'s/step med':>10} {'generation share':>16} "
           f"{'mean length':>11} {'mean reward':>11}")
     summary = {}

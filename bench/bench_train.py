@@ -170,6 +170,16 @@ def alternate_sides(script: str, repeats: int, env: dict) -> dict:
     return results
 
 
+def versions(sides) -> str:
+    """torch's version, and TRL's when it ran: for the header line of a side-by-side table."""
+    import torch
+    text = f"torch {torch.__version__}"
+    if "trl" in sides:
+        import trl
+        text += f", trl {trl.__version__}"
+    return text
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="default", help="model spec for model.load_model")
@@ -188,15 +198,10 @@ def main() -> None:
     make_pairs(args.pairs)  # build the cache once, before any timed run
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072", "TOKENIZERS_PARALLELISM": "false"}
     results = alternate_sides(__file__, args.repeats, env)
-    sides = list(results)
-    if "trl" in sides:
-        import trl
     tokens = results["eva"][0]["tokens"]
-    import torch
     print(f"model {args.model} {'+ LoRA r16/alpha 32' if args.lora else 'full fine-tuning'}, {args.pairs} pairs "
           f"({tokens} training tokens), DPO, batch 8 (2 x 4), 1 epoch, device {args.device}, {args.threads} "
-          f"threads, torch {torch.__version__}" + (f", trl {trl.__version__}" if "trl" in sides else "")
-          + f"; {args.repeats} fresh runs per side, alternating")
+          f"threads, {versions(results)}; {args.repeats} fresh runs per side, alternating")
     print(f"{'side':<5} {'pairs/s best':>12} {'median':>7} {'tokens/s best':>14} {'median':>7} "
           f"{'peak MiB best':>14} {'median':>7} {'step-1 loss':>12}")
     summary = {}
