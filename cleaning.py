@@ -9,7 +9,7 @@ import json
 import re
 from collections import Counter
 
-import instructions
+import constraints
 
 _ECHO_MARKERS = ("worded the way a real user would write it", "each new request is one", "new request:",
                  "reply with the new request only", "here is a request that someone sent")
@@ -164,7 +164,7 @@ def _near_text(record: dict) -> str:
     # Near-duplicates are judged on the task: the constraint sentences two prompts share would otherwise make a
     # wholly new request look like a copy of its parent (and the constraints themselves are in the signature).
     task = record.get("task")
-    return task if isinstance(task, str) and task.strip() else (instructions.split_task(record) or record["prompt"])
+    return task if isinstance(task, str) and task.strip() else (constraints.split_task(record) or record["prompt"])
 
 
 def new_index() -> dict:

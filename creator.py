@@ -5,7 +5,7 @@
 informativeness is the reward gap max - min by default (NaN where a prompt's rewards all tie); select draws prompts
 weighted by it; evolve grows a chain of up to `depth` rewrites from each selected prompt, one EVOLVE_METHODS method
 per link, cleaned and de-duplicated. Under the rules reward the creator LLM rewrites only a prompt's task and the
-constraints stay in code (instructions.py): add_constraints is the in-code constraint_step, which also replaces a
+constraints stay in code (constraints.py): add_constraints is the in-code constraint_step, which also replaces a
 rejected rewrite only when every candidate the creator sampled for that link was rejected. Each method's message
 ends with worked examples and the label "New request:", so even a small model continues with one request.
 `complete` is local_completer (the solver itself, or any local model) or endpoint_completer (an OpenAI-compatible
@@ -21,6 +21,7 @@ from typing import Callable
 import numpy as np
 
 import cleaning
+import constraints
 import instructions
 import losses
 
@@ -249,7 +250,7 @@ def _child(node: dict, *, task: str, ids: list[str], kwargs: list[dict], method:
     """A child prompt record, plus "task" (the request without its constraint sentences), "root" (the pool prompt
     its chain grew from), "step" (1..K along the chain) and "fallback_from" (the LLM method whose rejected rewrite
     the in-code constraint step replaced). evolve sets its id: "<root>.i<iteration>.<step>"."""
-    return {"id": None, "prompt": instructions.compose_prompt(task, ids, kwargs) if verifiable else task,
+    return {"id": None, "prompt": constraints.compose_prompt(task, ids, kwargs) if verifiable else task,
             "instruction_id_list": ids, "kwargs": kwargs, "parent": node["id"], "iteration": iteration,
             "method": method, "task": task, "root": root, "step": step, "fallback_from": fallback_from}
 
@@ -261,12 +262,12 @@ def _constraint_child(node: dict, task: str | None, ids: list[str], kwargs: list
     With a task the child's prompt is re-composed (task + every constraint's sentence). Without one (a prompt whose
     task could not be split off) a constraint can only be added: its sentence goes after the unchanged old text.
     """
-    stepped = instructions.constraint_step(task if task is not None else node["prompt"], ids, kwargs, rng,
+    stepped = constraints.constraint_step(task if task is not None else node["prompt"], ids, kwargs, rng,
                                            max_constraints, tighten=task is not None)
     if stepped is None:
         return None
     new_ids, new_kwargs, action = stepped
-    prompt = instructions.compose_prompt(task, new_ids, new_kwargs) if task is not None else \
+    prompt = constraints.compose_prompt(task, new_ids, new_kwargs) if task is not None else \
         node["prompt"].strip() + " " + instructions.describe_instruction(new_ids[-1], new_kwargs[-1])
     return ({"id": None, "prompt": prompt, "instruction_id_list": new_ids, "kwargs": new_kwargs,
              "parent": node["id"], "method": "add_constraints", "task": task}, action)
@@ -275,7 +276,7 @@ def _constraint_child(node: dict, task: str | None, ids: list[str], kwargs: list
 def evolve(parents: list[dict], complete: Callable[[list[str]], list[str | None]], *, depth: int = 4,
            kinds: str = "all", seed: int = 0, iteration: int = 1, verifiable: bool = True, pool: list[dict] = (),
            fallback: bool = True, near_duplicate: float = 0.85, max_ratio: float = 2.0,
-           max_constraints: int = instructions.MAX_CONSTRAINTS) -> tuple[list[dict], dict]:
+           max_constraints: int = constraints.MAX_CONSTRAINTS) -> tuple[list[dict], dict]:
     """Evolve every parent into a chain of up to `depth` children; returns (children, stats).
 
     One link per step for all chains at once, so `complete` is called once per step with every chain's creator
@@ -321,7 +322,7 @@ def evolve(parents: list[dict], complete: Callable[[list[str]], list[str | None]
         where = f"parent {p.get('id')}"
         ids, kwargs = _constraints(p, where) if verifiable else ([], [])
         nodes.append(p)
-        tasks.append(instructions.split_task(p, verifiable))
+        tasks.append(constraints.split_task(p, verifiable))
         cons.append((ids, kwargs))
     rngs = [np.random.default_rng([seed & 0x7FFFFFFFFFFFFFFF, c]) for c in range(len(parents))]
     children = []
@@ -416,7 +417,7 @@ def _written_child(node: dict, task: str, raw: str | None, ids: list[str], kwarg
         return None, reason, False
     cut = False
     if verifiable and ids:
-        kept_text = instructions.drop_rule_sentences(text)
+        kept_text = constraints.drop_rule_sentences(text)
         if not kept_text:
             return None, "empty", False
         cut, text = kept_text != text.strip(), kept_text
@@ -459,7 +460,7 @@ def local_completer(model, tokenizer, *, seed: int = 0, batch_size: int = 16, ca
         calls[0] += 1
 
         def run(local: list[tuple[int, str]]) -> list[list[str]]:
-            out = generate.halve_on_oom(lambda size: generate.sample(
+            out = parallel.halve_on_oom(lambda size: generate.sample(
                 model, tokenizer, [m for _, m in local], n=candidates,
                 seeds=[parallel.stable_seed(seed, call, i) for i, _ in local], batch_size=size, stop=list(stop),
                 chat=chat, **sample_kwargs), batch_size, "creator: sampling")

@@ -18,7 +18,6 @@ import argparse
 import contextlib
 import functools
 import inspect
-import sys
 from dataclasses import dataclass
 
 import torch
@@ -337,38 +336,6 @@ def _decode_step(model, tokens: torch.Tensor, positions: torch.Tensor, masks, ca
 
 
 # ----------------------------------------------------------------------------- the sampler
-
-def is_out_of_memory(err: BaseException) -> bool:
-    """An accelerator out-of-memory error, whichever class the backend raised it as."""
-    return isinstance(err, torch.cuda.OutOfMemoryError) or (isinstance(err, RuntimeError)
-                                                             and "out of memory" in str(err).lower())
-
-
-def halve_on_oom(fn, batch_size: int, what: str):
-    """fn(batch_size); after an out-of-memory error, free the cache and retry with half the batch, down to 1.
-
-    Only for work whose results do not depend on the batch size (sample() seeds every prompt on its own), so
-    a retry changes the speed and nothing else. Out of memory with a batch of 1 stops the run with one line. Local
-    to this rank: the collectives of parallel.sharded come after fn, so the other ranks simply wait.
-    """
-    while True:
-        try:
-            return fn(batch_size)
-        except RuntimeError as err:
-            if not is_out_of_memory(err):
-                raise
-            message = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        # Out of the except block, so the traceback's frames (and the tensors they hold) are freed first.
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-        if batch_size <= 1:
-            raise SystemExit(f"error: {what}: out of memory even with a batch of 1 ({message}); lower "
-                             f"--max_new_tokens or --max_prompt_tokens, or use a larger device")
-        batch_size //= 2
-        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-        print(f"[rank {rank}] {what}: out of memory ({message}); retrying with batch size {batch_size}",
-              file=sys.stderr, flush=True)
-
 
 def _eos_ids(model, tokenizer) -> list[int]:
     ids = model.generation_config.eos_token_id if getattr(model, "generation_config", None) else None

@@ -1,4 +1,5 @@
-"""torch.distributed for eva: who am I, how many are we, split-a-list-then-gather-it, and FSDP2 shard/gather.
+"""torch.distributed for eva: who am I, how many are we, split-a-list-then-gather-it, FSDP2 shard/gather, and a
+batch retried at half size after out-of-memory (each rank on its own).
 
 Every phase of eva (sampling, reward scoring, the creator's rewrites) is "do something to each item of a list".
 Under torchrun each rank takes the strided shard items[rank::world], and the results are gathered back to every
@@ -10,6 +11,7 @@ rank in the original order, so the code after a sharded call is the same on all 
     rewards = parallel.sharded(score_fn, responses)  # every rank gets the full list back
 """
 import os
+import sys
 import zlib
 from datetime import timedelta
 
@@ -132,3 +134,34 @@ def fsdp_gather(sharded: torch.nn.Module, plain: torch.nn.Module) -> None:
     for name, param in sharded.named_parameters():
         full = param.full_tensor() if isinstance(param, DTensor) else param  # all-gather of one parameter
         targets[name].copy_(full)
+
+
+def is_out_of_memory(err: BaseException) -> bool:
+    """An accelerator out-of-memory error, whichever class the backend raised it as."""
+    return isinstance(err, torch.cuda.OutOfMemoryError) or (isinstance(err, RuntimeError)
+                                                             and "out of memory" in str(err).lower())
+
+
+def halve_on_oom(fn, batch_size: int, what: str):
+    """fn(batch_size); after an out-of-memory error, free the cache and retry with half the batch, down to 1.
+
+    Only for work whose results do not depend on the batch size (sample() seeds every prompt on its own), so
+    a retry changes the speed and nothing else. Out of memory with a batch of 1 stops the run with one line. Local
+    to this rank: the collectives of sharded() come after fn, so the other ranks simply wait.
+    """
+    while True:
+        try:
+            return fn(batch_size)
+        except RuntimeError as err:
+            if not is_out_of_memory(err):
+                raise
+            message = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        # Out of the except block, so the traceback's frames (and the tensors they hold) are freed first.
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        if batch_size <= 1:
+            raise SystemExit(f"error: {what}: out of memory even with a batch of 1 ({message}); lower "
+                             f"--max_new_tokens or --max_prompt_tokens, or use a larger device")
+        batch_size //= 2
+        print(f"[rank {rank()}] {what}: out of memory ({message}); retrying with batch size {batch_size}",
+              file=sys.stderr, flush=True)

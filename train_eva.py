@@ -287,14 +287,14 @@ def sample_and_score(policy, tokenizer, scorer, records: list[dict], cfg: Config
 
     def work(indices: list[int]) -> list[dict]:
         batch = [records[i] for i in indices]
-        out = generate.halve_on_oom(lambda size: generate.sample(
+        out = parallel.halve_on_oom(lambda size: generate.sample(
             policy, tokenizer, [r["prompt"] for r in batch], n=cfg.n_samples, max_new_tokens=cfg.max_new_tokens,
             temperature=cfg.temperature, top_p=cfg.top_p, seeds=[seeds[i] for i in indices], batch_size=size,
             progress=parallel.is_main()), cfg.gen_batch_size, f"{phase}: sampling")
         flat_prompts = [r for r in batch for _ in range(cfg.n_samples)]
         flat_responses = [text for texts in out.texts for text in texts]
         # One call as long as memory allows; after an out-of-memory error, the same items in smaller calls.
-        flat_scores = generate.halve_on_oom(
+        flat_scores = parallel.halve_on_oom(
             lambda size: [score for s in range(0, len(flat_responses), size)
                           for score in scorer.score(flat_prompts[s:s + size], flat_responses[s:s + size])],
             max(1, len(flat_responses)), f"{phase}: scoring")
@@ -337,7 +337,7 @@ def drop_long_prompts(records: list[dict], tokenizer, cfg: Config, where: str) -
 # ------------------------------------------------------------------------------------------------- evaluation
 def evaluate(policy, tokenizer, records: list[dict], cfg: Config) -> dict:
     """Held-out constraint accuracy with greedy answers (IFEval's strict prompt- and instruction-level)."""
-    result = generate.halve_on_oom(lambda size: evaluate_ifeval(policy, tokenizer, records, batch_size=size,
+    result = parallel.halve_on_oom(lambda size: evaluate_ifeval(policy, tokenizer, records, batch_size=size,
                                                                 max_new_tokens=cfg.eval_max_new_tokens,
                                                                 progress=parallel.is_main()),
                                    cfg.gen_batch_size, "held-out evaluation")

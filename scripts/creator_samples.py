@@ -14,8 +14,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import cleaning  # noqa: E402
+import constraints  # noqa: E402
 import creator  # noqa: E402
-import instructions  # noqa: E402
 import model  # noqa: E402
 import train_eva  # noqa: E402
 
@@ -73,7 +73,7 @@ def main() -> None:
     for k, i in enumerate(sorted(int(i) for i in picks), 1):
         child = written[i]
         parent = by_id[child["parent"]]
-        parent_task = parent.get("task") or instructions.split_task(parent)
+        parent_task = parent.get("task") or constraints.split_task(parent)
         print(f"{k}. **{child['method']}** (step {child['step']})\n   - parent: {parent_task}\n"
               f"   - rewrite: {child['task']}\n")
 

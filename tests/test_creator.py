@@ -1,4 +1,4 @@
-"""Tests of creator.py: metrics, selection, templates, parsing, de-duplication, constraint steps (instructions.py),
+"""Tests of creator.py: metrics, selection, templates, parsing, de-duplication, constraint steps (constraints.py),
 chains, pairs, the mix, lineage (report.py), and the endpoint back-end over real HTTP against a local server.
 
     .venv/bin/python -m pytest tests/test_creator.py -x -q
@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 import cleaning
+import constraints
 import creator
 import instructions
 import report
@@ -215,19 +216,19 @@ def test_near_duplicates_must_share_constraints():
 
 def test_split_task_keeps_the_request_and_drops_rule_sentences():
     r = seed_records()
-    assert instructions.split_task(r[0]) == "Write a short poem about the first snowfall of the year."
-    assert instructions.split_task(r[1]) == "Why do leaves change color in autumn?"
-    assert instructions.split_task({**r[1], "task": "Own task."}) == "Own task."
-    assert instructions.split_task(r[1], verifiable=False) == r[1]["prompt"]
+    assert constraints.split_task(r[0]) == "Write a short poem about the first snowfall of the year."
+    assert constraints.split_task(r[1]) == "Why do leaves change color in autumn?"
+    assert constraints.split_task({**r[1], "task": "Own task."}) == "Own task."
+    assert constraints.split_task(r[1], verifiable=False) == r[1]["prompt"]
     interleaved = {**r[1], "prompt": "I get nervous before job interviews. The word \"practice\" should appear 2 or "
                                      "more times. What can I do?"}
-    assert instructions.split_task(interleaved) == "I get nervous before job interviews. What can I do?"
+    assert constraints.split_task(interleaved) == "I get nervous before job interviews. What can I do?"
 
 
 def test_tightening_number_words():
     rng = np.random.default_rng(0)
     ids, kwargs = ["length_constraints:number_words"], [{"relation": "less than", "num_words": 80}]
-    out = instructions.constraint_step("Write a poem.", ids, kwargs, rng, max_constraints=1)
+    out = constraints.constraint_step("Write a poem.", ids, kwargs, rng, max_constraints=1)
     assert out == (ids, [{"relation": "less than", "num_words": 60}], "tightened length_constraints:number_words")
 
 
@@ -240,14 +241,14 @@ def test_constraint_steps_stay_valid_compatible_and_bounded():
                   (["punctuation:no_comma", "detectable_format:title"], [{}, {}])]
         ids, kwargs = starts[s % 3]
         for step in range(12):
-            out = instructions.constraint_step(task, ids, kwargs, rng)
+            out = constraints.constraint_step(task, ids, kwargs, rng)
             if out is None:  # only once the set is full and every constraint is at its bound
-                assert step >= 4 and len(ids) == instructions.MAX_CONSTRAINTS, (step, ids, kwargs)
-                assert all(instructions._tightened(i, k, task, ids, kwargs) is None for i, k in zip(ids, kwargs))
+                assert step >= 4 and len(ids) == constraints.MAX_CONSTRAINTS, (step, ids, kwargs)
+                assert all(constraints._tightened(i, k, task, ids, kwargs) is None for i, k in zip(ids, kwargs))
                 break
             ids, kwargs, action = out
             actions.add(action.split()[0])
-            assert len(ids) <= instructions.MAX_CONSTRAINTS and instructions.compatible(ids, kwargs), (ids, kwargs)
+            assert len(ids) <= constraints.MAX_CONSTRAINTS and constraints.compatible(ids, kwargs), (ids, kwargs)
             instructions.validate_record({"id": "x", "instruction_id_list": ids, "kwargs": kwargs})
             if s % 3 == 0:
                 assert "change_case:english_capital" not in ids and "change_case:capital_word_frequency" not in ids
@@ -255,12 +256,12 @@ def test_constraint_steps_stay_valid_compatible_and_bounded():
 
 
 def test_compatible_rules():
-    assert not instructions.compatible(["change_case:english_lowercase", "change_case:english_capital"], [{}, {}])
-    assert not instructions.compatible(["detectable_format:json_format", "detectable_format:title"], [{}, {}])
-    assert not instructions.compatible(["punctuation:no_comma", "startend:end_checker"], [{}, {"end_phrase": "Yes, bye."}])
-    assert not instructions.compatible(["keywords:existence", "keywords:forbidden_words"],
+    assert not constraints.compatible(["change_case:english_lowercase", "change_case:english_capital"], [{}, {}])
+    assert not constraints.compatible(["detectable_format:json_format", "detectable_format:title"], [{}, {}])
+    assert not constraints.compatible(["punctuation:no_comma", "startend:end_checker"], [{}, {"end_phrase": "Yes, bye."}])
+    assert not constraints.compatible(["keywords:existence", "keywords:forbidden_words"],
                                   [{"keywords": ["snow"]}, {"forbidden_words": ["snow"]}])
-    assert instructions.compatible(["punctuation:no_comma", "detectable_format:title"], [{}, {}])
+    assert constraints.compatible(["punctuation:no_comma", "detectable_format:title"], [{}, {}])
 
 
 # ------------------------------------------------------------------------------------------------ evolve

@@ -24,6 +24,7 @@ import endpoint
 import files
 import generate
 import losses
+import parallel
 import reward
 import rundir
 import train_eva
@@ -307,7 +308,7 @@ def test_oom_with_a_batch_of_one_stops_with_one_line():
         raise oom("CUDA out of memory. Tried to allocate 80.00 GiB\nmore detail")
 
     with pytest.raises(SystemExit) as err:
-        generate.halve_on_oom(always, 4, "generate: sampling")
+        parallel.halve_on_oom(always, 4, "generate: sampling")
     message = str(err.value.code)
     assert message.startswith("error: generate: sampling: out of memory even with a batch of 1 (CUDA out of memory")
     assert "\n" not in message and "--max_new_tokens" in message
@@ -318,7 +319,7 @@ def test_other_errors_are_not_taken_for_oom():
         raise RuntimeError("shape mismatch")
 
     with pytest.raises(RuntimeError, match="shape mismatch"):
-        generate.halve_on_oom(broken, 8, "sampling")
+        parallel.halve_on_oom(broken, 8, "sampling")
 
 
 def test_oom_in_evaluation_halves_the_batch(monkeypatch):
