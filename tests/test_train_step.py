@@ -3,9 +3,6 @@ fine-tuning.
 
     python -m pytest tests/test_train_step.py -q
 """
-import json
-
-import pytest
 import torch
 
 import creator
