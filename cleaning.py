@@ -163,8 +163,7 @@ def _signature(record: dict) -> str:
 def _near_text(record: dict) -> str:
     # Near-duplicates are judged on the task: the constraint sentences two prompts share would otherwise make a
     # wholly new request look like a copy of its parent (and the constraints themselves are in the signature).
-    task = record.get("task")
-    return task if isinstance(task, str) and task.strip() else (constraints.split_task(record) or record["prompt"])
+    return constraints.split_task(record) or record["prompt"]  # split_task prefers the record's own "task"
 
 
 def new_index() -> dict:

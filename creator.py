@@ -263,7 +263,7 @@ def _constraint_child(node: dict, task: str | None, ids: list[str], kwargs: list
     task could not be split off) a constraint can only be added: its sentence goes after the unchanged old text.
     """
     stepped = constraints.constraint_step(task if task is not None else node["prompt"], ids, kwargs, rng,
-                                           max_constraints, tighten=task is not None)
+                                          max_constraints, tighten=task is not None)
     if stepped is None:
         return None
     new_ids, new_kwargs, action = stepped

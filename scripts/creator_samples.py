@@ -73,7 +73,7 @@ def main() -> None:
     for k, i in enumerate(sorted(int(i) for i in picks), 1):
         child = written[i]
         parent = by_id[child["parent"]]
-        parent_task = parent.get("task") or constraints.split_task(parent)
+        parent_task = constraints.split_task(parent)
         print(f"{k}. **{child['method']}** (step {child['step']})\n   - parent: {parent_task}\n"
               f"   - rewrite: {child['task']}\n")
 

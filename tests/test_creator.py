@@ -260,7 +260,7 @@ def test_compatible_rules():
     assert not constraints.compatible(["detectable_format:json_format", "detectable_format:title"], [{}, {}])
     assert not constraints.compatible(["punctuation:no_comma", "startend:end_checker"], [{}, {"end_phrase": "Yes, bye."}])
     assert not constraints.compatible(["keywords:existence", "keywords:forbidden_words"],
-                                  [{"keywords": ["snow"]}, {"forbidden_words": ["snow"]}])
+                                 [{"keywords": ["snow"]}, {"forbidden_words": ["snow"]}])
     assert constraints.compatible(["punctuation:no_comma", "detectable_format:title"], [{}, {}])
 
 
