@@ -17,8 +17,9 @@ FAST = dict(backoff=0.01, timeout=2)
 
 class Handler(BaseHTTPRequestHandler):
     """Behaves by the last message's text: 'e429'/'e500' fail on the first call, 'e400' and 'always500' always fail,
-    'slow' sleeps 1 s on the first call, 'garbage' answers non-JSON, 'null' answers content null, 'wait' sleeps
-    0.2 s; anything else is echoed back upper-cased."""
+    'slow' sleeps 4 s on the first call, 'garbage' answers non-JSON, 'null' answers content null, 'gate' waits
+    (up to 5 s) until server.gate_n requests are in flight at once, then 0.1 s more; anything else is echoed back
+    upper-cased."""
 
     def log_message(self, *args):
         pass
@@ -36,12 +37,15 @@ class Handler(BaseHTTPRequestHandler):
             server.calls[text] = calls = server.calls.get(text, 0) + 1
             server.in_flight += 1
             server.peak = max(server.peak, server.in_flight)
+            if server.in_flight >= server.gate_n:
+                server.gate.set()
         self.counted = True
         try:
-            if text == "wait":
-                time.sleep(0.2)
+            if text == "gate":
+                server.gate.wait(5)  # concurrency is counted, not timed: a loaded machine only makes this slower
+                time.sleep(0.1)  # held open a moment so a request over the cap would be counted in the peak
             if text == "slow" and calls == 1:
-                time.sleep(1.0)
+                time.sleep(4.0)  # far past the client's timeout, so a loaded machine cannot blur the two
             if text in ("e429", "e500") and calls == 1:
                 return self._send(int(text[1:]), b'{"error": "try later"}', {"Retry-After": "0"})
             if text in ("e400", "always500"):
@@ -80,6 +84,7 @@ def server():
     srv = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     srv.daemon_threads = True
     srv.lock, srv.bodies, srv.headers, srv.calls, srv.in_flight, srv.peak = threading.Lock(), [], [], {}, 0, 0
+    srv.gate, srv.gate_n = threading.Event(), 1
     thread = threading.Thread(target=srv.serve_forever, daemon=True)
     thread.start()
     srv.url = f"http://127.0.0.1:{srv.server_address[1]}/v1"
@@ -125,7 +130,7 @@ def test_retries_on_429_500_timeout_and_garbage(server):
     assert endpoint.chat(server.url, "m", user("e429"), **FAST) == "E429"
     assert endpoint.chat(server.url, "m", user("e500"), **FAST) == "E500"
     assert server.calls["e429"] == 2 and server.calls["e500"] == 2
-    assert endpoint.chat(server.url, "m", user("slow"), retries=1, backoff=0.01, timeout=0.3) == "SLOW"
+    assert endpoint.chat(server.url, "m", user("slow"), retries=1, backoff=0.01, timeout=1.5) == "SLOW"
     assert server.calls["slow"] == 2
     with pytest.raises(endpoint.EndpointError, match=r"failed after 3 tries: malformed reply"):
         endpoint.chat(server.url, "m", user("garbage"), retries=2, **FAST)
@@ -140,14 +145,23 @@ def test_client_errors_are_not_retried(server):
     assert server.calls["e400"] == 1
 
 
+def open_gate_at(server, n: int):
+    """'gate' requests now wait until n are in flight at once; the peak count starts again."""
+    with server.lock:
+        server.gate.clear()
+        server.gate_n, server.peak = n, 0
+
+
 def test_chat_many_order_concurrency_and_failures(server, capsys):
-    texts = endpoint.chat_many(server.url, "m", [user("wait")] * 8 + [user(f"t{i}") for i in range(4)],
-                               concurrency=4, **FAST)
-    assert texts == ["WAIT"] * 8 + [f"T{i}" for i in range(4)]
-    assert 2 <= server.peak <= 4, f"expected up to 4 parallel requests, saw {server.peak}"
-    start = time.time()
-    endpoint.chat_many(server.url, "m", [user("wait")] * 8, concurrency=8, **FAST)
-    assert time.time() - start < 1.2, "8 requests of 0.2 s with 8 threads should overlap"
+    open_gate_at(server, 4)
+    texts = endpoint.chat_many(server.url, "m", [user("gate")] * 8 + [user(f"t{i}") for i in range(4)],
+                               concurrency=4, backoff=0.01, timeout=10)
+    assert texts == ["GATE"] * 8 + [f"T{i}" for i in range(4)]
+    assert server.peak == 4, f"expected exactly 4 parallel requests, saw {server.peak}"
+    open_gate_at(server, 8)
+    endpoint.chat_many(server.url, "m", [user("gate")] * 8, concurrency=8, backoff=0.01, timeout=10)
+    assert server.peak == 8, f"8 threads should have 8 requests in flight at once, saw {server.peak}"
+    assert server.calls["gate"] == 16, "a gate request was retried"
     mixed = endpoint.chat_many(server.url, "m", [user("a"), user("e400"), user("b")], **FAST)
     assert mixed == ["A", None, "B"]
     assert "1/3 calls failed" in capsys.readouterr().err

@@ -354,7 +354,7 @@ class JudgeHandler(BaseHTTPRequestHandler):
             server.auth.append(self.headers.get("Authorization"))
             server.models.append(body["model"])
         if "slow" in response and calls == 1:
-            time.sleep(1.0)
+            time.sleep(4.0)  # far past the client's timeout, so a loaded machine cannot blur the two
         if "broken" in response or ("flaky" in response and calls == 1):
             return self._send(500, {"error": "boom"})
         text = "I cannot judge this." if "mumble" in response else f"Fine.\nRating: {len(response.split())}"
@@ -387,7 +387,7 @@ def judge_server():
 def test_judge_scores_over_http(judge_server, monkeypatch, capsys):
     server, url = judge_server
     monkeypatch.setenv("JUDGE_KEY", "sekrit")
-    scorer = reward.load_reward(f"judge:{url}?model=tiny-judge&key_env=JUDGE_KEY&timeout=0.4&retries=2",
+    scorer = reward.load_reward(f"judge:{url}?model=tiny-judge&key_env=JUDGE_KEY&timeout=1.5&retries=2",
                                 backoff=0.01)
     responses = ["one two three", "slow reply of five words", "flaky reply", "broken reply", "mumble mumble",
                  " ".join(["w"] * 12)]
