@@ -3,7 +3,8 @@
     python train_eva.py                                   # the CPU demo: SmolLM2-135M, rules reward (README)
     python train_eva.py --preset smoke --run_dir runs/smoke   # a minute or two, what the tests run
     torchrun --nproc_per_node=8 train_eva.py --preset paper --run_dir runs/gemma   # the paper's setting
-    python train_eva.py --help                            # every field of Config below is a flag
+    python train_eva.py --help                            # every field of Config below is a flag, described
+    python train_eva.py --config run.yaml --lr 1e-4       # fields from a YAML/JSON file; flags win
 
 Iteration 0 is ordinary preference optimisation on the seed prompts. Each later iteration t is eva: estimate
 (N scored responses per pool prompt; info = reward gap), select (25% of the pool, weighted by info), evolve (the
@@ -13,11 +14,16 @@ writes iter_<t>/ then a `done_<phase>` marker; rerunning the same command resume
 """
 import argparse
 import dataclasses
+import inspect
+import io
 import json
 import math
 import os
+import re
 import sys
+import textwrap
 import time
+import tokenize
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,7 +52,7 @@ ROOT = Path(__file__).resolve().parent
 class Config:
     # --- run
     run_dir: str = "runs/demo"  # run folder; rerunning with the same folder resumes it
-    preset: str = "demo"  # defaults to start from: smoke | demo | paper (flags given explicitly win)
+    preset: str = "demo"  # defaults to start from: smoke | demo | paper | online (a --config file and flags win)
     seed: int = 0  # every random choice (sampling, selection, evolution, data order, LoRA init) derives from it
     allow_config_change: bool = False  # resume even if the config differs from the saved one
     # --- models and data
@@ -145,19 +151,88 @@ PAPER_LOSS_SETTINGS = {"dpo": dict(beta=0.05, lr=5e-7), "sppo": dict(beta=0.001,
                        "simpo": dict(beta=2.0, lr=5e-7), "orpo": dict(lr=5e-7), "ipo": dict(beta=0.1, lr=5e-7)}
 
 
-def parse_config(argv=None) -> Config:
-    """Flags from the dataclass fields; --preset picks the defaults, explicit flags override them."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
+# Fields with a fixed set of values: shown by --help, enforced by check_config (flags and --config files alike).
+CHOICES = dict(preset=tuple(PRESETS), loss=tuple(losses.LOSSES), info_metric=creator.METRICS,
+               selection=("weighted", "greedy", "uniform"), evolve_kinds=("all", "depth", "breadth"),
+               optimizer=("adamw", "rmsprop"), online_algo=("rloo", "grpo"), grpo_aggregation=("token", "sequence"))
+
+
+def field_docs() -> dict[str, tuple[str, str]]:
+    """{field: (section, comment)} read off Config's source, so the comment beside each field is its --help text."""
+    source = textwrap.dedent(inspect.getsource(Config))
+    comments = {tok.start[0]: tok.string.lstrip("# ").strip()
+                for tok in tokenize.generate_tokens(io.StringIO(source).readline) if tok.type == tokenize.COMMENT}
+    docs, section = {}, "run"
+    for lineno, line in enumerate(source.splitlines(), 1):
+        if line.strip().startswith("# ---"):
+            section = comments[lineno].lstrip("- ")
+        elif (name := re.match(r"\s+(\w+):", line)) and lineno in comments:
+            docs[name.group(1)] = (section, comments[lineno])
+    return docs
+
+
+def flag_help(f: dataclasses.Field, comment: str) -> str:
+    """A flag's --help line: its comment, its default and the presets that change it."""
+    presets = ", ".join(f"{name} {values[f.name]}" for name, values in PRESETS.items() if f.name in values)
+    return f"{comment} (default: {f.default}{'; preset ' + presets if presets else ''})".replace("%", "%%")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """One flag per Config field, grouped as Config is, each with its comment, default, preset values and choices."""
+    parser = argparse.ArgumentParser(
+        usage="%(prog)s [--preset NAME] [--config FILE] [--FIELD VALUE ...]", allow_abbrev=False,
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Each value comes from, last wins: the Config default, the --preset (demo unless given), the --config "
+               "file, the flags given.")
+    parser.add_argument("--config", metavar="FILE", help="read field values from a YAML or JSON file (keys are the "
+                        "flag names; flags given explicitly win; a run folder's config.json works too)")
+    docs, groups = field_docs(), {}
     for f in dataclasses.fields(Config):
+        section, comment = docs[f.name]
+        group = groups.setdefault(section, parser.add_argument_group(section))
+        kwargs = dict(default=None, help=flag_help(f, comment))  # None: "not given", so presets and files can fill in
         if f.type is bool:
-            parser.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=None)
+            group.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, **kwargs)
         else:
-            parser.add_argument(f"--{f.name}", type=f.type, default=None, metavar=f.type.__name__.upper())
-    args = parser.parse_args(argv)  # unknown flags exit with "unrecognized arguments: ..."
-    given = {k: v for k, v in vars(args).items() if v is not None}
+            metavar = "{" + ",".join(CHOICES[f.name]) + "}" if f.name in CHOICES else f.type.__name__.upper()
+            group.add_argument(f"--{f.name}", type=f.type, metavar=metavar, **kwargs)
+    return parser
+
+
+def read_config_file(path: str) -> dict:
+    """Field values from a YAML or JSON file: unknown keys and values of the wrong type are refused, named."""
+    import yaml  # JSON is YAML too; pyyaml comes with transformers
+    try:
+        values = yaml.safe_load(Path(path).read_text())
+    except OSError as err:
+        raise FileNotFoundError(f"--config {path}: cannot be read ({err.strerror or err})") from None
+    except yaml.YAMLError as err:
+        raise ValueError(f"--config {path}: not valid YAML or JSON ({str(err).splitlines()[0]})") from None
+    if not isinstance(values, dict):
+        raise ValueError(f"--config {path}: expected a mapping of field names to values")
+    types = {f.name: f.type for f in dataclasses.fields(Config)}
+    for key, value in values.items():
+        if key not in types:
+            raise ValueError(f"--config {path}: unknown key {key!r} (not a field of Config; see --help)")
+        want = types[key]
+        try:  # numbers convert as flags do (YAML reads 1e-4 as text); bools and text must be what they say
+            values[key] = want(value) if want in (int, float) and type(value) in (int, float, str) else value
+        except ValueError:
+            pass
+        if type(values[key]) is not want or (want is int and isinstance(value, float)):
+            raise ValueError(f"--config {path}: {key} must be {want.__name__}, got {value!r}")
+    return values
+
+
+def parse_config(argv=None) -> Config:
+    """Config defaults, then the --preset's values, then a --config file's, then the flags given explicitly."""
+    args = build_parser().parse_args(argv)  # unknown flags exit with "unrecognized arguments: ..."
+    given = {k: v for k, v in vars(args).items() if v is not None and k != "config"}
+    if args.config:
+        given = {**read_config_file(args.config), **given}
     preset = given.get("preset", Config.preset)
     if preset not in PRESETS:
-        parser.error(f"--preset {preset}: choose one of {', '.join(PRESETS)}")
+        raise ValueError(f"--preset {preset}: choose one of {', '.join(PRESETS)}")
     values = dict(PRESETS[preset])
     if preset == "paper":
         values.update(PAPER_LOSS_SETTINGS.get(given.get("loss", "dpo"), {}))
@@ -169,9 +244,7 @@ def parse_config(argv=None) -> Config:
 
 def check_config(cfg: Config) -> None:
     """Refuse impossible settings before any model is loaded or any prompt sampled: one line naming the flag."""
-    choices = dict(loss=tuple(losses.LOSSES), info_metric=creator.METRICS, selection=("weighted", "greedy", "uniform"),
-                   evolve_kinds=("all", "depth", "breadth"), optimizer=("adamw", "rmsprop"))
-    for name, allowed in choices.items():
+    for name, allowed in CHOICES.items():
         if getattr(cfg, name) not in allowed:
             raise ValueError(f"--{name} {getattr(cfg, name)}: choose one of {', '.join(allowed)}")
     for f in dataclasses.fields(Config):  # nan and inf pass no range check below
@@ -220,10 +293,6 @@ def check_config(cfg: Config) -> None:
     if cfg.load_in_4bit:  # the same checks model.load_model makes, here so that they come before any model is loaded
         model.four_bit_config(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     if cfg.online:  # online eva's fields; the batch_size check above is the offline loop's
-        if cfg.online_algo not in ("rloo", "grpo"):
-            raise ValueError(f"--online_algo {cfg.online_algo}: choose one of rloo, grpo")
-        if cfg.grpo_aggregation not in ("token", "sequence"):
-            raise ValueError(f"--grpo_aggregation {cfg.grpo_aggregation}: choose one of token, sequence")
         for name, holds, requirement in [
                 ("online_steps", cfg.online_steps >= 1, "at least 1"), ("evolve_every", cfg.evolve_every >= 0, ">= 0"),
                 ("grpo_epsilon", cfg.grpo_epsilon > 0, "> 0"), ("grpo_iterations", cfg.grpo_iterations >= 1,
