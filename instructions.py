@@ -5,17 +5,17 @@ combines them into new prompts). A record is {"prompt", "instruction_id_list", "
     validate_record(record, where)                    one-line ValueError unless every instruction can be checked
     describe_instruction(id, kwargs) -> str           the sentence a user would write to ask for an instruction
 
-SUPPORTED_IDS: all 25 of IFEval's instruction ids. Languages are told by langdetect, seeded so that the same text
-always gets the same answer (the official code leaves it unseeded, so its verdict on a borderline text can change
-from run to run); like the official checker, a text in which langdetect finds nothing to go on (digits,
-punctuation) counts as followed. Differences from the official checkers (google-research/instruction_following_eval):
+SUPPORTED_IDS: all 25 of IFEval's instruction ids. response_language, english_capital and english_lowercase tell the
+language with langdetect, seeded so that the same text always gets the same answer (the official code leaves it
+unseeded, so its verdict on a borderline text can change from run to run); like the official checkers, they count a
+text in which langdetect finds nothing to go on (digits, punctuation) as being in any language.
+Differences from the official checkers (google-research/instruction_following_eval):
   - kwargs must be complete (the official code draws a missing one at random); None values count as absent.
   - keywords, forbidden words, section splitters and postscript markers match literally, not as regexes.
   - sentences come from a rule-based splitter (split_sentences), not nltk's punkt: . ! or ? (closing quotes or
     brackets included) before white space or the end, except after common abbreviations, single-letter initials
     and "1." list markers; newlines alone end no sentence; a tail with a letter or digit counts.
   - capital_word_frequency counts all-caps tokens of word_tokens (contractions split, as nltk.word_tokenize).
-  - english_capital / english_lowercase check the case only (str.isupper / islower), not langdetect's language.
 Like the official strict evaluation, an empty (whitespace-only) response follows no instruction.
 """
 import json
@@ -265,11 +265,11 @@ def _capital_word_frequency(r: str, kw: dict) -> bool:
 
 
 def _english_capital(r: str, kw: dict) -> bool:
-    return r.isupper()
+    return r.isupper() and detect_language(r) in ("en", None)
 
 
 def _english_lowercase(r: str, kw: dict) -> bool:
-    return r.islower()
+    return r.islower() and detect_language(r) in ("en", None)
 
 
 def _response_language(r: str, kw: dict) -> bool:

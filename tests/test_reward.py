@@ -69,8 +69,11 @@ CASES = [
      "This is VERY IMPORTANT.", "This is Very IMPORTANT."),
     ("change_case:capital_word_frequency", {"capital_frequency": 2, "capital_relation": "less than"},
      "Only ONE here.", "DON'T."),  # a contraction is two tokens: DO + N'T
-    ("change_case:english_capital", {}, "HELLO WORLD 123!", "HELLO World"),
+    ("change_case:english_capital", {}, "THIS ANSWER IS WRITTEN IN CAPITAL LETTERS.", "HELLO World"),
+    ("change_case:english_capital", {}, "PLEASE READ THE WHOLE MESSAGE BEFORE YOU REPLY.",
+     "CECI EST UNE RÉPONSE ÉCRITE EN MAJUSCULES."),  # capitals, but French
     ("change_case:english_lowercase", {}, "hello world, 123.", "hello World"),
+    ("change_case:english_lowercase", {}, "my answer is short.", "ceci est une réponse écrite en minuscules."),
     ("language:response_language", {"language": "fr"},
      "Je suis content de vous aider avec cette question.", "I am happy to help you with this question."),
     ("punctuation:no_comma", {}, "No commas here.", "Yes, there is one."),
@@ -117,6 +120,8 @@ def test_edge_cases():
     # The official checker looks at the whole text: uppercase inside a code block breaks "all lowercase".
     assert instructions.check_instructions(lower, "here is code:\n```sql\nSELECT 1;\n```") == [False]
     assert instructions.check_instructions(lower, "trailing whitespace is fine   \n") == [True]
+    # Short all-caps text is not English to langdetect (Somali here), in eva as in the official checker.
+    assert instructions.check_instructions(record("change_case:english_capital", {}), "HELLO WORLD") == [False]
     end = record("startend:end_checker", {"end_phrase": "Bye now."})
     assert instructions.check_instructions(end, '"Well, bye now."\n') == [True]  # quotes and case are ignored at the end
     quote = record("startend:quotation", {})
