@@ -23,6 +23,7 @@ _CONFLICT_GROUPS = (
      "detectable_format:multiple_sections"},
     {"length_constraints:number_words", "length_constraints:number_sentences"},
     {"startend:end_checker", "detectable_content:postscript"},
+    {"language:response_language", "change_case:english_lowercase", "change_case:english_capital"},  # English only
 )
 _END_PHRASES = ("Hope this helps.", "That is all for now.", "Thanks for reading.", "Let me know if you have questions.")
 _LETTERS = "eatonsr"

@@ -5,21 +5,27 @@ combines them into new prompts). A record is {"prompt", "instruction_id_list", "
     validate_record(record, where)                    one-line ValueError unless every instruction can be checked
     describe_instruction(id, kwargs) -> str           the sentence a user would write to ask for an instruction
 
-SUPPORTED_IDS: 24 of IFEval's 25 (language:response_language needs a language detector and is refused). Differences
-from the official checkers (google-research/instruction_following_eval):
+SUPPORTED_IDS: all 25 of IFEval's instruction ids. response_language, english_capital and english_lowercase tell the
+language with langdetect, seeded so that the same text always gets the same answer (the official code leaves it
+unseeded, so its verdict on a borderline text can change from run to run); like the official checkers, they count a
+text in which langdetect finds nothing to go on (digits, punctuation) as being in any language.
+Differences from the official checkers (google-research/instruction_following_eval):
   - kwargs must be complete (the official code draws a missing one at random); None values count as absent.
   - keywords, forbidden words, section splitters and postscript markers match literally, not as regexes.
   - sentences come from a rule-based splitter (split_sentences), not nltk's punkt: . ! or ? (closing quotes or
     brackets included) before white space or the end, except after common abbreviations, single-letter initials
     and "1." list markers; newlines alone end no sentence; a tail with a letter or digit counts.
   - capital_word_frequency counts all-caps tokens of word_tokens (contractions split, as nltk.word_tokenize).
-  - english_capital / english_lowercase check the case only (str.isupper / islower), not langdetect's language.
 Like the official strict evaluation, an empty (whitespace-only) response follows no instruction.
 """
 import json
 import re
 import string
 from typing import Callable
+
+import langdetect
+
+langdetect.DetectorFactory.seed = 0  # langdetect samples n-grams at random: a fixed seed makes its verdict repeatable
 
 
 # ----------------------------------------------------------------------------------------------- text utilities
@@ -74,6 +80,29 @@ def word_tokens(text: str) -> list[str]:
         parts = _CONTRACTION.match(core)
         tokens.extend(parts.groups() if parts else (core,))
     return tokens
+
+
+# The ISO 639-1 codes langdetect can return (its profiles; Chinese is split in two) and the names a prompt uses.
+LANGUAGES = {
+    "af": "Afrikaans", "ar": "Arabic", "bg": "Bulgarian", "bn": "Bengali", "ca": "Catalan", "cs": "Czech",
+    "cy": "Welsh", "da": "Danish", "de": "German", "el": "Greek", "en": "English", "es": "Spanish",
+    "et": "Estonian", "fa": "Persian", "fi": "Finnish", "fr": "French", "gu": "Gujarati", "he": "Hebrew",
+    "hi": "Hindi", "hr": "Croatian", "hu": "Hungarian", "id": "Indonesian", "it": "Italian", "ja": "Japanese",
+    "kn": "Kannada", "ko": "Korean", "lt": "Lithuanian", "lv": "Latvian", "mk": "Macedonian", "ml": "Malayalam",
+    "mr": "Marathi", "ne": "Nepali", "nl": "Dutch", "no": "Norwegian", "pa": "Punjabi", "pl": "Polish",
+    "pt": "Portuguese", "ro": "Romanian", "ru": "Russian", "sk": "Slovak", "sl": "Slovenian", "so": "Somali",
+    "sq": "Albanian", "sv": "Swedish", "sw": "Swahili", "ta": "Tamil", "te": "Telugu", "th": "Thai",
+    "tl": "Tagalog", "tr": "Turkish", "uk": "Ukrainian", "ur": "Urdu", "vi": "Vietnamese",
+    "zh-cn": "Simplified Chinese", "zh-tw": "Traditional Chinese",
+}
+
+
+def detect_language(text: str) -> str | None:
+    """langdetect's language code for the text (a key of LANGUAGES), or None when it finds no letters to go on."""
+    try:
+        return langdetect.detect(text)
+    except langdetect.LangDetectException:
+        return None
 
 
 def _compare(count: int, relation: str, threshold: int) -> bool:
@@ -236,11 +265,15 @@ def _capital_word_frequency(r: str, kw: dict) -> bool:
 
 
 def _english_capital(r: str, kw: dict) -> bool:
-    return r.isupper()
+    return r.isupper() and detect_language(r) in ("en", None)
 
 
 def _english_lowercase(r: str, kw: dict) -> bool:
-    return r.islower()
+    return r.islower() and detect_language(r) in ("en", None)
+
+
+def _response_language(r: str, kw: dict) -> bool:
+    return detect_language(r) in (kw["language"], None)  # undetectable counts as followed, as in the official code
 
 
 def _no_comma(r: str, kw: dict) -> bool:
@@ -308,6 +341,8 @@ _DESCRIBE: dict[str, Callable[[dict], str]] = {
                                                "letters."),
     "change_case:english_lowercase": lambda kw: ("Your entire response should be in English, and in all lowercase "
                                                  "letters. No capital letters are allowed."),
+    "language:response_language": lambda kw: (f"Your entire response should be in {LANGUAGES[kw['language']]}; "
+                                              "no other language is allowed."),
     "punctuation:no_comma": lambda kw: "Do not use any commas in your entire response.",
 }
 
@@ -338,11 +373,10 @@ _RULES: dict[str, tuple[Callable[[str, dict], bool], dict[str, type]]] = {
                                                                      "capital_relation": str}),
     "change_case:english_capital": (_english_capital, {}),
     "change_case:english_lowercase": (_english_lowercase, {}),
+    "language:response_language": (_response_language, {"language": str}),
     "punctuation:no_comma": (_no_comma, {}),
 }
 SUPPORTED_IDS: tuple[str, ...] = tuple(_RULES)
-UNSUPPORTED_IDS: dict[str, str] = {"language:response_language": "needs a language detector (langdetect), "
-                                                                  "which eva does not depend on"}
 RELATIONS = ("less than", "at least")
 
 
@@ -358,9 +392,6 @@ def clean_kwargs(instruction_id: str, kwargs: dict | None, where: str = "") -> d
     """The kwargs of one instruction, None values dropped, checked against the id's kwarg names and types."""
     place = f"{where}: " if where else ""
     if instruction_id not in _RULES:
-        if instruction_id in UNSUPPORTED_IDS:
-            raise ValueError(f"{place}instruction id '{instruction_id}' is not supported: "
-                             f"{UNSUPPORTED_IDS[instruction_id]}")
         raise ValueError(f"{place}unknown instruction id '{instruction_id}' (see instructions.SUPPORTED_IDS)")
     if kwargs is not None and not isinstance(kwargs, dict):
         raise ValueError(f"{place}kwargs of '{instruction_id}' must be a dict, got {type(kwargs).__name__}")
@@ -389,6 +420,9 @@ def clean_kwargs(instruction_id: str, kwargs: dict | None, where: str = "") -> d
         out[key] = value
     if instruction_id == "keywords:letter_frequency" and len(out["letter"].strip()) != 1:
         raise ValueError(f"{place}'{instruction_id}' kwarg 'letter' must be one character, got {out['letter']!r}")
+    if instruction_id == "language:response_language" and out["language"] not in LANGUAGES:
+        raise ValueError(f"{place}'{instruction_id}' kwarg 'language' must be a code langdetect can tell "
+                         f"({', '.join(LANGUAGES)}), got {out['language']!r}")
     if instruction_id == "length_constraints:nth_paragraph_first_word" and not (
             1 <= out["nth_paragraph"] <= out["num_paragraphs"]):
         raise ValueError(f"{place}'{instruction_id}' needs 1 <= nth_paragraph <= num_paragraphs, got {out}")

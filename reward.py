@@ -8,11 +8,15 @@
   judge:<base-url>[?model=NAME&template=FILE&key_env=VAR&concurrency=N&timeout=S&retries=N]
                          an LLM judge behind an OpenAI-compatible endpoint, rating 1-10 (JUDGE_TEMPLATE); a response
                          it could not rate gets NaN (in scorer.info["unrated"]); a dead endpoint raises EndpointError
+  py:<file.py>:<function>  your own batched function, fn(prompts: list[str], responses: list[str]) -> list[float],
+                         called with the prompts' text; None or NaN = no rating (examples/concise_reward.py)
 
 Under torchrun, score_sharded(scorer, prompts, responses) splits the items over the ranks and gathers them in order.
 Rescore sample records: `python reward.py --reward rules --prompts pool.jsonl --samples s.jsonl --out scored.jsonl`.
 """
 import argparse
+import hashlib
+import importlib.util
 import json
 import math
 import os
@@ -168,6 +172,68 @@ def _judge_scorer(rest: str, *, model: str | None = None, template: str | None =
                   f"first: item {unrated[0][0]}, {unrated[0][1]}", file=sys.stderr)
         return rewards
     return Scorer(f"judge:{rest}", score, info)
+
+
+def _py_parts(rest: str) -> tuple[str, str]:
+    """'<file.py>:<function>' -> (file, function); the last colon splits, so a Windows drive letter survives."""
+    path, _, name = rest.rpartition(":")
+    if not path or not name.isidentifier():
+        raise ValueError(f"py:{rest}: expected py:<file.py>:<function>, such as py:examples/concise_reward.py:concise")
+    return path, name
+
+
+def _py_function(rest: str) -> Callable:
+    """The named function of the file, which is imported once per process (check_spec's import is load_reward's)."""
+    path, name = _py_parts(rest)
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise FileNotFoundError(f"py:{rest}: {path}: no such file")
+    # A name of its own, so that a file called reward.py or json.py shadows nothing already imported.
+    key = "eva_py_reward_" + hashlib.sha1(str(file.resolve()).encode()).hexdigest()[:12]
+    module = sys.modules.get(key)
+    if module is None:
+        spec = importlib.util.spec_from_file_location(key, file)
+        if spec is None:
+            raise ValueError(f"py:{rest}: {path} is not a Python file")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[key] = module  # registered while it runs, as an import does (dataclasses in the file need it)
+        try:
+            spec.loader.exec_module(module)
+        except Exception as err:  # anything the user's file raises is reported as one line
+            del sys.modules[key]
+            first = (str(err).strip().splitlines() or [""])[0]
+            raise ValueError(f"py:{rest}: importing {path} failed: {type(err).__name__}: {first}") from None
+    if not hasattr(module, name):
+        raise ValueError(f"py:{rest}: {path} defines no '{name}'")
+    fn = getattr(module, name)
+    if not callable(fn):
+        raise ValueError(f"py:{rest}: '{name}' in {path} is a {type(fn).__name__}, not a function")
+    return fn
+
+
+def _py_scorer(rest: str) -> Scorer:
+    fn = _py_function(rest)
+    where = f"py:{rest}"
+
+    def score(prompts: list, responses: list[str]) -> list[float]:
+        _check_lengths(prompts, responses)
+        values = fn([_prompt_text(p) for p in prompts], list(responses))
+        if isinstance(values, (str, bytes, dict)) or not hasattr(values, "__len__"):
+            raise ValueError(f"{where} returned a {type(values).__name__}, not a list of floats")
+        if len(values) != len(responses):
+            raise ValueError(f"{where} returned {len(values)} rewards for {len(responses)} responses")
+        rewards = []
+        for i, value in enumerate(values):
+            try:
+                reward = math.nan if value is None else float(value)
+            except (TypeError, ValueError):
+                reward = None
+            if reward is None or isinstance(value, (str, bytes)) or math.isinf(reward):
+                raise ValueError(f"{where} returned {value!r:.60} for item {i}: a reward must be a finite number "
+                                 "(None or NaN for no rating)")
+            rewards.append(reward)
+        return rewards
+    return Scorer(where, score)
 
 
 def _flag(value: str) -> bool:
@@ -431,7 +497,8 @@ def _hf_scorer(rest: str, *, device: str = "cpu", batch_size: int = 8, max_lengt
 
 
 def load_reward(spec: str, *, device: str = "cpu", **options) -> Scorer:
-    """The reward back-end for a spec: "rules", "hf:<hub-id-or-folder>[?...]" or "judge:<base-url>[?model=...]"."""
+    """The reward back-end for a spec: "rules", "hf:<hub-id-or-folder>[?...]", "judge:<base-url>[?model=...]" or
+    "py:<file.py>:<function>"."""
     if spec == "rules":
         if options:
             raise ValueError(f"reward 'rules' takes no options, got {sorted(options)}")
@@ -440,16 +507,22 @@ def load_reward(spec: str, *, device: str = "cpu", **options) -> Scorer:
         return _hf_scorer(spec[3:], device=device, **options)
     if spec.startswith("judge:") and spec[6:]:
         return _judge_scorer(spec[6:], **options)
+    if spec.startswith("py:") and spec[3:]:
+        if options:
+            raise ValueError(f"reward '{spec}' takes no options, got {sorted(options)}")
+        return _py_scorer(spec[3:])
     raise ValueError(_unknown_backend(spec))
 
 
 def _unknown_backend(spec: str) -> str:
-    return f"unknown reward back-end {spec!r}: expected 'rules', 'hf:<id-or-path>' or 'judge:<base-url>'"
+    return (f"unknown reward back-end {spec!r}: expected 'rules', 'hf:<id-or-path>', 'judge:<base-url>' or "
+            "'py:<file.py>:<function>'")
 
 
 def check_spec(spec: str) -> None:
     """Validate a --reward spec before anything loads: the back-end, its id or URL, and its options' names and values.
-    Loads no model and calls no endpoint; a judge spec also needs its model name and template file, as at load."""
+    Loads no model and calls no endpoint; a judge spec also needs its model name and template file, as at load; a py:
+    spec's file is imported (load_reward reuses that import) and must define the function."""
     try:
         if spec == "rules":
             return
@@ -457,6 +530,8 @@ def check_spec(spec: str) -> None:
             _hf_options(spec[3:])
         elif spec.startswith("judge:") and spec[6:]:
             _judge_scorer(spec[6:], check=False)  # parses and checks without calling the endpoint
+        elif spec.startswith("py:") and spec[3:]:
+            _py_function(spec[3:])
         else:
             raise ValueError(_unknown_backend(spec))
     except (ValueError, FileNotFoundError) as err:
@@ -476,7 +551,8 @@ def score_sharded(scorer: Scorer, prompts: list, responses: list[str]) -> list[f
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="(Re)score sample records with a reward back-end.")
-    parser.add_argument("--reward", default="rules", help="rules | hf:<id-or-path> | judge:<base-url>?model=NAME")
+    parser.add_argument("--reward", default="rules",
+                        help="rules | hf:<id-or-path> | judge:<base-url>?model=NAME | py:<file.py>:<function>")
     parser.add_argument("--prompts", required=True, help="prompt records (JSON Lines; IFEval's format works)")
     parser.add_argument("--samples", required=True, help="sample records {prompt_id, responses: [...]}")
     parser.add_argument("--out", required=True, help="where the scored sample records go")

@@ -7,10 +7,11 @@
 
 Any IFEval-format file works ({"key" or "id", "prompt", "instruction_id_list", "kwargs"} per line); the official
 541-prompt file is read from the path given. Answers are greedy by default (IFEval has no sampling convention; the
-usual reports use greedy decoding) and are checked by instructions.py, which implements 24 of IFEval's 25
-instruction ids: prompts with an unsupported id (language:response_language) are left out of both accuracies and
-the coverage line says how many. The responses are also written in the official tool's input format
-({"prompt", "response"} per line, `<out>_responses.jsonl`), so google-research's evaluation_main can score all of them.
+usual reports use greedy decoding) and are checked by instructions.py, which implements all 25 of IFEval's
+instruction ids, so every prompt of the official file is scored. A file of another IFEval-style benchmark may hold
+ids beyond those: its prompts with one are left out of both accuracies, and a coverage line says how many. The
+responses are also written in the official tool's input format ({"prompt", "response"} per line,
+`<out>_responses.jsonl`), so google-research's evaluation_main can score them too.
 """
 import argparse
 import collections

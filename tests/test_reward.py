@@ -4,6 +4,7 @@ LLM judge over real HTTP against a local server. Run: .venv/bin/python -m pytest
 """
 import json
 import math
+import os
 import socket
 import threading
 import time
@@ -68,8 +69,13 @@ CASES = [
      "This is VERY IMPORTANT.", "This is Very IMPORTANT."),
     ("change_case:capital_word_frequency", {"capital_frequency": 2, "capital_relation": "less than"},
      "Only ONE here.", "DON'T."),  # a contraction is two tokens: DO + N'T
-    ("change_case:english_capital", {}, "HELLO WORLD 123!", "HELLO World"),
+    ("change_case:english_capital", {}, "THIS ANSWER IS WRITTEN IN CAPITAL LETTERS.", "HELLO World"),
+    ("change_case:english_capital", {}, "PLEASE READ THE WHOLE MESSAGE BEFORE YOU REPLY.",
+     "CECI EST UNE RÉPONSE ÉCRITE EN MAJUSCULES."),  # capitals, but French
     ("change_case:english_lowercase", {}, "hello world, 123.", "hello World"),
+    ("change_case:english_lowercase", {}, "my answer is short.", "ceci est une réponse écrite en minuscules."),
+    ("language:response_language", {"language": "fr"},
+     "Je suis content de vous aider avec cette question.", "I am happy to help you with this question."),
     ("punctuation:no_comma", {}, "No commas here.", "Yes, there is one."),
 ]
 
@@ -86,14 +92,15 @@ def test_rule_passes_and_fails(instruction_id, kwargs, good, bad):
 
 
 def test_every_supported_id_is_tested_and_described():
-    assert len(instructions.SUPPORTED_IDS) >= 24
+    assert len(instructions.SUPPORTED_IDS) == 25
     assert {c[0] for c in CASES} == set(instructions.SUPPORTED_IDS)
     for instruction_id, kwargs, _, _ in CASES:
         sentence = instructions.describe_instruction(instruction_id, kwargs)
         assert sentence[0].isupper() and sentence.rstrip()[-1] in ".?\"", sentence
-        for value in kwargs.values():
+        for key, value in kwargs.items():
             if isinstance(value, (int, str)) and not instruction_id.endswith("repeat_prompt"):
-                shown = {"less than": "fewer than"}.get(value, str(value))
+                shown = instructions.LANGUAGES[value] if key == "language" else \
+                    {"less than": "fewer than"}.get(value, str(value))
                 assert shown in sentence, (instruction_id, value, sentence)
     assert instructions.describe_instruction("keywords:existence", {"keywords": ["a"]}) == \
         'Include the keyword "a" in your response.'
@@ -113,6 +120,8 @@ def test_edge_cases():
     # The official checker looks at the whole text: uppercase inside a code block breaks "all lowercase".
     assert instructions.check_instructions(lower, "here is code:\n```sql\nSELECT 1;\n```") == [False]
     assert instructions.check_instructions(lower, "trailing whitespace is fine   \n") == [True]
+    # Short all-caps text is not English to langdetect (Somali here), in eva as in the official checker.
+    assert instructions.check_instructions(record("change_case:english_capital", {}), "HELLO WORLD") == [False]
     end = record("startend:end_checker", {"end_phrase": "Bye now."})
     assert instructions.check_instructions(end, '"Well, bye now."\n') == [True]  # quotes and case are ignored at the end
     quote = record("startend:quotation", {})
@@ -154,8 +163,9 @@ def test_reward_is_fraction_and_accuracies():
 def test_bad_records_give_one_line_errors():
     with pytest.raises(ValueError, match=r"pool.jsonl:3 prompt 7: unknown instruction id 'keywords:nope'"):
         instructions.validate_record(record("keywords:nope", {}, rid="7"), "pool.jsonl:3")
-    with pytest.raises(ValueError, match="'language:response_language' is not supported: needs a language detector"):
-        instructions.check_instructions(record("language:response_language", {"language": "fr"}), "bonjour")
+    with pytest.raises(ValueError, match="'language:response_language' kwarg 'language' must be a code langdetect "
+                                         "can tell .*got 'zh'"):
+        instructions.check_instructions(record("language:response_language", {"language": "zh"}), "你好")
     with pytest.raises(ValueError, match="needs kwarg 'num_words'"):
         instructions.validate_record(record("length_constraints:number_words", {"relation": "at least"}))
     with pytest.raises(ValueError, match="kwarg 'relation' must be one of"):
@@ -175,18 +185,70 @@ def test_bad_records_give_one_line_errors():
 def test_ifeval_file_coverage(shared_data):
     records = [json.loads(line) for line in (shared_data / "ifeval_input_data.jsonl").read_text().splitlines()]
     assert len(records) == 541
-    supported = [r for r in records if instructions.is_supported(r)]
-    assert len(supported) == 510, "coverage changed: update the README and scripts/ifeval_coverage.py output"
-    for r in supported:
+    assert all(instructions.is_supported(r) for r in records), "every official prompt is scored by the rules"
+    for r in records:
         instructions.validate_record(r, "ifeval_input_data.jsonl")
     scorer = reward.load_reward("rules")
-    for response in ("", "a short answer, with a comma.", supported[0]["prompt"]):
-        rewards = scorer.score(supported, [response] * len(supported))
+    for response in ("", "a short answer, with a comma.", records[0]["prompt"]):
+        rewards = scorer.score(records, [response] * len(records))
         assert all(0.0 <= x <= 1.0 for x in rewards)
-    acc = ifeval.ifeval_accuracy(records, [r["prompt"] for r in records], unsupported="skip")
-    assert acc["n_prompts"] == 510 and acc["n_skipped"] == 31 and 0.0 < acc["instruction_level"] < 1.0
-    with pytest.raises(ValueError, match="language:response_language"):
-        ifeval.ifeval_accuracy(records, [""] * len(records))
+    acc = ifeval.ifeval_accuracy(records, [r["prompt"] for r in records])
+    assert acc["n_prompts"] == 541 and acc["n_instructions"] == 834 and acc["n_skipped"] == 0
+    assert 0.0 < acc["instruction_level"] < 1.0
+    # Echoing an English prompt back fails every request for another language.
+    assert acc["per_instruction"]["language:response_language"] == 0.0
+
+
+# (text, its language): clear examples in five scripts and languages
+LANGUAGE_TEXTS = [
+    ("The weather is lovely today, so we are going for a long walk in the park.", "en"),
+    ("Il fait très beau aujourd'hui, alors nous allons faire une longue promenade dans le parc.", "fr"),
+    ("Das Wetter ist heute herrlich, deshalb machen wir einen langen Spaziergang im Park.", "de"),
+    ("आज मौसम बहुत अच्छा है, इसलिए हम पार्क में लंबी सैर करने जा रहे हैं।", "hi"),
+    ("오늘은 날씨가 아주 좋아서 우리는 공원에서 오래 산책을 할 거예요.", "ko"),
+]
+
+
+@pytest.mark.parametrize("text,language", LANGUAGE_TEXTS)
+def test_response_language(text, language):
+    assert instructions.detect_language(text) == language
+    for _, other in LANGUAGE_TEXTS:
+        rec = record("language:response_language", {"language": other})
+        assert instructions.check_instructions(rec, text) == [other == language], (other, text)
+
+
+def test_response_language_without_letters_counts_as_followed():
+    # langdetect raises when a text has no letters; the official checker then counts the instruction as followed.
+    rec = record("language:response_language", {"language": "ko"})
+    for text in ("12345 678", "!!! ... ???", "-> 3.14 <-"):
+        assert instructions.detect_language(text) is None
+        assert instructions.check_instructions(rec, text) == [True]
+    assert instructions.check_instructions(rec, "  ") == [False]  # but an empty response follows nothing (strict)
+
+
+def test_language_detection_is_repeatable():
+    # Short texts sit near langdetect's decision boundaries; unseeded, these come out differently from call to call.
+    for text in ("bonjour", "Ciao, come stai?", "hello"):
+        assert len({instructions.detect_language(text) for _ in range(30)}) == 1, text
+
+
+def test_language_prompts_are_valid_seeds_and_the_creator_adds_no_english_rule():
+    import numpy as np
+    import constraints
+    seed = {"id": "s", "prompt": "Write a riddle. Your entire response should be in Hindi.",
+            "instruction_id_list": ["language:response_language"], "kwargs": [{"language": "hi"}]}
+    instructions.validate_record(seed, "seeds.jsonl:1")
+    ids, kwargs = seed["instruction_id_list"], seed["kwargs"]
+    assert not constraints.compatible(ids + ["change_case:english_lowercase"], kwargs + [{}])
+    added = {constraints.constraint_step("Write a riddle.", ids, kwargs, np.random.default_rng(i))[2]
+             for i in range(40)}
+    assert added and not any("english" in action for action in added), added
+    assert "Hindi" in constraints.compose_prompt("Write a riddle.", ids, kwargs)
+
+
+def test_language_codes_are_langdetects():
+    from langdetect import detector_factory
+    assert set(instructions.LANGUAGES) == set(os.listdir(detector_factory.PROFILES_DIRECTORY))
 
 
 # ------------------------------------------------------------------------------------------ Hugging Face back-end
