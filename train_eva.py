@@ -58,7 +58,7 @@ class Config:
     # --- models and data
     model: str = "default"  # solver: "default" (bundled SmolLM2-135M-Instruct), a hub id or a local folder
     creator: str = "self"  # "self" (the solver rewrites prompts), a model id/folder, or endpoint:<url>#<model>
-    reward: str = "rules"  # rules | hf:<id-or-folder> | judge:<base-url> (see reward.py)
+    reward: str = "rules"  # rules | hf:<id-or-folder> | judge:<base-url> | py:<file.py>:<function> (reward.py)
     seed_prompts: str = "data/seed_prompts.jsonl"  # the starting pool (IFEval-style JSON Lines)
     heldout_prompts: str = "data/heldout_prompts.jsonl"  # evaluated at the start and end, never trained on ("" = skip)
     max_seed_prompts: int = 0  # use only the first K seed prompts (0 = all)
@@ -251,7 +251,7 @@ def check_config(cfg: Config) -> None:
         value = getattr(cfg, f.name)
         if isinstance(value, float) and not math.isfinite(value):
             raise ValueError(f"--{f.name} {value}: must be a finite number")
-    reward.check_spec(cfg.reward)  # syntax and options only: nothing is loaded or contacted
+    reward.check_spec(cfg.reward)  # syntax and options; a py: file is imported, no model or endpoint touched
     if cfg.loss == "orpo" and cfg.beta >= 0:
         raise ValueError(f"--beta {cfg.beta}: --loss orpo has no beta; its odds-ratio weight is --orpo_lambda")
     ranges = [  # (flag, holds, what it must be); written as "holds" so that a nan fails too
@@ -336,7 +336,7 @@ def read_prompts(path: str, reward_spec: str, limit: int = 0) -> list[dict]:
         seen.add(record["id"])
         if reward_spec == "rules" and "instruction_id_list" not in record:
             raise ValueError(f"{where}: missing field 'instruction_id_list' (the rules reward checks those "
-                             f"constraints; a plain prompt needs --reward hf:... or judge:...)")
+                             f"constraints; a plain prompt needs --reward hf:..., judge:... or py:...)")
         record.setdefault("instruction_id_list", [])
         record.setdefault("kwargs", [{} for _ in record["instruction_id_list"]])
         if reward_spec == "rules":

@@ -139,7 +139,7 @@ BAD_FLAGS = [("lr", "0"), ("lr", "nan"), ("beta", "0"), ("orpo_lambda", "-0.1"),
              ("top_p", "0"), ("top_p", "1.5"), ("lora_r", "0"), ("lora_dropout", "1"), ("epochs", "0"),
              ("micro_batch_size", "0"), ("max_prompt_tokens", "0"), ("gen_batch_size", "0"),
              ("eva_iterations", "-1"), ("select_fraction", "0"), ("endpoint_timeout", "0"), ("reward", "bogus"),
-             ("reward", "hf:"), ("reward", "hf:some/rm?batch=8"), ("reward", "judge:")]
+             ("reward", "hf:"), ("reward", "hf:some/rm?batch=8"), ("reward", "judge:"), ("reward", "py:nope.py:f")]
 # online eva's own flags, checked with --online
 BAD_ONLINE_FLAGS = [("online_algo", "ppo"), ("online_steps", "0"), ("evolve_every", "-1"), ("grpo_epsilon", "0"),
                     ("grpo_aggregation", "mean"), ("grpo_iterations", "0"), ("online_prompts", "3")]
