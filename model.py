@@ -350,7 +350,8 @@ def main(argv=None) -> None:
     ap.add_argument("out", help="the folder to write: new, or empty")
     ap.add_argument("--dtype", choices=list(EXPORT_DTYPES),
                     help="the weights' dtype (default: the base's own, from its config.json)")
-    ap.add_argument("--max_shard_size", default="5GB", help="the largest safetensors file, e.g. 5GB or 500MB (default %(default)s)")
+    ap.add_argument("--max_shard_size", default="5GB",
+                    help="the largest safetensors file, e.g. 5GB or 500MB (default %(default)s)")
     ap.add_argument("--push_to_hub", metavar="REPO",
                     help="then upload the folder to this hub repository (org/name; created public if new; needs "
                          "`hf auth login`)")
