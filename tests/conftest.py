@@ -7,8 +7,12 @@ import os
 import sys
 from pathlib import Path
 
-import pytest
-import torch
+# Tests never reach a hub: set before huggingface_hub is imported, which reads it once (subprocesses inherit it).
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
