@@ -34,10 +34,10 @@ import creator
 import endpoint
 import files
 import generate
-import instructions
 import losses
 import model
 import parallel
+import prompts
 import reward
 import rundir
 import solver
@@ -59,7 +59,9 @@ class Config:
     model: str = "default"  # solver: "default" (bundled SmolLM2-135M-Instruct), a hub id or a local folder
     creator: str = "self"  # "self" (the solver rewrites prompts), a model id/folder, or endpoint:<url>#<model>
     reward: str = "rules"  # rules | hf:<id-or-folder> | judge:<base-url> | py:<file.py>:<function> (reward.py)
-    seed_prompts: str = "data/seed_prompts.jsonl"  # the starting pool (IFEval-style JSON Lines)
+    # Prompt sources (this and --heldout_prompts): a .jsonl/.json/.parquet file, a save_to_disk folder or a Hub
+    # dataset id, as WHERE[:split[:column]], e.g. HuggingFaceH4/ultrafeedback_binarized:train_prefs (docs/data.md)
+    seed_prompts: str = "data/seed_prompts.jsonl"  # the starting pool (the shipped file is IFEval-style JSON Lines)
     heldout_prompts: str = "data/heldout_prompts.jsonl"  # evaluated at the start and end, never trained on ("" = skip)
     max_seed_prompts: int = 0  # use only the first K seed prompts (0 = all)
     max_heldout_prompts: int = 0  # evaluate only the first K held-out prompts (0 = all)
@@ -158,16 +160,19 @@ CHOICES = dict(preset=tuple(PRESETS), loss=tuple(losses.LOSSES), info_metric=cre
 
 
 def field_docs() -> dict[str, tuple[str, str]]:
-    """{field: (section, comment)} read off Config's source, so the comment beside each field is its --help text."""
+    """{field: (section, text)} read off Config's source: the comment beside a field (then any comment lines right
+    above it) is its --help text."""
     source = textwrap.dedent(inspect.getsource(Config))
     comments = {tok.start[0]: tok.string.lstrip("# ").strip()
                 for tok in tokenize.generate_tokens(io.StringIO(source).readline) if tok.type == tokenize.COMMENT}
-    docs, section = {}, "run"
+    docs, section, above = {}, "run", []
     for lineno, line in enumerate(source.splitlines(), 1):
         if line.strip().startswith("# ---"):
             section = comments[lineno].lstrip("- ")
+        elif line.strip().startswith("#"):  # comment lines above a field: its help's second part
+            above.append(comments[lineno])
         elif (name := re.match(r"\s+(\w+):", line)) and lineno in comments:
-            docs[name.group(1)] = (section, comments[lineno])
+            docs[name.group(1)], above = (section, " ".join([comments[lineno]] + above)), []
     return docs
 
 
@@ -310,46 +315,7 @@ def check_config(cfg: Config) -> None:
         raise ValueError("--fsdp shards full fine-tuning; LoRA and QLoRA train with DDP: add --no-lora or --no-fsdp")
 
 
-# ------------------------------------------------------------------------------------------------- prompts and samples
-def read_prompts(path: str, reward_spec: str, limit: int = 0) -> list[dict]:
-    """Prompt records from a JSON Lines file; any bad line stops the run before work starts, named by file:line.
-
-    A record needs a prompt and an id (`id`, `key` or `prompt_id`, the UltraFeedback shape); the rules reward also
-    needs its constraints (`instruction_id_list`, `kwargs`), which other rewards ignore."""
-    file = Path(path) if Path(path).is_absolute() or Path(path).exists() else ROOT / path
-    if file.is_dir():
-        raise ValueError(f"{path}: is a directory; give the prompt file (JSON Lines) itself")
-    if not file.exists():
-        raise FileNotFoundError(f"{path}: prompt file not found")
-    records, seen = [], set()
-    for lineno, record in files.numbered_jsonl(file):
-        where = f"{path}:{lineno}"
-        ident = next((record[k] for k in ("id", "key", "prompt_id") if record.get(k) is not None), None)
-        if ident is None:
-            raise ValueError(f"{where}: missing field 'id' (or 'key' or 'prompt_id')")
-        record.pop("key", None)
-        record["id"] = str(ident)
-        if not isinstance(record.get("prompt"), str) or not record["prompt"].strip():
-            raise ValueError(f"{where}: missing or empty field 'prompt'")
-        if record["id"] in seen:
-            raise ValueError(f"{where}: duplicate id {record['id']!r}")
-        seen.add(record["id"])
-        if reward_spec == "rules" and "instruction_id_list" not in record:
-            raise ValueError(f"{where}: missing field 'instruction_id_list' (the rules reward checks those "
-                             f"constraints; a plain prompt needs --reward hf:..., judge:... or py:...)")
-        record.setdefault("instruction_id_list", [])
-        record.setdefault("kwargs", [{} for _ in record["instruction_id_list"]])
-        if reward_spec == "rules":
-            instructions.validate_record(record, where)
-        record.setdefault("parent", None)
-        record.setdefault("iteration", 0)
-        record.setdefault("method", None)
-        records.append(record)
-    if not records:
-        raise ValueError(f"{path}: no prompts in the file")
-    return records[:limit] if limit else records
-
-
+# ---------------------------------------------------------------------------------------------------- samples
 def sample_and_score(policy, tokenizer, scorer, records: list[dict], cfg: Config, t: int, phase: str) -> list[dict]:
     """N responses per prompt and their rewards: sample records, sharded over ranks."""
     seeds = [parallel.stable_seed(cfg.seed, t, phase, r["id"]) for r in records]
@@ -548,8 +514,8 @@ def start_run(cfg: Config) -> tuple[torch.device, list[dict], list[dict], rundir
     here, before a folder is created or a model is loaded. Returns (device, seed prompts, held-out prompts, run)."""
     device = parallel.init()
     torch.manual_seed(cfg.seed)
-    seeds = read_prompts(cfg.seed_prompts, cfg.reward, cfg.max_seed_prompts)
-    heldout = read_prompts(cfg.heldout_prompts, "rules", cfg.max_heldout_prompts) if cfg.heldout_prompts else []
+    seeds = prompts.read_prompts(cfg.seed_prompts, cfg.reward, cfg.max_seed_prompts)
+    heldout = prompts.read_prompts(cfg.heldout_prompts, "rules", cfg.max_heldout_prompts) if cfg.heldout_prompts else []
     if cfg.online and len(seeds) < cfg.online_prompts:
         raise ValueError(f"--online_prompts {cfg.online_prompts}: {cfg.seed_prompts} has only {len(seeds)} prompts")
     model.resolve(cfg.model)

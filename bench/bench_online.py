@@ -37,8 +37,8 @@ K, PROMPTS_PER_STEP, MICRO_PROMPTS, MAX_NEW_TOKENS, LR, BETA = 4, 8, 4, 48, 2e-4
 
 
 def records(args) -> list[dict]:
-    import train_eva
-    return train_eva.read_prompts(str(ROOT / "data/seed_prompts.jsonl"), "rules", limit=args.steps * PROMPTS_PER_STEP)
+    import prompts
+    return prompts.read_prompts(str(ROOT / "data/seed_prompts.jsonl"), "rules", limit=args.steps * PROMPTS_PER_STEP)
 
 
 def run_eva(args, folder: Path) -> dict:

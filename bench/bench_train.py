@@ -54,9 +54,9 @@ def make_pairs(n: int, seed: int = 0) -> list[dict]:
         return json.loads(path.read_text())
     import generate
     import model
+    import prompts
     import reward
-    import train_eva
-    records = train_eva.read_prompts(str(ROOT / "data/seed_prompts.jsonl"), "rules", limit=n)
+    records = prompts.read_prompts(str(ROOT / "data/seed_prompts.jsonl"), "rules", limit=n)
     policy, tokenizer = model.load_model("default")
     print(f"[bench] sampling 4 responses for {len(records)} seed prompts (once, cached in {path})", file=sys.stderr)
     out = generate.sample(policy, tokenizer, [r["prompt"] for r in records], n=4, max_new_tokens=96,

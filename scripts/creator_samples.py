@@ -17,6 +17,8 @@ import cleaning  # noqa: E402
 import constraints  # noqa: E402
 import creator  # noqa: E402
 import model  # noqa: E402
+import parallel  # noqa: E402
+import prompts  # noqa: E402
 import train_eva  # noqa: E402
 
 
@@ -30,7 +32,7 @@ def main() -> None:
     parser.add_argument("--flag", action="append", default=[], help="a train_eva flag: --flag=--creator_candidates=1")
     args = parser.parse_args()
     cfg = train_eva.parse_config(["--preset", "demo", "--model", args.model, "--seed", str(args.seed)] + args.flag)
-    pool = train_eva.read_prompts(cfg.seed_prompts, cfg.reward, cfg.max_seed_prompts)
+    pool = prompts.read_prompts(cfg.seed_prompts, cfg.reward, cfg.max_seed_prompts)
     rng = np.random.default_rng(args.seed)
     parents = [pool[int(i)] for i in sorted(rng.choice(len(pool), size=args.parents, replace=False))]
     solver, tokenizer = model.load_model(cfg.model)
@@ -44,7 +46,7 @@ def main() -> None:
 
     t0 = time.time()
     children, stats = creator.evolve(parents, logged, depth=cfg.evolve_depth, kinds=cfg.evolve_kinds,
-                                     seed=train_eva.stable_seed(cfg.seed, 1, "evolve"), iteration=1,
+                                     seed=parallel.stable_seed(cfg.seed, 1, "evolve"), iteration=1,
                                      verifiable=cfg.reward == "rules", pool=pool)
     seconds = time.time() - t0
     if args.raw:

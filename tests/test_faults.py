@@ -25,6 +25,7 @@ import files
 import generate
 import losses
 import parallel
+import prompts
 import reward
 import rundir
 import train_eva
@@ -55,12 +56,14 @@ def one_error_line(out: subprocess.CompletedProcess) -> str:
 
 # ------------------------------------------------------------------------------------------------- bad input
 GOOD = json.dumps(TINY_PROMPTS[0])
+NO_ID = json.dumps({k: v for k, v in TINY_PROMPTS[0].items() if k != "id"})
 BAD_FILES = {
     # name: (file lines, what the message must contain); line numbers count blank lines, as an editor does
     "malformed_json_after_blank": ([GOOD, "", '{"id": "x", "prompt": "hi"'], ["bad.jsonl:3", "not valid JSON"]),
     "not_an_object": ([GOOD, "[1, 2]"], ["bad.jsonl:2", "expected a JSON object"]),
     "missing_prompt": ([GOOD, json.dumps({"id": "p2", "instruction_id_list": []})], ["bad.jsonl:2", "'prompt'"]),
-    "missing_id": ([json.dumps({"prompt": "Say hi."}), GOOD], ["bad.jsonl:1", "missing field 'id'"]),
+    "repeated_prompt_without_id": ([NO_ID, GOOD, NO_ID],  # the id of a row without one is a hash of its prompt
+                                   ["bad.jsonl:3", "duplicate id", "hash of its prompt", "first at", "bad.jsonl:1"]),
     "empty_prompt": ([GOOD, json.dumps({"id": "e", "prompt": "   "})], ["bad.jsonl:2", "empty field 'prompt'"]),
     "duplicate_id": ([GOOD, GOOD], ["bad.jsonl:2", "duplicate id 't0'"]),
     "duplicate_id_by_prompt_id": ([GOOD, json.dumps({"prompt_id": "t0", "prompt": "Hi.", "instruction_id_list": []})],
@@ -106,7 +109,7 @@ def test_unreadable_prompt_file_is_named(tmp_path, case, reward):
     bad = tmp_path / "bad.jsonl"
     make(bad)
     with pytest.raises(ValueError) as err:
-        train_eva.read_prompts(str(bad), reward)
+        prompts.read_prompts(str(bad), reward)
     message = str(err.value)
     assert str(bad) in message and all(e in message for e in expected) and "\n" not in message, message
 
@@ -116,12 +119,12 @@ def test_plain_prompts_need_no_instructions_except_for_the_rules_reward(tmp_path
                {"key": 7, "prompt": "Write a limerick."}, {"id": "x", "prompt": "Name three rivers."}]
     path = write_prompts(tmp_path / "plain.jsonl", records)
     for reward in ("hf:some/reward-model", "judge:http://127.0.0.1:9"):
-        got = train_eva.read_prompts(path, reward)
+        got = prompts.read_prompts(path, reward)
         assert [r["id"] for r in got] == ["9f2c", "7", "x"] and [r["prompt"] for r in got] == [
             "Explain tides.", "Write a limerick.", "Name three rivers."]
         assert all(r["instruction_id_list"] == [] and r["kwargs"] == [] for r in got)
     with pytest.raises(ValueError, match=r"plain\.jsonl:1: missing field 'instruction_id_list'"):
-        train_eva.read_prompts(path, "rules")
+        prompts.read_prompts(path, "rules")
 
 
 def test_bad_heldout_file_is_named_too(tmp_path):

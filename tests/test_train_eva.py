@@ -152,7 +152,7 @@ def test_each_bad_flag_is_one_line_before_anything_loads(tmp_path, monkeypatch, 
         raise AssertionError("a model or prompt file was read before the config was checked")
 
     for module, name in [(train_eva.model, "load_model"), (train_eva.model, "resolve"),
-                         (train_eva, "read_prompts"), (train_eva.reward, "load_reward")]:
+                         (train_eva.prompts, "read_prompts"), (train_eva.reward, "load_reward")]:
         monkeypatch.setattr(module, name, nothing_may_load)
     with pytest.raises(ValueError) as err:
         train_eva.main([*mode, "--run_dir", str(tmp_path / "r"), f"--{flag}", value])
