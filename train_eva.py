@@ -59,7 +59,7 @@ class Config:
     model: str = "default"  # solver: "default" (bundled SmolLM2-135M-Instruct), a hub id or a local folder
     creator: str = "self"  # "self" (the solver rewrites prompts), a model id/folder, or endpoint:<url>#<model>
     reward: str = "rules"  # rules | hf:<id-or-folder> | judge:<base-url> | py:<file.py>:<function> (reward.py)
-    # Prompt sources (this and --heldout_prompts): a .jsonl/.json/.parquet file, a save_to_disk folder or a Hub
+    # prompt sources (this and --heldout_prompts): a .jsonl/.json/.parquet file, a save_to_disk folder or a Hub
     # dataset id, as WHERE[:split[:column]], e.g. HuggingFaceH4/ultrafeedback_binarized:train_prefs (docs/data.md)
     seed_prompts: str = "data/seed_prompts.jsonl"  # the starting pool (the shipped file is IFEval-style JSON Lines)
     heldout_prompts: str = "data/heldout_prompts.jsonl"  # evaluated at the start and end, never trained on ("" = skip)
@@ -172,7 +172,7 @@ def field_docs() -> dict[str, tuple[str, str]]:
         elif line.strip().startswith("#"):  # comment lines above a field: its help's second part
             above.append(comments[lineno])
         elif (name := re.match(r"\s+(\w+):", line)) and lineno in comments:
-            docs[name.group(1)], above = (section, " ".join([comments[lineno]] + above)), []
+            docs[name.group(1)], above = (section, "; ".join([comments[lineno]] + above)), []
     return docs
 
 

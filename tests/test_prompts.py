@@ -247,5 +247,5 @@ def test_bad_table_stops_the_command_line_before_any_model_loads(tmp_path):
     assert out.returncode != 0 and "Traceback" not in out.stderr, out.stderr[-3000:]
     last = out.stderr.strip().splitlines()[-1]
     assert last == f"error: {heldout} row 1: missing field 'instruction_id_list' (the rules reward checks those " \
-                   "constraints; a plain prompt needs --reward hf:... or judge:...)", out.stderr[-3000:]
+                   "constraints; a plain prompt needs --reward hf:..., judge:... or py:...)", out.stderr[-3000:]
     assert not (tmp_path / "run").exists()
