@@ -133,7 +133,7 @@ PRESETS = {
     # the CPU demo: the bundled SmolLM2-135M-Instruct, rule rewards (README has its timing)
     "demo": dict(max_seed_prompts=64, max_new_tokens=96, eval_max_new_tokens=96, creator_max_new_tokens=128,
                  lr=5e-4),
-    # the paper: gemma-2-9b-it solver, ArmoRM reward, N=6, DPO beta 0.05, lr 5e-7, effective batch 64, 8 GPUs.
+    # the paper: gemma-2-9b-it solver, ArmoRM reward, UltraFeedback's prompts, N=6, DPO beta 0.05, lr 5e-7, effective batch 64, 8 GPUs.
     # Full fine-tuning sharded with FSDP2, as the paper's code did (lr 5e-7 is a full fine-tuning rate; LoRA needs
     # far more). gen_batch_size 4: 24 rows of KV cache at 1024 + 2048 positions (README's memory table).
     "paper": dict(model="google/gemma-2-9b-it", reward="hf:RLHFlow/ArmoRM-Llama3-8B-v0.1", n_samples=6,
@@ -142,7 +142,7 @@ PRESETS = {
                   select_fraction=0.25, evolve_depth=4, evolved_fraction=0.8, loss="dpo", lr=5e-7,
                   epochs=2, batch_size=64, micro_batch_size=1, warmup_ratio=0.1, eval_max_new_tokens=2048,
                   creator_max_new_tokens=1024, gradient_checkpointing=True, vocab_chunk=32768,
-                  seed_prompts="data/seed_prompts.jsonl"),
+                  seed_prompts="HuggingFaceH4/ultrafeedback_binarized:train_prefs"),
     # online eva on the CPU: the bundled SmolLM2-135M-Instruct, rule rewards, RLOO, about 15 minutes on 2 cores
     "online": dict(online=True, max_seed_prompts=64, n_samples=4, online_prompts=8, micro_batch_size=4,
                    online_steps=24, evolve_every=6, max_new_tokens=48, eval_max_new_tokens=96,
