@@ -83,8 +83,10 @@ def wandb_mode() -> str | None:
 
 def log(trackers: dict, record: dict, folder: Path) -> None:
     """One metrics.jsonl record to every tracker, as scalars at the record's global step."""
+    if not trackers:
+        return
     values = scalars(record)
-    if not trackers or not values:
+    if not values:
         return
     step = global_step(record, folder)
     for name, tracker in trackers.items():
