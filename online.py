@@ -329,4 +329,5 @@ def run(cfg) -> None:
     if parallel.is_main():
         import report
         print(report.write_online_report(run_.folder))
+    run_.close()
     parallel.barrier()

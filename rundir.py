@@ -1,8 +1,10 @@
 """The run folder of train_eva.py: config.json, iter_<t>/ with each phase's outputs and its `done_<phase>` marker,
 metrics.jsonl. open_run creates it or resumes it; Run answers "is this phase done?" and writes on rank 0.
+Run.log also hands each metrics.jsonl record to the trackers of --report_to (tracking.py); Run.close ends them.
 
     run = rundir.open_run(cfg)       # refuses a folder started with another config
     if not run.done(t, "estimate"): ...; run.write_jsonl(path, records); run.mark(t, "estimate", summary)
+    run.close()                      # at the end of the run: the trackers flushed and finished
 """
 import dataclasses
 import json
@@ -12,14 +14,16 @@ from pathlib import Path
 
 import files
 import parallel
+import tracking
 from parallel import print0
 
 
 class Run:
-    """The run folder: iter_<t>/ subfolders, phase markers, metrics.jsonl."""
+    """The run folder: iter_<t>/ subfolders, phase markers, metrics.jsonl (and its trackers, tracking.start's)."""
 
-    def __init__(self, folder: Path):
+    def __init__(self, folder: Path, trackers: dict | None = None):
         self.folder = folder
+        self.trackers = trackers or {}
 
     def iter_dir(self, t: int) -> Path:
         path = self.folder / f"iter_{t}"
@@ -42,6 +46,12 @@ class Run:
         if parallel.is_main():
             with open(self.folder / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
+            tracking.log(self.trackers, record, self.folder)
+
+    def close(self) -> None:
+        """The end of the run: every tracker flushed and finished."""
+        tracking.finish(self.trackers)
+        self.trackers = {}
 
     def write(self, path: Path, content) -> None:
         """files.write_atomic on rank 0 (every rank holds the same content)."""
@@ -61,7 +71,7 @@ def open_run(cfg) -> Run:
     started = any(folder.glob("iter_*/done_*")) or (folder / "eval_start.json").exists()
     if saved_path.is_file() and started:  # before any finished work, a corrected command simply starts over
         saved = json.loads(saved_path.read_text())
-        ignore = {"allow_config_change", "run_dir"}  # where the folder lives is not a setting
+        ignore = {"allow_config_change", "run_dir", "report_to"}  # where the folder lives, who watches: no settings
         changed = sorted(k for k in set(saved) | set(current) if k not in ignore and saved.get(k) != current.get(k))
         if changed and not cfg.allow_config_change:
             diff = ", ".join(f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in changed)
@@ -73,7 +83,7 @@ def open_run(cfg) -> Run:
     if parallel.is_main():
         folder.mkdir(parents=True, exist_ok=True)
     parallel.barrier()
-    run = Run(folder)
+    run = Run(folder, tracking.start(cfg.report_to, folder, current))
     run.write(saved_path, json.dumps(current, indent=1) + "\n")
     return run
 

@@ -41,6 +41,7 @@ import prompts
 import reward
 import rundir
 import solver
+import tracking
 from eval.ifeval import evaluate_ifeval
 from parallel import print0
 
@@ -55,6 +56,7 @@ class Config:
     preset: str = "demo"  # defaults to start from: smoke | demo | paper | online (a --config file and flags win)
     seed: int = 0  # every random choice (sampling, selection, evolution, data order, LoRA init) derives from it
     allow_config_change: bool = False  # resume even if the config differs from the saved one
+    report_to: str = "none"  # also send metrics.jsonl to tensorboard | wandb | trackio (comma-separated) or none
     # --- models and data
     model: str = "default"  # solver: "default" (bundled SmolLM2-135M-Instruct), a hub id or a local folder
     creator: str = "self"  # "self" (the solver rewrites prompts), a model id/folder, or endpoint:<url>#<model>
@@ -257,6 +259,7 @@ def check_config(cfg: Config) -> None:
         if isinstance(value, float) and not math.isfinite(value):
             raise ValueError(f"--{f.name} {value}: must be a finite number")
     reward.check_spec(cfg.reward)  # syntax and options; a py: file is imported, no model or endpoint touched
+    tracking.check(cfg.report_to)  # known names, packages installed: nothing is imported
     if cfg.loss == "orpo" and cfg.beta >= 0:
         raise ValueError(f"--beta {cfg.beta}: --loss orpo has no beta; its odds-ratio weight is --orpo_lambda")
     ranges = [  # (flag, holds, what it must be); written as "holds" so that a nan fails too
@@ -566,6 +569,7 @@ def main(argv=None) -> None:
     if parallel.is_main():
         import report
         print(report.write_report(run.folder, cfg.eva_iterations))
+    run.close()
     parallel.barrier()
 
 
