@@ -1,7 +1,7 @@
 """Online eva: the creator evolves the prompt pool while the solver trains with RLOO or GRPO.
 
-    python train_eva.py --preset online --run_dir runs/online      # the CPU demo: SmolLM2-135M, rules reward
-    torchrun --nproc_per_node=8 train_eva.py --online --model google/gemma-2-9b-it --reward hf:<id> --run_dir runs/o
+    python common.py --preset online --run_dir runs/online      # the CPU demo: SmolLM2-135M, rules reward
+    torchrun --nproc_per_node=8 common.py --online --model google/gemma-2-9b-it --reward hf:<id> --run_dir runs/o
 
 Every step (one optimizer step, or grpo_iterations of them):
   draw     online_prompts prompts from the pool: evolved_fraction of them from evolved prompts (once there are any),
@@ -24,15 +24,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import common
 import creator
 import files
 import generate
 import losses
 import model
 import parallel
+import report
 import rundir
 import solver as solver_lib
-import train_eva
 from parallel import print0
 
 METRIC = "max_mean"  # online informativeness: max - mean of the rollouts' rewards (offline uses max - min)
@@ -97,7 +98,7 @@ def filled_rewards(samples: list[dict]) -> torch.Tensor:
     """[P, k] rewards; a reward that could not be computed (null) is replaced by the mean of its prompt's others."""
     rows = []
     for s in samples:
-        r = np.array(train_eva.as_floats(s["rewards"]), dtype=np.float64)  # [k]
+        r = np.array(common.as_floats(s["rewards"]), dtype=np.float64)  # [k]
         fill = float(np.nanmean(r)) if np.isfinite(r).any() else 0.0
         rows.append(np.where(np.isfinite(r), r, fill))
     return torch.tensor(np.array(rows), dtype=torch.float32)
@@ -211,11 +212,11 @@ def creator_round(cfg, round_: int, step: int, pool: list[dict], info: dict, see
     t0 = time.time()
     children, stats = [], dict(creator_calls=0, rejected={})
     if parents:
-        complete = train_eva.make_completer(cfg, round_, solver, tokenizer, creator_model, creator_tokenizer)
+        complete = common.make_completer(cfg, round_, solver, tokenizer, creator_model, creator_tokenizer)
         children, stats = creator.evolve(parents, complete, depth=cfg.evolve_depth, kinds=cfg.evolve_kinds,
                                          seed=parallel.stable_seed(cfg.seed, round_, "evolve"), iteration=round_,
                                          verifiable=cfg.reward == "rules", pool=pool)
-        children = train_eva.drop_long_prompts(children, tokenizer, cfg, "evolved prompts")
+        children = common.drop_long_prompts(children, tokenizer, cfg, "evolved prompts")
     pool.extend(children)
     return dict(step=step, phase="evolve", round=round_, recent=len(recent), parents=len(parents),
                 children=len(children), pool=len(pool), creator_calls=stats["creator_calls"],
@@ -264,7 +265,7 @@ def train(cfg, run, solver, masters, tokenizer, scorer, pool: list[dict], device
         chosen = draw_batch(pool, info, cfg.online_prompts, cfg.evolved_fraction,
                             parallel.stable_seed(cfg.seed, step, "draw"))
         batch = [pool[i] for i in chosen]
-        samples = train_eva.sample_and_score(solver, tokenizer, scorer, batch, cfg, step, "online")
+        samples = common.sample_and_score(solver, tokenizer, scorer, batch, cfg, step, "online")
         rewards_pk = filled_rewards(samples)  # [P, k]
         batch_info = np.nan_to_num(creator.informativeness(rewards_pk.tolist(), METRIC))  # ties: 0
         for r, value in zip(batch, batch_info):
@@ -307,16 +308,16 @@ def save_weights(cfg, run, solver, masters, tokenizer) -> None:
 
 
 def run(cfg) -> None:
-    """train_eva.py --online: set up as the offline loop does, evaluate, train online, evaluate, report."""
-    device, seeds, heldout, run_ = train_eva.start_run(cfg)
+    """common.py --online: set up as the offline loop does, evaluate, train online, evaluate, report."""
+    device, seeds, heldout, run_ = common.start_run(cfg)
     print0(f"online eva: {len(seeds)} seed prompts, {len(heldout)} held-out, solver {cfg.model}, reward {cfg.reward}, "
            f"{cfg.online_algo} k={cfg.n_samples} beta={kl_weight(cfg)}, {cfg.online_steps} steps x "
            f"{cfg.online_prompts} prompts, creator every {cfg.evolve_every} steps, world size "
            f"{parallel.world_size()}, device {device}")
-    solver, masters, tokenizer, scorer, (creator_model, creator_tokenizer) = train_eva.load_models(cfg, run_, device)
+    solver, masters, tokenizer, scorer, (creator_model, creator_tokenizer) = common.load_models(cfg, run_, device)
 
-    train_eva.evaluate_once(solver, tokenizer, heldout, cfg, run_, "start")
-    pool = train_eva.drop_long_prompts(seeds, tokenizer, cfg, "seed prompts")
+    common.evaluate_once(solver, tokenizer, heldout, cfg, run_, "start")
+    pool = common.drop_long_prompts(seeds, tokenizer, cfg, "seed prompts")
     if len(pool) < cfg.online_prompts:
         raise ValueError(f"--online_prompts {cfg.online_prompts}: only {len(pool)} seed prompts fit "
                          f"--max_prompt_tokens {cfg.max_prompt_tokens}")
@@ -325,9 +326,8 @@ def run(cfg) -> None:
     run_.write_jsonl(run_.folder / "pool.jsonl", final_pool)
     save_weights(cfg, run_, solver, masters, tokenizer)
     print0(f"[online] trained {cfg.online_steps} steps, pool {len(final_pool)} ({time.time() - t0:.0f} s this run)")
-    train_eva.evaluate_once(solver, tokenizer, heldout, cfg, run_, "end")
+    common.evaluate_once(solver, tokenizer, heldout, cfg, run_, "end")
     if parallel.is_main():
-        import report
         print(report.write_online_report(run_.folder))
     run_.close()
     parallel.barrier()

@@ -12,7 +12,6 @@ import math
 import os
 from contextlib import nullcontext
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -23,10 +22,9 @@ import losses
 import model
 import parallel
 import rundir
+from config import Config
 from parallel import print0
 
-if TYPE_CHECKING:  # only for the annotations: train_eva imports this module, not the other way round
-    from train_eva import Config
 
 
 # ------------------------------------------------------------------------------------------------- batches

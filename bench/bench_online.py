@@ -45,15 +45,16 @@ def run_eva(args, folder: Path) -> dict:
     import online
     import parallel
     import rundir
-    import train_eva
-    cfg = train_eva.parse_config(["--preset", "online", "--run_dir", str(folder), "--evolve_every", "0",
+    import common
+    import config
+    cfg = config.parse_config(["--preset", "online", "--run_dir", str(folder), "--evolve_every", "0",
                                   "--online_steps", str(args.steps), "--online_prompts", str(PROMPTS_PER_STEP),
                                   "--n_samples", str(K), "--micro_batch_size", str(MICRO_PROMPTS),
                                   "--max_new_tokens", str(MAX_NEW_TOKENS), "--lr", str(LR), "--online_kl", str(BETA),
                                   "--warmup_ratio", "0", "--save_every", str(args.steps), "--model", args.model])
     device = parallel.init()
     run = rundir.open_run(cfg)
-    solver, masters, tokenizer, scorer, _ = train_eva.load_models(cfg, run, device)
+    solver, masters, tokenizer, scorer, _ = common.load_models(cfg, run, device)
     pool = records(args)
     import generate
     lengths, sample = [], generate.sample

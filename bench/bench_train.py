@@ -89,8 +89,8 @@ def run_eva(args, solver, tokenizer, pairs, folder: Path) -> tuple[callable, cal
     import torch
     import rundir
     import solver as solver_lib
-    import train_eva
-    cfg = train_eva.Config(run_dir=str(folder), lora=args.lora, lr=5e-4, epochs=1, batch_size=8, micro_batch_size=4,
+    import config
+    cfg = config.Config(run_dir=str(folder), lora=args.lora, lr=5e-4, epochs=1, batch_size=8, micro_batch_size=4,
                            loss="dpo", beta=0.1, max_new_tokens=96)
     run = rundir.Run(folder)
     device = torch.device(args.device)
@@ -125,10 +125,10 @@ def worker(args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads)
     import model
     import solver as solver_lib
-    import train_eva
+    import config
     pairs = make_pairs(args.pairs)
     solver, tokenizer = load_solver(args)
-    cfg = train_eva.Config(max_new_tokens=96)
+    cfg = config.Config(max_new_tokens=96)
     encoded = [solver_lib.encode_pair(tokenizer, p, cfg, model.turn_end_id(tokenizer)) for p in pairs]
     tokens = sum(2 * len(e["prompt"]) + len(e["chosen"]) + len(e["rejected"]) for e in encoded)
     with tempfile.TemporaryDirectory() as tmp:

@@ -14,12 +14,13 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import cleaning  # noqa: E402
+import common  # noqa: E402
+import config  # noqa: E402
 import constraints  # noqa: E402
 import creator  # noqa: E402
 import model  # noqa: E402
 import parallel  # noqa: E402
 import prompts  # noqa: E402
-import train_eva  # noqa: E402
 
 
 def main() -> None:
@@ -31,12 +32,12 @@ def main() -> None:
     parser.add_argument("--raw", default="", help="also write every creator message and its outputs here (JSONL)")
     parser.add_argument("--flag", action="append", default=[], help="a train_eva flag: --flag=--creator_candidates=1")
     args = parser.parse_args()
-    cfg = train_eva.parse_config(["--preset", "demo", "--model", args.model, "--seed", str(args.seed)] + args.flag)
+    cfg = config.parse_config(["--preset", "demo", "--model", args.model, "--seed", str(args.seed)] + args.flag)
     pool = prompts.read_prompts(cfg.seed_prompts, cfg.reward, cfg.max_seed_prompts)
     rng = np.random.default_rng(args.seed)
     parents = [pool[int(i)] for i in sorted(rng.choice(len(pool), size=args.parents, replace=False))]
     solver, tokenizer = model.load_model(cfg.model)
-    complete = train_eva.make_completer(cfg, 1, solver, tokenizer)
+    complete = common.make_completer(cfg, 1, solver, tokenizer)
     log = []
 
     def logged(messages):

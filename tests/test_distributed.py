@@ -28,7 +28,7 @@ from safetensors.torch import load_file
 from conftest import ROOT
 from test_train_eva import TINY_PROMPTS, write_prompts
 
-import train_eva
+import config
 
 TIMEOUT = 300
 
@@ -190,14 +190,14 @@ def test_four_bit_gradients_survive_sampling(tmp_path, tiny_llama_dir):
 
 def test_bad_scale_settings_are_refused_before_loading(monkeypatch):
     with pytest.raises(ValueError, match="--fsdp"):
-        train_eva.parse_config(["--fsdp"])  # LoRA is the default
+        config.parse_config(["--fsdp"])  # LoRA is the default
     monkeypatch.setenv("WORLD_SIZE", "3")
     with pytest.raises(ValueError, match="world size 3"):
-        train_eva.parse_config(["--batch_size", "8", "--micro_batch_size", "1"])
+        config.parse_config(["--batch_size", "8", "--micro_batch_size", "1"])
     monkeypatch.setenv("WORLD_SIZE", "2")
-    cfg = train_eva.parse_config(["--preset", "paper"])
+    cfg = config.parse_config(["--preset", "paper"])
     assert cfg.fsdp and not cfg.lora and cfg.batch_size == 64 and cfg.n_samples == 6 and cfg.lr == 5e-7
-    assert train_eva.parse_config(["--preset", "paper", "--loss", "sppo"]).optimizer == "rmsprop"
+    assert config.parse_config(["--preset", "paper", "--loss", "sppo"]).optimizer == "rmsprop"
 
 
 def test_a_nonfinite_loss_on_one_rank_stops_every_rank_at_once(tmp_path, tiny_llama_dir):

@@ -20,6 +20,8 @@ import torch
 from conftest import ROOT
 from test_train_eva import TINY_PROMPTS, write_prompts
 
+import common
+import config
 import endpoint
 import files
 import generate
@@ -244,10 +246,10 @@ def oom(message: str = "CUDA out of memory. Tried to allocate 2.00 GiB") -> torc
 
 def test_oom_in_sampling_halves_the_batch_and_changes_nothing(tiny, monkeypatch, capsys):
     solver, tokenizer = tiny
-    cfg = train_eva.Config(n_samples=2, max_new_tokens=4, gen_batch_size=8, top_p=1.0)
+    cfg = config.Config(n_samples=2, max_new_tokens=4, gen_batch_size=8, top_p=1.0)
     records = [dict(r) for r in TINY_PROMPTS[:5]]
     scorer = reward.load_reward("rules")
-    expected = train_eva.sample_and_score(solver, tokenizer, scorer, records, cfg, 0, "estimate")
+    expected = common.sample_and_score(solver, tokenizer, scorer, records, cfg, 0, "estimate")
 
     real, sizes = generate.sample, []
 
@@ -258,7 +260,7 @@ def test_oom_in_sampling_halves_the_batch_and_changes_nothing(tiny, monkeypatch,
         return real(*args, batch_size=batch_size, **kwargs)
 
     monkeypatch.setattr(generate, "sample", flaky)
-    got = train_eva.sample_and_score(solver, tokenizer, scorer, records, cfg, 0, "estimate")
+    got = common.sample_and_score(solver, tokenizer, scorer, records, cfg, 0, "estimate")
     assert sizes == [8, 4, 2]
     assert got == expected, "samples do not depend on the batch size"
     err = capsys.readouterr().err
@@ -287,10 +289,10 @@ def test_oom_in_the_creator_halves_its_batch_and_changes_nothing(tiny, monkeypat
 
 def test_oom_in_scoring_scores_in_smaller_calls(tiny, monkeypatch, capsys):
     solver, tokenizer = tiny
-    cfg = train_eva.Config(n_samples=2, max_new_tokens=4, gen_batch_size=8, top_p=1.0)
+    cfg = config.Config(n_samples=2, max_new_tokens=4, gen_batch_size=8, top_p=1.0)
     records = [dict(r) for r in TINY_PROMPTS[:3]]
     rules = reward.load_reward("rules")
-    expected = train_eva.sample_and_score(solver, tokenizer, rules, records, cfg, 0, "estimate")
+    expected = common.sample_and_score(solver, tokenizer, rules, records, cfg, 0, "estimate")
     calls = []
 
     def small_score(prompts, responses):  # a reward model that runs out of memory on more than 2 responses at once
@@ -299,7 +301,7 @@ def test_oom_in_scoring_scores_in_smaller_calls(tiny, monkeypatch, capsys):
             raise RuntimeError("CUDA error: out of memory")
         return rules.score(prompts, responses)
 
-    got = train_eva.sample_and_score(solver, tokenizer, SimpleNamespace(score=small_score), records, cfg, 0,
+    got = common.sample_and_score(solver, tokenizer, SimpleNamespace(score=small_score), records, cfg, 0,
                                      "estimate")
     assert got == expected
     assert calls[:2] == [6, 3] and set(calls[2:]) <= {1, 2} and sum(calls[2:]) == 6, calls
@@ -335,7 +337,7 @@ def test_oom_in_evaluation_halves_the_batch(monkeypatch):
         return dict(prompt_level=1.0, instruction_level=1.0, responses=["ok"] * len(records))
 
     monkeypatch.setattr(train_eva, "evaluate_ifeval", fake_ifeval)
-    result = train_eva.evaluate(None, None, [{"id": "a"}], train_eva.Config(gen_batch_size=4))
+    result = common.evaluate(None, None, [{"id": "a"}], config.Config(gen_batch_size=4))
     assert sizes == [4, 2, 1] and result["answers"] == [{"prompt_id": "a", "answer": "ok"}]
 
 
@@ -434,24 +436,24 @@ def test_interrupted_write_leaves_no_file_that_looks_finished(tmp_path, monkeypa
 
 
 def test_changed_config_lists_every_field_and_the_flag_accepts_them(tmp_path, capsys):
-    cfg = train_eva.Config(run_dir=str(tmp_path / "run"))
+    cfg = config.Config(run_dir=str(tmp_path / "run"))
     rundir.open_run(cfg)
     (tmp_path / "run" / "iter_0").mkdir()
     (tmp_path / "run" / "iter_0" / "done_estimate").write_text("{}\n")  # finished work makes the config binding
-    changed = train_eva.Config(run_dir=cfg.run_dir, lr=1e-3, n_samples=6)
+    changed = config.Config(run_dir=cfg.run_dir, lr=1e-3, n_samples=6)
     with pytest.raises(SystemExit) as err:
         rundir.open_run(changed)
     message = str(err.value.code)
     assert f"lr: {cfg.lr!r} -> 0.001" in message and "n_samples: 4 -> 6" in message
     assert "--allow_config_change" in message
-    rundir.open_run(train_eva.Config(run_dir=cfg.run_dir, lr=1e-3, n_samples=6, allow_config_change=True))
+    rundir.open_run(config.Config(run_dir=cfg.run_dir, lr=1e-3, n_samples=6, allow_config_change=True))
     assert "accepted changes: lr, n_samples" in capsys.readouterr().out
     assert json.loads((tmp_path / "run" / "config.json").read_text())["lr"] == 1e-3
 
 
 def test_config_can_change_before_any_work_is_done(tmp_path):
     """A run that failed before finishing anything (say, a typo caught after the folder was made) restarts freely."""
-    cfg = train_eva.Config(run_dir=str(tmp_path / "run"))
+    cfg = config.Config(run_dir=str(tmp_path / "run"))
     rundir.open_run(cfg)
-    rundir.open_run(train_eva.Config(run_dir=cfg.run_dir, lr=1e-3))
+    rundir.open_run(config.Config(run_dir=cfg.run_dir, lr=1e-3))
     assert json.loads((tmp_path / "run" / "config.json").read_text())["lr"] == 1e-3

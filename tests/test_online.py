@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 from conftest import ROOT
 from test_train_eva import TINY_PROMPTS, write_prompts
 
+import config
 import model
 import online
 import train_eva
@@ -140,15 +141,15 @@ def test_two_ranks_equal_one(tmp_path, tiny_llama_dir):
 
 def test_off_policy_iterations_need_grpo_and_fsdp_is_refused(tmp_path):
     with pytest.raises(ValueError, match="--online_algo grpo"):
-        train_eva.parse_config(["--online", "--grpo_iterations", "2"])
+        config.parse_config(["--online", "--grpo_iterations", "2"])
     with pytest.raises(ValueError, match="--fsdp"):
-        train_eva.parse_config(["--online", "--no-lora", "--fsdp"])
+        config.parse_config(["--online", "--no-lora", "--fsdp"])
 
 
 def test_packed_token_logps_equal_a_plain_forward_per_response(tiny_llama_dir):
     policy, _ = model.load_model(str(tiny_llama_dir))
     rows = [([5, 6, 7], [8, 9]), ([10, 11], [12, 13, 14, 15]), ([3], [4])]
-    cfg = train_eva.parse_config(["--preset", "smoke", "--vocab_chunk", "7"])
+    cfg = config.parse_config(["--preset", "smoke", "--vocab_chunk", "7"])
     batch = online.collate(rows, "cpu")
     assert batch["response_mask"].sum(-1).tolist() == [2, 4, 1]
     with model.packed_training(policy):

@@ -21,6 +21,7 @@ from safetensors.torch import load_file
 
 from conftest import ROOT
 
+import config
 import train_eva
 
 PROMPTS = ["Explain why the sky is blue.", "Write a short poem about autumn leaves.",
@@ -77,9 +78,9 @@ def test_paper_preset_runs_every_iteration(tmp_path, toy_gemma2_dir, toy_armorm_
                       "--creator", f"endpoint:{creator_url}#creator-model")
     train_eva.main(args)
     run = tmp_path / "run"
-    config = json.loads((run / "config.json").read_text())
-    assert config["lora"] is False and config["n_samples"] == 6 and config["loss"] == loss
-    assert config["beta"] == train_eva.PAPER_LOSS_SETTINGS[loss].get("beta", -1.0)
+    saved = json.loads((run / "config.json").read_text())
+    assert saved["lora"] is False and saved["n_samples"] == 6 and saved["loss"] == loss
+    assert saved["beta"] == config.PAPER_LOSS_SETTINGS[loss].get("beta", -1.0)
     for t in (0, 1):
         assert (run / f"iter_{t}" / "done_train").exists(), f"iteration {t} did not finish"
         assert (run / f"iter_{t}" / "model" / "config.json").exists(), "full fine-tuning saves a whole model"

@@ -13,8 +13,9 @@ import pytest
 
 from conftest import ROOT
 
+import common
+import config
 import parallel
-import train_eva
 
 datasets = pytest.importorskip("datasets")  # an optional extra; make test installs it
 from test_prompts import hub_cache, ultra_rows  # noqa: E402
@@ -53,8 +54,8 @@ def test_readme_command_runs_up_to_the_missing_weights(command, tmp_path, monkey
                         hub_cache(tmp_path, {"train_prefs": ultra_rows(80)}, "HuggingFaceH4/ultrafeedback_binarized"))
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(parallel, "init", lambda: "cpu")  # no process group: nothing else of torchrun is needed
-    cfg = train_eva.parse_config(argv)
+    cfg = config.parse_config(argv)
     with pytest.raises(FileNotFoundError) as err:
-        train_eva.start_run(cfg)
+        common.start_run(cfg)
     assert str(err.value).startswith(f"model '{cfg.model}': neither a local folder nor in the Hugging Face cache")
     assert not (tmp_path / "run").exists()

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+import config
 import parallel
 import rundir
 import tracking
@@ -57,7 +58,7 @@ def assert_holds(got: dict, expected: dict) -> None:
 
 def test_tensorboard_holds_every_number_at_its_global_step(tmp_path):
     pytest.importorskip("tensorboard")
-    cfg = train_eva.Config(run_dir=str(tmp_path / "run"), report_to="tensorboard")
+    cfg = config.Config(run_dir=str(tmp_path / "run"), report_to="tensorboard")
     log_a_run(cfg)
     got = tensorboard_scalars(tmp_path / "run" / "tensorboard")
     assert_holds(got, EXPECTED)
@@ -92,7 +93,7 @@ def test_wandb_offline_run_holds_the_numbers_and_resumes_under_one_id(tmp_path, 
         monkeypatch.setenv(name, value)
     (tmp_path / "w1").mkdir()
     (tmp_path / "w2").mkdir()
-    cfg = train_eva.Config(run_dir=str(tmp_path / "run"), report_to="wandb")
+    cfg = config.Config(run_dir=str(tmp_path / "run"), report_to="wandb")
     log_a_run(cfg, between=lambda: monkeypatch.setenv("WANDB_DIR", str(tmp_path / "w2")))  # two sessions' folders
     import wandb
     wandb.teardown()  # waits for wandb's writer process to finish the files (process exit does this in a real run)
@@ -127,7 +128,7 @@ def test_trackio_local_run_holds_the_numbers_and_resumes_by_name(tmp_path, monke
     pytest.importorskip("trackio")
     from trackio.sqlite_storage import SQLiteStorage
     assert SQLiteStorage.get_project_db_path("eva").parent == tmp_path / "trackio"
-    cfg = train_eva.Config(run_dir=str(tmp_path / "run"), report_to="trackio")
+    cfg = config.Config(run_dir=str(tmp_path / "run"), report_to="trackio")
     log_a_run(cfg)
     assert SQLiteStorage.get_runs("eva") == ["run"], "the resumed folder continues its run"
     logs = SQLiteStorage.get_logs("eva", "run")
@@ -143,22 +144,22 @@ def test_trackio_local_run_holds_the_numbers_and_resumes_by_name(tmp_path, monke
 def test_report_to_names_an_unknown_tracker_and_a_missing_package(tmp_path, monkeypatch):
     base = ["--run_dir", str(tmp_path / "run")]
     with pytest.raises(ValueError) as err:
-        train_eva.parse_config(base + ["--report_to", "tensorboard,mlflow"])
+        config.parse_config(base + ["--report_to", "tensorboard,mlflow"])
     assert str(err.value) == ("--report_to mlflow: choose from none, tensorboard, wandb, trackio "
                               "(several: comma-separated)")
     find_spec = tracking.importlib.util.find_spec
     monkeypatch.setattr(tracking.importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else
                         find_spec(name, *a))
     with pytest.raises(ValueError) as err:
-        train_eva.parse_config(base + ["--report_to", "tensorboard,wandb"])
+        config.parse_config(base + ["--report_to", "tensorboard,wandb"])
     assert str(err.value) == "--report_to wandb: pip install wandb"
-    assert train_eva.parse_config(base + ["--report_to", "none"]).report_to == "none"
+    assert config.parse_config(base + ["--report_to", "none"]).report_to == "none"
     assert tracking.names("tensorboard, trackio,tensorboard") == ["tensorboard", "trackio"]
 
 
 def test_only_rank_0_reports(tmp_path, monkeypatch):
     monkeypatch.setattr(parallel, "is_main", lambda: False)
-    run = rundir.open_run(train_eva.Config(run_dir=str(tmp_path / "run"), report_to="tensorboard,wandb,trackio"))
+    run = rundir.open_run(config.Config(run_dir=str(tmp_path / "run"), report_to="tensorboard,wandb,trackio"))
     run.log(dict(iteration=0, step=1, loss=0.5))
     run.close()
     assert run.trackers == {} and not (tmp_path / "run").exists()
@@ -166,10 +167,10 @@ def test_only_rank_0_reports(tmp_path, monkeypatch):
 
 def test_changing_report_to_resumes_without_allow_config_change(tmp_path):
     pytest.importorskip("tensorboard")
-    cfg = train_eva.Config(run_dir=str(tmp_path / "run"))
+    cfg = config.Config(run_dir=str(tmp_path / "run"))
     run = rundir.open_run(cfg)
     run.mark(0, "estimate", dict(prompts=8))
-    rundir.open_run(train_eva.Config(run_dir=cfg.run_dir, report_to="tensorboard")).close()  # no SystemExit
+    rundir.open_run(config.Config(run_dir=cfg.run_dir, report_to="tensorboard")).close()  # no SystemExit
 
 
 def count_closes(monkeypatch) -> list:

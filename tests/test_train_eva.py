@@ -9,6 +9,10 @@ import pytest
 
 from conftest import ROOT
 
+import config
+import model
+import prompts
+import reward
 import train_eva
 
 # Constraints that random text from a tiny random model meets only sometimes, so rewards differ and pairs exist.
@@ -62,8 +66,8 @@ def test_one_full_iteration_writes_every_file(tmp_path, tiny_llama_dir):
     assert not list(run.glob("iter_*/train_state.pt")), "a finished iteration keeps no training checkpoint"
     pool_1 = (run / "iter_1" / "pool.jsonl").read_text().splitlines()
     assert len(pool_1) == len(TINY_PROMPTS)
-    config = json.loads((run / "config.json").read_text())
-    assert config["model"] == str(tiny_llama_dir) and config["preset"] == "smoke"
+    saved = json.loads((run / "config.json").read_text())
+    assert saved["model"] == str(tiny_llama_dir) and saved["preset"] == "smoke"
     steps = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert any("loss" in s for s in steps)
 
@@ -124,7 +128,7 @@ def test_existing_folder_is_not_overwritten(tmp_path):
 def test_changed_config_refuses_to_resume(tmp_path):
     folder = tmp_path / "r"
     folder.mkdir()
-    saved = json.loads(json.dumps(train_eva.dataclasses.asdict(train_eva.Config(run_dir=str(folder)))))
+    saved = json.loads(json.dumps(dataclasses.asdict(config.Config(run_dir=str(folder)))))
     (folder / "config.json").write_text(json.dumps(saved))
     (folder / "iter_0").mkdir()
     (folder / "iter_0" / "done_estimate").write_text("{}\n")  # finished work exists: the config is binding
@@ -151,8 +155,8 @@ def test_each_bad_flag_is_one_line_before_anything_loads(tmp_path, monkeypatch, 
     def nothing_may_load(*args, **kwargs):
         raise AssertionError("a model or prompt file was read before the config was checked")
 
-    for module, name in [(train_eva.model, "load_model"), (train_eva.model, "resolve"),
-                         (train_eva.prompts, "read_prompts"), (train_eva.reward, "load_reward")]:
+    for module, name in [(model, "load_model"), (model, "resolve"),
+                         (prompts, "read_prompts"), (reward, "load_reward")]:
         monkeypatch.setattr(module, name, nothing_may_load)
     with pytest.raises(ValueError) as err:
         train_eva.main([*mode, "--run_dir", str(tmp_path / "r"), f"--{flag}", value])
@@ -175,9 +179,9 @@ def test_bad_flag_on_the_command_line_exits_fast_with_one_line(tmp_path, args, f
 @pytest.mark.parametrize("loss", ["dpo", "ipo", "sppo", "simpo", "orpo"])
 def test_paper_preset_is_valid_for_every_loss(monkeypatch, loss):
     monkeypatch.setenv("WORLD_SIZE", "8")
-    cfg = train_eva.parse_config(["--preset", "paper", "--loss", loss])
+    cfg = config.parse_config(["--preset", "paper", "--loss", loss])
     assert cfg.loss == loss and cfg.lr == 5e-7
-    want = train_eva.PAPER_LOSS_SETTINGS[loss].get("beta", -1.0)
+    want = config.PAPER_LOSS_SETTINGS[loss].get("beta", -1.0)
     assert cfg.beta == want, "the paper's beta comes from the per-loss settings only"
     if loss == "orpo":
         assert cfg.beta < 0, "ORPO has no beta: losses.preference_loss refuses one"
@@ -222,7 +226,7 @@ def test_forward_logps_and_gradients_equal_the_straightforward_ones(tmp_path, fa
     if checkpointing:  # the paper preset's setting: layers recompute their forward in backward
         solver.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     solver.train()
-    cfg = train_eva.Config(vocab_chunk=1000)
+    cfg = config.Config(vocab_chunk=1000)
     gen = torch.Generator().manual_seed(0)
     draw = lambda n: torch.randint(10, 1000, (n,), generator=gen).tolist()
     lengths = [(5, 9, 3), (12, 4, 15), (1, 6, 6)]  # prompt, chosen, rejected
@@ -258,10 +262,10 @@ def test_forward_logps_and_gradients_equal_the_straightforward_ones(tmp_path, fa
 # ------------------------------------------------------------------------------------ --help and --config
 def test_help_shows_each_fields_comment_default_presets_and_choices(monkeypatch):
     monkeypatch.setenv("COLUMNS", "10000")  # one line per flag: argparse would wrap inside words at hyphens
-    text = " ".join(train_eva.build_parser().format_help().split())
-    docs = train_eva.field_docs()
-    assert set(docs) == {f.name for f in dataclasses.fields(train_eva.Config)}, "every field needs its comment"
-    for f in dataclasses.fields(train_eva.Config):
+    text = " ".join(config.build_parser().format_help().split())
+    docs = config.field_docs()
+    assert set(docs) == {f.name for f in dataclasses.fields(config.Config)}, "every field needs its comment"
+    for f in dataclasses.fields(config.Config):
         comment = " ".join(docs[f.name][1].split())
         assert f"--{f.name}" in text and comment in text and f"(default: {f.default}" in text, f.name
     assert "--loss {dpo,ipo,sppo,simpo,orpo}" in text
@@ -271,13 +275,13 @@ def test_help_shows_each_fields_comment_default_presets_and_choices(monkeypatch)
 
 def test_config_file_yaml_and_json_flags_win(tmp_path):
     (tmp_path / "run.yaml").write_text("preset: smoke\nlr: 1e-4\nloss: simpo\nlora: false\nmax_new_tokens: 24\n")
-    cfg = train_eva.parse_config(["--config", str(tmp_path / "run.yaml"), "--max_new_tokens", "8"])
+    cfg = config.parse_config(["--config", str(tmp_path / "run.yaml"), "--max_new_tokens", "8"])
     assert (cfg.preset, cfg.lr, cfg.loss, cfg.lora) == ("smoke", 1e-4, "simpo", False)
     assert cfg.max_new_tokens == 8, "a flag given explicitly wins over the file"
-    assert cfg.n_samples == train_eva.PRESETS["smoke"]["n_samples"], "the file's preset fills the rest"
+    assert cfg.n_samples == config.PRESETS["smoke"]["n_samples"], "the file's preset fills the rest"
     # A run folder's config.json (every field) gives back the same Config.
     (tmp_path / "config.json").write_text(json.dumps(dataclasses.asdict(cfg)))
-    assert train_eva.parse_config(["--config", str(tmp_path / "config.json")]) == cfg
+    assert config.parse_config(["--config", str(tmp_path / "config.json")]) == cfg
 
 
 @pytest.mark.parametrize("text,message", [
@@ -292,6 +296,6 @@ def test_bad_config_file_is_one_line_naming_it(tmp_path, text, message):
     path = tmp_path / "bad.yaml"
     path.write_text(text)
     with pytest.raises(ValueError) as err:
-        train_eva.parse_config(["--config", str(path)])
+        config.parse_config(["--config", str(path)])
     assert message in str(err.value) and "\n" not in str(err.value)
     assert str(err.value).startswith(f"--config {path}: ") or message.startswith("--loss")

@@ -9,14 +9,14 @@ import creator
 import model
 import rundir
 import solver
-import train_eva
+import config
 
 
 def test_a_gemma_pair_ends_with_end_of_turn_and_a_cut_response_with_nothing(toy_gemma2_dir):
     tokenizer = model.load_tokenizer(str(toy_gemma2_dir))
     end_of_turn = tokenizer.convert_tokens_to_ids("<end_of_turn>")
     assert end_of_turn != tokenizer.eos_token_id, "the toy folder must tell <end_of_turn> from <eos>"
-    cfg = train_eva.Config(max_new_tokens=6)
+    cfg = config.Config(max_new_tokens=6)
     prompts = [{"id": "p", "prompt": "Say hi."}]
     samples = [{"prompt_id": "p", "responses": ["hello there", "hi", "a b c d e f g h"],
                 "rewards": [1.0, 0.5, 0.0], "finish": ["stop", "stop", "length"]}]
@@ -55,7 +55,7 @@ def one_step(policy, masters, tokenizer, tmp_path, cfg) -> None:
 
 def test_full_fine_tuning_steps_fp32_masters_of_a_bf16_model(tmp_path, tiny_llama_dir):
     # SimPO needs no reference, so both runs compute the same gradient from the same fp32 weights
-    cfg = train_eva.Config(lora=False, loss="simpo", lr=5e-7, batch_size=2, micro_batch_size=2, epochs=1,
+    cfg = config.Config(lora=False, loss="simpo", lr=5e-7, batch_size=2, micro_batch_size=2, epochs=1,
                            warmup_ratio=0.0, vocab_chunk=0, max_new_tokens=16)
     bf16_folder = tmp_path / "bf16_model"  # a bf16 checkpoint, as gemma-2-9b-it's is
     bf16, tokenizer = model.load_model(str(tiny_llama_dir), dtype=torch.bfloat16)
