@@ -80,7 +80,7 @@ def sample_and_score(policy, tokenizer, scorer, records: list[dict], cfg: Config
                 for k, (r, texts, finish) in enumerate(zip(batch, out.texts, out.finish))]
 
     samples = parallel.sharded(work, list(range(len(records))), desc=phase)
-    info = creator.informativeness([as_floats(s["rewards"]) for s in samples], "gap")
+    info = creator.informativeness([as_floats(s["rewards"]) for s in samples], cfg.info_metric)
     for s, value in zip(samples, info):
         s["info"] = float(np.nan_to_num(value))  # all rewards tied: no information, 0
     return samples

@@ -57,6 +57,7 @@ class Config:
     max_prompt_tokens: int = 512  # longer prompts are skipped and counted
     gen_batch_size: int = 32  # prompts per sampling batch (each expands to n_samples rows)
     # --- the creator
+    # (stored with the samples, counted as "informative", selected and drawn by, offline and online)
     info_metric: str = "gap"  # informativeness: gap | max_mean | variance | mean | inv_mean | best_second | uniform
     selection: str = "weighted"  # weighted | greedy | uniform
     select_fraction: float = 0.25  # share of the pool that is evolved
@@ -125,7 +126,7 @@ PRESETS = {
                   creator_max_new_tokens=1024, gradient_checkpointing=True, vocab_chunk=32768,
                   seed_prompts="HuggingFaceH4/ultrafeedback_binarized:train_prefs"),
     # online eva on the CPU: the bundled SmolLM2-135M-Instruct, rule rewards, RLOO, about 15 minutes on 2 cores
-    "online": dict(online=True, max_seed_prompts=64, n_samples=4, online_prompts=8, micro_batch_size=4,
+    "online": dict(online=True, info_metric="max_mean", max_seed_prompts=64, n_samples=4, online_prompts=8, micro_batch_size=4,
                    online_steps=24, evolve_every=6, max_new_tokens=48, eval_max_new_tokens=96,
                    creator_max_new_tokens=96, max_heldout_prompts=32, evolve_depth=2, lr=2e-4, save_every=4),
 }

@@ -20,6 +20,7 @@ from pathlib import Path
 import files
 import instructions
 import parallel
+import reward
 
 ROOT = Path(__file__).resolve().parent
 ID_FIELDS = ("id", "key", "prompt_id")  # the first present is the id: eva's, IFEval's, UltraFeedback's
@@ -238,7 +239,7 @@ def make_record(row: dict, where: str, column: str, reward_spec: str, seen: dict
         why = "" if ident is not None else " (a row without an id is named by the hash of its prompt: it repeats)"
         raise ValueError(f"{where}: duplicate id {record['id']!r}, first at {seen[record['id']]}{why}")
     seen[record["id"]] = where
-    if reward_spec == "rules" and record.get("instruction_id_list") is None:
+    if reward.is_verifiable(reward_spec) and record.get("instruction_id_list") is None:
         raise ValueError(f"{where}: missing field 'instruction_id_list' (the rules reward checks those "
                          f"constraints; a plain prompt needs --reward hf:..., judge:... or py:...)")
     if record.get("instruction_id_list") is None:
@@ -248,7 +249,7 @@ def make_record(row: dict, where: str, column: str, reward_spec: str, seen: dict
     if isinstance(record.get("kwargs"), list):  # a table gives every kwargs dict every key, unused ones null (IFEval's)
         record["kwargs"] = [{k: v for k, v in kw.items() if v is not None} if isinstance(kw, dict) else kw
                             for kw in record["kwargs"]]
-    if reward_spec == "rules":
+    if reward.is_verifiable(reward_spec):
         instructions.validate_record(record, where)
     record.setdefault("parent", None)
     record.setdefault("iteration", 0)

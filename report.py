@@ -119,8 +119,8 @@ def evolution_section(run: Path) -> str:
             "|---|" + "---|" * len(lineage["per_method"])]
     for t, counts in sorted(lineage["per_iteration_method"].items()):
         text.append(f"| {t} | " + " | ".join(str(counts.get(m, 0)) for m in sorted(lineage["per_method"])) + " |")
-    text += ["", "Informativeness (reward gap of the solver's samples) of the pool the creator read, and of the "
-             "prompts it wrote:", "", "| iteration | prompts | informative share | mean gap |", "|---|---|---|---|"]
+    text += ["", f"Informativeness ({info_metric(run)} of the solver's rewards) of the pool the creator read, and of "
+             "the prompts it wrote:", "", "| iteration | prompts | informative share | mean info |", "|---|---|---|---|"]
     for folder in sorted(run.glob("iter_*"), key=lambda p: int(p.name.split("_")[1])):
         for name, label in (("samples.jsonl", "pool"), ("evolved_samples.jsonl", "evolved")):
             infos = [s["info"] for s in _jsonl(folder / name)]
@@ -133,6 +133,12 @@ def evolution_section(run: Path) -> str:
         text += [f"{'  ' * k}- [{c.get('method') or 'seed'}] {c['prompt'][:400]!r}" for k, c in enumerate(chain)]
         text.append("")
     return "\n".join(text) + "\n"
+
+
+def info_metric(run: Path) -> str:
+    """The run's --info_metric, as its config.json has it."""
+    path = Path(run) / "config.json"
+    return json.loads(path.read_text()).get("info_metric", "gap") if path.exists() else "gap"
 
 
 def write_report(run: Path, eva_iterations: int | None = None) -> str:
@@ -175,7 +181,7 @@ def write_online_report(run: Path, windows: int = 8) -> str:
     rounds = sorted({m["step"]: m for m in records if m.get("phase") == "evolve"}.values(), key=lambda m: m["step"])
     start = json.loads((run / "eval_start.json").read_text()) if (run / "eval_start.json").exists() else None
     end = json.loads((run / "eval_end.json").read_text()) if (run / "eval_end.json").exists() else None
-    lines = ["| steps | mean reward | info (max - mean) | KL | evolved prompts drawn | pool |",
+    lines = [f"| steps | mean reward | info ({info_metric(run)}) | KL | evolved prompts drawn | pool |",
              "|---|---|---|---|---|---|"]
     for part in np.array_split(np.arange(len(steps)), min(windows, len(steps))) if steps else []:
         ms = [steps[i] for i in part]

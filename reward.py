@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+import creator
 import endpoint
 import files
 import instructions
@@ -496,6 +497,12 @@ def _hf_scorer(rest: str, *, device: str = "cpu", batch_size: int = 8, max_lengt
     return Scorer(f"hf:{rest}", score, info)
 
 
+def is_verifiable(spec: str) -> bool:
+    """Whether the reward checks constraints the prompt record carries (the rules reward): then every prompt needs its
+    instruction list, and the creator keeps its children's constraints checkable."""
+    return spec == "rules"
+
+
 def load_reward(spec: str, *, device: str = "cpu", **options) -> Scorer:
     """The reward back-end for a spec: "rules", "hf:<hub-id-or-folder>[?...]", "judge:<base-url>[?model=...]" or
     "py:<file.py>:<function>"."""
@@ -557,6 +564,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--samples", required=True, help="sample records {prompt_id, responses: [...]}")
     parser.add_argument("--out", required=True, help="where the scored sample records go")
     parser.add_argument("--device", default=None, help="default: this rank's GPU, else cpu")
+    parser.add_argument("--info_metric", default="gap", choices=creator.METRICS, help="informativeness written as info")
     args = parser.parse_args(argv)
     import parallel
     device = args.device or str(parallel.init())
@@ -572,13 +580,14 @@ def main(argv: list[str] | None = None) -> None:
     scorer = load_reward(args.reward, device=device)
     rewards = score_sharded(scorer, flat_prompts, flat_responses)
     if parallel.is_main():
-        scored, k = [], 0
+        scored, per_prompt, k = [], [], 0
         for sample in samples:
-            r = rewards[k:k + len(sample["responses"])]
-            k += len(r)
-            valid = [x for x in r if not math.isnan(x)]
+            per_prompt.append(rewards[k:k + len(sample["responses"])])
+            k += len(per_prompt[-1])
+        info = creator.informativeness(per_prompt, args.info_metric)
+        for sample, r, value in zip(samples, per_prompt, info):
             scored.append(dict(sample, rewards=[None if math.isnan(x) else x for x in r],
-                               info=max(valid) - min(valid) if valid else None))
+                               info=None if math.isnan(value) else float(value)))
         files.write_jsonl(args.out, scored)
         print(f"scored {len(rewards)} responses of {len(samples)} prompts with {args.reward} -> {args.out}")
 

@@ -26,6 +26,7 @@ import files
 import online
 import parallel
 import report
+import reward
 import rundir
 import solver
 from config import Config
@@ -81,7 +82,7 @@ def evolve_prompts(selected: list[dict], pool: list[dict], complete, tokenizer, 
     """The creator's children of the selected prompts (creator.evolve), too-long ones skipped."""
     evolved, stats = creator.evolve(selected, complete, depth=cfg.evolve_depth, kinds=cfg.evolve_kinds,
                                     seed=parallel.stable_seed(cfg.seed, t, "evolve"), iteration=t,
-                                    verifiable=cfg.reward == "rules", pool=pool)
+                                    verifiable=reward.is_verifiable(cfg.reward), pool=pool)
     evolved = common.drop_long_prompts(evolved, tokenizer, cfg, "evolved prompts")
     rejected = ", ".join(f"{k} {v}" for k, v in stats["rejected"].items() if v) or "none"
     kept, written = stats["kept"], stats["written"]
