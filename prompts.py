@@ -58,7 +58,7 @@ def local_path(text: str) -> Path | None:
 
 
 def looks_like_dataset_id(text: str) -> bool:
-    """`Org/Name`, not a path: one slash, no file suffix, no leading . / ~ (the same rule as model.resolve)."""
+    """`Org/Name`, not a path: one slash, no file suffix, no leading . / ~."""
     return re.fullmatch(r"[\w-][\w.-]*/[\w.-]+", text) is not None and Path(text).suffix == ""
 
 
