@@ -57,9 +57,13 @@ def local_path(text: str) -> Path | None:
     return None
 
 
+FILE_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".txt", ".arrow")  # a missing file, not a dataset id
+
+
 def looks_like_dataset_id(text: str) -> bool:
-    """`Org/Name`, not a path: one slash, no file suffix, no leading . / ~."""
-    return re.fullmatch(r"[\w-][\w.-]*/[\w.-]+", text) is not None and Path(text).suffix == ""
+    """`Org/Name` (dots allowed, as in `Org/Name-1.5`), not a path: one slash, no leading . / ~, no file suffix."""
+    return (re.fullmatch(r"[\w-][\w.-]*/[\w.-]+", text) is not None
+            and Path(text).suffix.lower() not in FILE_SUFFIXES)
 
 
 def load_rows(source: str, limit: int) -> tuple[list[tuple[str, dict]], str]:

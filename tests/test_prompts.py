@@ -249,3 +249,11 @@ def test_bad_table_stops_the_command_line_before_any_model_loads(tmp_path):
     assert last == f"error: {heldout} row 1: missing field 'instruction_id_list' (the rules reward checks those " \
                    "constraints; a plain prompt needs --reward hf:..., judge:... or py:...)", out.stderr[-3000:]
     assert not (tmp_path / "run").exists()
+
+
+def test_dataset_ids_with_dots_are_ids_and_missing_files_are_files():
+    assert prompts.looks_like_dataset_id("allenai/tulu-3.1-mix") and prompts.looks_like_dataset_id("Org/Name")
+    for path in ("data/missing.jsonl", "./x/y", "a/b/c", "/abs/p", "~/p", "rows.parquet"):
+        assert not prompts.looks_like_dataset_id(path), path
+    with pytest.raises(FileNotFoundError, match=r"^data/missing\.jsonl: prompt file not found$"):
+        prompts.read_prompts("data/missing.jsonl", "rules")
