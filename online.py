@@ -19,7 +19,6 @@ eval_start.json and eval_end.json, report.md and report.png.
 import math
 import time
 from contextlib import nullcontext
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -33,6 +32,7 @@ import parallel
 import rundir
 import solver as solver_lib
 import train_eva
+import trainstate
 from parallel import print0
 
 METRIC = "max_mean"  # online informativeness: max - mean of the rollouts' rewards (offline uses max - min)
@@ -124,22 +124,20 @@ def policy_update(policy, trained, reference, params, optimizer, scheduler, rows
                   if cfg.online_algo == "grpo" else None)  # [P, k]; RLOO's come with the KL-shaped rewards
     micro = [list(mine[s:s + cfg.micro_batch_size]) for s in range(0, per_rank, cfg.micro_batch_size)]
     batches = [collate([rows[p * k + j] for p in ps for j in range(k)], device) for ps in micro]
-    autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-    with torch.no_grad(), autocast():
+    with torch.no_grad(), trainstate.autocast(device):
         refs = [None] * len(batches)
         if reference is not None:
             with reference[1](), model.packed_training(reference[0]):
                 refs = [token_logps(reference[0], b, cfg) for b in batches]
         with model.packed_training(trained):
             olds = [token_logps(trained, b, cfg) for b in batches] if cfg.grpo_iterations > 1 else None
-    ddp = world > 1
     out = dict(loss=0.0, kl=[], clipped=[], grad_norm=0.0)
     for it in range(cfg.grpo_iterations):
         loss_sum = 0.0
         for m, (ps, batch) in enumerate(zip(micro, batches)):
-            no_sync = policy.no_sync() if ddp and m + 1 < len(micro) else nullcontext()
-            with no_sync, model.packed_training(trained):  # the packed forward, for forward and backward alike
-                with autocast():
+            # packed_training around forward and backward: checkpointed layers run their forward again in backward
+            with trainstate.accumulating(policy, m + 1 == len(micro)), model.packed_training(trained):
+                with trainstate.autocast(device):
                     logps = token_logps(policy, batch, cfg)  # [b*k, R]
                     ref = refs[m]
                     if cfg.online_algo == "rloo":
@@ -164,9 +162,7 @@ def policy_update(policy, trained, reference, params, optimizer, scheduler, rows
         if parallel.any_rank(not torch.isfinite(grad_norm)):
             raise SystemExit(f"error: online step {step}: the gradient norm is not finite; no update made; rerun "
                              f"to resume from the last checkpoint")
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        trainstate.optimizer_step(optimizer, scheduler)
         out["loss"], out["grad_norm"] = loss_sum, float(grad_norm)
     # the whole batch's numbers: each rank's loss is its share of the sum (times world), per-row lists gathered
     parts = parallel.sharded(lambda _: [(out["loss"], out["kl"], out["clipped"])], list(range(world)), "step stats")
@@ -175,28 +171,6 @@ def policy_update(policy, trained, reference, params, optimizer, scheduler, rows
     clipped = [x for p in parts for x in p[2]]
     return dict(loss=loss, kl=float(np.mean(kls)) if kls else None, grad_norm=out["grad_norm"],
                 clipped=float(np.mean(clipped)) if clipped else None)
-
-
-# ------------------------------------------------------------------------------------------------- checkpoints
-def save_state(path: Path, trained, optimizer, scheduler, step: int, pool, info, seen, rounds) -> None:
-    """The whole loop state, written atomically by rank 0 (every rank's RNG gathered first)."""
-    rng = parallel.sharded(lambda mine: [solver_lib.rng_state() for _ in mine], list(range(parallel.world_size())),
-                           desc="rng state")
-    if parallel.is_main():
-        weights = {n: p.detach().cpu() for n, p in trained.named_parameters() if p.requires_grad}
-        files.write_atomic(path, dict(weights=weights, optimizer=optimizer.state_dict(),
-                                          scheduler=scheduler.state_dict(), step=step, pool=pool, info=info,
-                                          seen=seen, rounds=rounds, rng=rng))
-    parallel.barrier()
-
-
-def sync_sampler(solver, trained) -> None:
-    """Full fine-tuning on a GPU steps fp32 masters; the bf16 sampling model takes their new values."""
-    if trained is not solver:
-        with torch.no_grad():
-            targets = dict(solver.named_parameters())
-            for name, param in trained.named_parameters():
-                targets[name].copy_(param)
 
 
 # ------------------------------------------------------------------------------------------------- the creator
@@ -236,27 +210,16 @@ def train(cfg, run, solver, masters, tokenizer, scorer, pool: list[dict], device
             ref_model, _ = model.load_model(cfg.model, device=device)
             reference = (ref_model.requires_grad_(False), nullcontext)
     params = [p for p in trained.parameters() if p.requires_grad]
-    optimizer = (torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay) if cfg.optimizer == "adamw"
-                 else torch.optim.RMSprop(params, lr=cfg.lr))
-    total_updates = cfg.online_steps * cfg.grpo_iterations
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: solver_lib.lr_at(s, total_updates, cfg))
+    optimizer, scheduler = trainstate.make_optimizer(params, cfg, cfg.online_steps * cfg.grpo_iterations)
     info, seen, rounds, start = {}, {}, 0, 0  # info: prompt id -> latest max - mean; seen: id -> last step drawn
     ckpt = run.folder / "online_state.pt"
     torch.manual_seed(parallel.stable_seed(cfg.seed, "online"))  # dropout's draws
-    if ckpt.exists():
-        state = torch.load(ckpt, weights_only=False)
-        trainable = {n: p for n, p in trained.named_parameters() if p.requires_grad}
-        with torch.no_grad():
-            for name, value in state["weights"].items():
-                trainable[name].copy_(value)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        start, pool, info, seen, rounds = state["step"], state["pool"], state["info"], state["seen"], state["rounds"]
-        if len(state["rng"]) == parallel.world_size():
-            solver_lib.set_rng_state(state["rng"][parallel.rank()])
-        sync_sampler(solver, trained)
+    state = trainstate.restore_checkpoint(ckpt, trained, optimizer, scheduler, "[online]")
+    if state is not None:
+        start, pool, info, seen, rounds = (state[k] for k in ("step", "pool", "info", "seen", "rounds"))
+        trainstate.copy_weights(trained, solver)
         print0(f"[online] resuming at step {start}/{cfg.online_steps}, pool {len(pool)}")
-    policy = torch.nn.parallel.DistributedDataParallel(trained) if parallel.world_size() > 1 else trained
+    policy = trainstate.wrap(trained, cfg)
     end_id = model.turn_end_id(tokenizer)
     bar = parallel.progress(range(start, cfg.online_steps), desc="online", initial=start, total=cfg.online_steps)
     for step in (s + 1 for s in bar):
@@ -276,7 +239,7 @@ def train(cfg, run, solver, masters, tokenizer, scorer, pool: list[dict], device
         stats = policy_update(policy, trained, reference, params, optimizer, scheduler, rows, rewards_pk, cfg,
                               device, step)
         trained.eval()
-        sync_sampler(solver, trained)
+        trainstate.copy_weights(trained, solver)  # full fine-tuning on a GPU: the bf16 sampler takes the fp32 steps
         record = dict(step=step, reward=float(rewards_pk.mean()), **stats, info=float(batch_info.mean()),
                       informative=int((batch_info > 0).sum()), pool=len(pool),
                       evolved=sum(r.get("parent") is not None for r in batch), lr=scheduler.get_last_lr()[0],
@@ -291,19 +254,10 @@ def train(cfg, run, solver, masters, tokenizer, scorer, pool: list[dict], device
             print0(f"[online] step {step}: creator round {rounds}: {evolved['parents']} of {evolved['recent']} "
                    f"recent prompts -> {evolved['children']} children, pool {len(pool)} ({evolved['seconds']:.0f} s)")
         if step % cfg.save_every == 0 or step == cfg.online_steps:
-            save_state(ckpt, trained, optimizer, scheduler, step, pool, info, seen, rounds)
+            trainstate.save_checkpoint(ckpt, trained, optimizer, scheduler, step, pool=pool, info=info, seen=seen,
+                                       rounds=rounds)
             rundir.kill_point(0, "online", step)  # test hook
     return [{**r, "info": info.get(r["id"]), "last_step": seen.get(r["id"])} for r in pool]
-
-
-def save_weights(cfg, run, solver, masters, tokenizer) -> None:
-    """The trained weights of record: adapter/ (LoRA) or model/ (full fine-tuning) in the run folder."""
-    if parallel.is_main():
-        if cfg.lora:
-            model.save_adapter(solver, run.folder / "adapter", cfg.model)
-        else:
-            model.save_full(solver if masters is None else masters, tokenizer, run.folder / "model")
-    parallel.barrier()
 
 
 def run(cfg) -> None:
@@ -323,7 +277,7 @@ def run(cfg) -> None:
     t0 = time.time()
     final_pool = train(cfg, run_, solver, masters, tokenizer, scorer, pool, device, creator_model, creator_tokenizer)
     run_.write_jsonl(run_.folder / "pool.jsonl", final_pool)
-    save_weights(cfg, run_, solver, masters, tokenizer)
+    trainstate.save_solver(solver, masters, tokenizer, cfg, run_.folder, device)
     print0(f"[online] trained {cfg.online_steps} steps, pool {len(final_pool)} ({time.time() - t0:.0f} s this run)")
     train_eva.evaluate_once(solver, tokenizer, heldout, cfg, run_, "end")
     if parallel.is_main():

@@ -41,6 +41,7 @@ import parallel
 import reward
 import rundir
 import solver
+import trainstate
 from eval.ifeval import evaluate_ifeval
 from parallel import print0
 
@@ -521,7 +522,7 @@ def update_solver(policy, masters, tokenizer, pairs: list[dict], pool_next: list
         summary = dict(pairs=0, steps=0)
     else:
         summary = solver.train(policy, masters, tokenizer, pairs, cfg, run, t, device)
-    solver.save_solver(policy, masters, tokenizer, cfg, run.iter_dir(t), device)
+    trainstate.save_solver(policy, masters, tokenizer, cfg, run.iter_dir(t), device)
     loss = "" if summary.get("first_loss") is None else \
         f", loss {summary['first_loss']:.4f} -> {summary['last_loss']:.4f}"
     return pool_next, summary, f"{summary['pairs']} pairs, {summary['steps']} steps{loss}"
@@ -529,8 +530,8 @@ def update_solver(policy, masters, tokenizer, pairs: list[dict], pool_next: list
 
 def load_models(cfg: Config, run: rundir.Run, device):
     """(solver, fp32 masters or None, tokenizer, reward scorer, (creator model, tokenizer) or (None, None))."""
-    policy, tokenizer = solver.load_solver(cfg, run, device)
-    masters = solver.load_masters(cfg, run, device, policy)
+    policy, tokenizer = trainstate.load_solver(cfg, run, device)
+    masters = trainstate.load_masters(cfg, run, device, policy)
     context = getattr(policy.config, "max_position_embeddings", None)
     if context and cfg.max_prompt_tokens + cfg.max_new_tokens > context:
         raise ValueError(f"--max_prompt_tokens {cfg.max_prompt_tokens} + --max_new_tokens {cfg.max_new_tokens} exceed "
