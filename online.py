@@ -44,30 +44,24 @@ def kl_weight(cfg) -> float:
 
 
 # ------------------------------------------------------------------------------------------------- the prompt pool
-def _pick(indices: list[int], want: int, pool: list[dict], info: dict, rng: np.random.Generator) -> list[int]:
-    """`want` of these pool indices: never-tried prompts first (in a seeded order), then drawn without replacement
-    with probability proportional to their latest info (Efraimidis-Spirakis keys log(u) / w); prompts with info 0
-    come last, in a seeded order."""
-    untried = [i for i in indices if pool[i]["id"] not in info]
-    tried = [i for i in indices if pool[i]["id"] in info]
-    untried = [untried[j] for j in rng.permutation(len(untried))]
-    w = np.array([info[pool[i]["id"]] for i in tried], dtype=np.float64)  # [n]
-    u = rng.random(len(tried))  # [n]
-    keys = np.where(w > 0, np.log(u) / np.where(w > 0, w, 1.0), -np.inf)
-    ranked = [tried[j] for j in np.lexsort((-u, -keys))]  # key descending, ties (the zeros) by u
-    return (untried + ranked)[:want]
-
-
 def draw_batch(pool: list[dict], info: dict, n: int, evolved_fraction: float, seed: int) -> list[int]:
     """Indices of the n prompts of a step: round(n * evolved_fraction) evolved (parent set) and the rest original,
-    either side topped up from the other when it runs short; see _pick for the order inside each side."""
+    either side topped up from the other when it runs short (creator.split_counts). In each side, prompts never
+    tried come first (in a seeded order), then draws weighted by their latest info (creator.weighted_order), the
+    prompts with info 0 last."""
     rng = np.random.default_rng(seed)
+
+    def pick(indices: list[int], want: int) -> list[int]:
+        untried = [i for i in indices if pool[i]["id"] not in info]
+        tried = [i for i in indices if pool[i]["id"] in info]
+        untried = [untried[j] for j in rng.permutation(len(untried))]
+        ranked = [tried[j] for j in creator.weighted_order(np.array([info[pool[i]["id"]] for i in tried]), rng)]
+        return (untried + ranked)[:want]
+
     evolved = [i for i, r in enumerate(pool) if r.get("parent") is not None]
     original = [i for i, r in enumerate(pool) if r.get("parent") is None]
-    n_e = min(len(evolved), int(math.floor(n * evolved_fraction + 0.5)))
-    n_o = min(len(original), n - n_e)
-    n_e = min(len(evolved), n - n_o)
-    return _pick(evolved, n_e, pool, info, rng) + _pick(original, n_o, pool, info, rng)
+    n_e, n_o = creator.split_counts(n, evolved_fraction, len(evolved), len(original))
+    return pick(evolved, n_e) + pick(original, n_o)
 
 
 # ------------------------------------------------------------------------------------------------- rollouts -> tensors
@@ -186,9 +180,7 @@ def creator_round(cfg, round_: int, step: int, pool: list[dict], info: dict, see
     children, stats = [], dict(creator_calls=0, rejected={})
     if parents:
         complete = train_eva.make_completer(cfg, round_, solver, tokenizer, creator_model, creator_tokenizer)
-        children, stats = creator.evolve(parents, complete, depth=cfg.evolve_depth, kinds=cfg.evolve_kinds,
-                                         seed=parallel.stable_seed(cfg.seed, round_, "evolve"), iteration=round_,
-                                         verifiable=cfg.reward == "rules", pool=pool)
+        children, stats = creator.evolve_with(cfg, parents, complete, round_, pool)
         children = train_eva.drop_long_prompts(children, tokenizer, cfg, "evolved prompts")
     pool.extend(children)
     return dict(step=step, phase="evolve", round=round_, recent=len(recent), parents=len(parents),

@@ -84,6 +84,24 @@ def test_weighted_sampling_without_replacement_ranks_like_weights():
     assert np.all(np.diff(freq) > 0), f"inclusion frequencies do not rank like the weights: {freq}"
 
 
+def test_weighted_order_puts_heavier_first_and_zero_weights_last():
+    weights = np.array([0.0, 1.0, 0.0, 4.0, 2.0])
+    first = np.zeros(len(weights))
+    for seed in range(2000):
+        order = creator.weighted_order(weights, np.random.default_rng(seed))
+        assert sorted(order.tolist()) == list(range(5)) and set(order[3:].tolist()) == {0, 2}, order
+        first[order[0]] += 1
+    assert first[0] == first[2] == 0 and first[3] > first[4] > first[1] > 0
+    np.testing.assert_allclose(first[[1, 4, 3]] / 2000, [1 / 7, 2 / 7, 4 / 7], atol=0.04)  # P(first) = w / sum w
+
+
+def test_split_counts_tops_up_the_short_side():
+    assert creator.split_counts(5, 0.8, 10, 10) == (4, 1)
+    assert creator.split_counts(5, 0.8, 2, 10) == (2, 3), "few on side a: b makes up the rest"
+    assert creator.split_counts(5, 0.8, 10, 0) == (5, 0), "nothing on side b: a makes up the rest"
+    assert creator.split_counts(9, 0.5, 3, 2) == (3, 2), "more wanted than there is: everything"
+
+
 def test_selection_rules_greedy_uniform_and_seeding():
     info = np.array([0.2, NAN, 0.9, 0.5, 0.9, 0.1, NAN, 0.3])
     assert creator.select(info, 0.25, "greedy") == [2, 4]
