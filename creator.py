@@ -13,6 +13,7 @@ server); it returns a list of candidates per message. make_pairs pairs each prom
 takes 80% of them evolved.
 """
 import math
+import re
 import sys
 from collections import Counter
 from dataclasses import dataclass
@@ -169,6 +170,10 @@ _HEAD = ("{instruction} Each new request is one a person could really answer, wo
 _SHOT = "Request: {request}\nNew request: {rewrite}\n\n"
 _ASK = "Request: {prompt}\nNew request:"
 STOP = ("\n\n", "\nRequest:", "\nNew request:")  # a completion ends at the blank line or the next label
+# A rewrite holding a clause of the guard rails or the answer label echoes the frame instead of writing a request
+# (cleaning.clean_rewrite rejects it as "echo"); read off the frame, so a reworded frame keeps its markers.
+ECHO_MARKERS = tuple(c.strip().removeprefix("and ").lower() for c in re.split(r"[,;.]", _HEAD.split("}", 1)[1])
+                     if c.strip()) + (_ASK.rsplit("\n", 1)[1].lower(),)
 
 # The worked examples are this project's own text: short, everyday requests like the seed prompts, and rewrites
 # that change only the task (a format or length rule would be dropped: the constraints are kept in code).
@@ -436,7 +441,7 @@ def _written_child(node: dict, task: str, raw: str | None, ids: list[str], kwarg
     """(child, "ok", whether rule sentences were cut from it) for a creator candidate that passes cleaning and
     de-duplication, else (None, the reason, False). The child's iteration, step and root are set by evolve."""
     examples = tuple(text for pair in EVOLVE_METHODS[method].examples for text in pair)
-    text, reason = cleaning.clean_rewrite(task, raw, max_ratio=max_ratio, examples=examples,
+    text, reason = cleaning.clean_rewrite(task, raw, max_ratio=max_ratio, examples=examples, echoes=ECHO_MARKERS,
                                           near_duplicate=near_duplicate)
     if text is None:
         return None, reason, False

@@ -36,11 +36,15 @@ import trainstate
 from parallel import print0
 
 METRIC = "max_mean"  # online informativeness: max - mean of the rollouts' rewards (offline uses max - min)
-DEFAULT_KL = {"rloo": 0.05, "grpo": 0.0}  # TRL's RLOOConfig.beta and GRPOConfig.beta
 
 
-def kl_weight(cfg) -> float:
-    return DEFAULT_KL[cfg.online_algo] if cfg.online_kl < 0 else cfg.online_kl
+def loss_settings(cfg) -> dict:
+    """The --online_algo's hyperparameters: losses.ONLINE_LOSSES's defaults, then the flags (--online_kl < 0 keeps
+    the algorithm's own KL weight beta)."""
+    algo = losses.ONLINE_LOSSES[cfg.online_algo]
+    flags = dict(beta=cfg.online_kl, epsilon=cfg.grpo_epsilon, scale_rewards=cfg.grpo_scale_rewards,
+                 aggregation=cfg.grpo_aggregation)
+    return {**algo.hyper, **{k: flags[k] for k in algo.hyper if k != "beta" or cfg.online_kl >= 0}}
 
 
 # ------------------------------------------------------------------------------------------------- the prompt pool
@@ -100,32 +104,26 @@ def filled_rewards(samples: list[dict]) -> torch.Tensor:
 # ------------------------------------------------------------------------------------------------- one update
 def policy_update(policy, trained, reference, params, optimizer, scheduler, rows, rewards_pk: torch.Tensor, cfg,
                   device, step: int) -> dict:
-    """RLOO or GRPO on this rank's share of a step's rollouts. rows: (prompt ids, response ids), prompt-major, k per
-    prompt, all ranks' rows in order; rewards_pk [P, k] for all prompts. The loss of each micro batch is divided by
-    the whole batch's count (responses, or response tokens for GRPO's token mean) over the world size, so that DDP's
-    average of the ranks' gradients is the gradient of the whole batch's loss, whatever the split."""
+    """RLOO or GRPO (losses.ONLINE_LOSSES) on this rank's share of a step's rollouts. rows: (prompt ids, response
+    ids), prompt-major, k per prompt, all ranks' rows in order; rewards_pk [P, k] for all prompts. Each micro batch's
+    loss is divided by the whole batch's count over the world size, so that DDP's average of the ranks' gradients
+    is the gradient of the whole batch's loss, whatever the split."""
     k, world, me = cfg.n_samples, parallel.world_size(), parallel.rank()
-    P = rewards_pk.shape[0]
-    per_rank = P // world
+    algo, settings = losses.ONLINE_LOSSES[cfg.online_algo], loss_settings(cfg)
+    counts = (len(rows) / world, sum(len(r) for _, r in rows) / world)  # every rank holds every row
+    per_rank = rewards_pk.shape[0] // world
     mine = range(me * per_rank, (me + 1) * per_rank)  # this rank's prompts
-    beta = kl_weight(cfg)
-    if cfg.online_algo == "grpo" and cfg.grpo_aggregation == "token":
-        total = sum(len(r) for _, r in rows)  # every rank holds every row: the global token count
-    else:
-        total = len(rows)
-    normalizer = total / world
-    advantages = (losses.grpo_advantages(rewards_pk, scale=cfg.grpo_scale_rewards)
-                  if cfg.online_algo == "grpo" else None)  # [P, k]; RLOO's come with the KL-shaped rewards
     micro = [list(mine[s:s + cfg.micro_batch_size]) for s in range(0, per_rank, cfg.micro_batch_size)]
     batches = [collate([rows[p * k + j] for p in ps for j in range(k)], device) for ps in micro]
+    refs, olds = [None] * len(batches), [None] * len(batches)  # the reference's and the sampler's log-probs
     with torch.no_grad(), trainstate.autocast(device):
-        refs = [None] * len(batches)
         if reference is not None:
             with reference[1](), model.packed_training(reference[0]):
                 refs = [token_logps(reference[0], b, cfg) for b in batches]
-        with model.packed_training(trained):
-            olds = [token_logps(trained, b, cfg) for b in batches] if cfg.grpo_iterations > 1 else None
-    out = dict(loss=0.0, kl=[], clipped=[], grad_norm=0.0)
+        if cfg.grpo_iterations > 1:  # later iterations are off-policy: their ratio is to the sampling policy
+            with model.packed_training(trained):
+                olds = [token_logps(trained, b, cfg) for b in batches]
+    kls, clipped = [], []
     for it in range(cfg.grpo_iterations):
         loss_sum = 0.0
         for m, (ps, batch) in enumerate(zip(micro, batches)):
@@ -133,38 +131,26 @@ def policy_update(policy, trained, reference, params, optimizer, scheduler, rows
             with trainstate.accumulating(policy, m + 1 == len(micro)), model.packed_training(trained):
                 with trainstate.autocast(device):
                     logps = token_logps(policy, batch, cfg)  # [b*k, R]
-                    ref = refs[m]
-                    if cfg.online_algo == "rloo":
-                        seq_kl = (logps.detach() - ref).sum(-1) if ref is not None else None  # [b*k]
-                        loss, _ = losses.rloo_loss(logps.sum(-1), rewards_pk[ps].to(device), seq_kl, beta,
-                                                   normalizer)
-                    else:
-                        old = olds[m] if olds is not None else logps.detach()
-                        loss, stats = losses.grpo_loss(logps, old, advantages[ps].flatten().to(device),
-                                                       batch["response_mask"], epsilon=cfg.grpo_epsilon, beta=beta,
-                                                       ref_logps=ref, aggregation=cfg.grpo_aggregation,
-                                                       normalizer=normalizer)
-                        out["clipped"].append(stats["clipped"])
-                    if it == 0 and ref is not None:
-                        out["kl"] += (logps.detach() - ref).sum(-1).tolist()  # per-response KL, sum over tokens
+                    loss, stats = algo.fn(logps, batch["response_mask"], rewards_pk[ps].to(device), ref_logps=refs[m],
+                                          old_logps=olds[m], counts=counts, **settings)
                 if parallel.any_rank(not torch.isfinite(loss)):
                     raise SystemExit(f"error: online step {step}: the {cfg.online_algo} loss is not finite; no update "
                                      f"made; rerun to resume from the last checkpoint")
                 loss.backward()
             loss_sum += loss.item()
+            clipped += [stats["clipped"]] if "clipped" in stats else []
+            if it == 0 and refs[m] is not None:
+                kls += (logps.detach() - refs[m]).sum(-1).tolist()  # per-response KL, summed over tokens
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
         if parallel.any_rank(not torch.isfinite(grad_norm)):
             raise SystemExit(f"error: online step {step}: the gradient norm is not finite; no update made; rerun "
                              f"to resume from the last checkpoint")
         trainstate.optimizer_step(optimizer, scheduler)
-        out["loss"], out["grad_norm"] = loss_sum, float(grad_norm)
     # the whole batch's numbers: each rank's loss is its share of the sum (times world), per-row lists gathered
-    parts = parallel.sharded(lambda _: [(out["loss"], out["kl"], out["clipped"])], list(range(world)), "step stats")
-    loss = sum(p[0] for p in parts) / world
-    kls = [x for p in parts for x in p[1]]
-    clipped = [x for p in parts for x in p[2]]
-    return dict(loss=loss, kl=float(np.mean(kls)) if kls else None, grad_norm=out["grad_norm"],
-                clipped=float(np.mean(clipped)) if clipped else None)
+    parts = parallel.sharded(lambda _: [(loss_sum, kls, clipped)], list(range(world)), "step stats")
+    kls, clipped = [x for p in parts for x in p[1]], [x for p in parts for x in p[2]]
+    return dict(loss=sum(p[0] for p in parts) / world, kl=float(np.mean(kls)) if kls else None,
+                grad_norm=float(grad_norm), clipped=float(np.mean(clipped)) if clipped else None)
 
 
 # ------------------------------------------------------------------------------------------------- the creator
@@ -193,9 +179,8 @@ def train(cfg, run, solver, masters, tokenizer, scorer, pool: list[dict], device
           creator_tokenizer=None) -> list[dict]:
     """The online loop, resumable from online_state.pt; returns the final pool with each prompt's info."""
     trained = solver if masters is None else masters
-    beta = kl_weight(cfg)
     reference = None  # (model, context to run it in): the policy at the start of the run
-    if beta > 0:
+    if loss_settings(cfg)["beta"] > 0:
         if cfg.lora:  # the same module with its adapter switched off: no second copy of the weights
             reference = (solver, solver.disable_adapter)
         else:  # full fine-tuning: a frozen copy of the starting weights
@@ -256,7 +241,7 @@ def run(cfg) -> None:
     """train_eva.py --online: set up as the offline loop does, evaluate, train online, evaluate, report."""
     device, seeds, heldout, run_ = train_eva.start_run(cfg)
     print0(f"online eva: {len(seeds)} seed prompts, {len(heldout)} held-out, solver {cfg.model}, reward {cfg.reward}, "
-           f"{cfg.online_algo} k={cfg.n_samples} beta={kl_weight(cfg)}, {cfg.online_steps} steps x "
+           f"{cfg.online_algo} k={cfg.n_samples} beta={loss_settings(cfg)['beta']}, {cfg.online_steps} steps x "
            f"{cfg.online_prompts} prompts, creator every {cfg.evolve_every} steps, world size "
            f"{parallel.world_size()}, device {device}")
     solver, masters, tokenizer, scorer, (creator_model, creator_tokenizer) = train_eva.load_models(cfg, run_, device)

@@ -133,6 +133,7 @@ def train(solver, masters, tokenizer, pairs: list[dict], cfg: Config, run: rundi
     torch.manual_seed(parallel.stable_seed(cfg.seed, t, "train"))
     start_step = resume(folder, trained, optimizer, scheduler, cfg, t, total_steps)
     policy = trainstate.wrap(trained, cfg)
+    settings = loss_settings(cfg)
     world, per_rank = parallel.world_size(), cfg.batch_size // parallel.world_size()
     policy.train()
     stats = []
@@ -150,9 +151,8 @@ def train(solver, masters, tokenizer, pairs: list[dict], cfg: Config, run: rundi
                     chosen, rejected = forward_logps(policy, batch, cfg)
                 ref_chosen, ref_rejected = reference_of(ref, ids, device)
                 loss, chosen_reward, rejected_reward = losses.preference_loss(
-                    cfg.loss, chosen, rejected, ref_chosen, ref_rejected,
-                    p_chosen=p_chosen[ids].to(device), p_rejected=p_rejected[ids].to(device),
-                    beta=None if cfg.beta < 0 else cfg.beta, gamma_beta_ratio=cfg.gamma_beta_ratio, lam=cfg.orpo_lambda)
+                    cfg.loss, chosen, rejected, ref_chosen, ref_rejected, p_chosen=p_chosen[ids].to(device),
+                    p_rejected=p_rejected[ids].to(device), **settings)
                 if nonfinite_point(t, step + 1):  # test hook
                     loss = loss * math.nan
                 stop_if_nonfinite(loss, f"the {cfg.loss} loss", ids, pairs, folder, t, step + 1)
@@ -177,6 +177,12 @@ def train(solver, masters, tokenizer, pairs: list[dict], cfg: Config, run: rundi
     solver.eval()
     return dict(pairs=len(pairs), steps=total_steps,
                 first_loss=stats[0]["loss"] if stats else None, last_loss=stats[-1]["loss"] if stats else None)
+
+
+def loss_settings(cfg: Config) -> dict:
+    """The --loss's hyperparameters from the flags (losses.LOSSES names them; --beta < 0 keeps the loss's own)."""
+    flags = dict(beta=None if cfg.beta < 0 else cfg.beta, gamma_beta_ratio=cfg.gamma_beta_ratio, lam=cfg.orpo_lambda)
+    return {k: v for k, v in flags.items() if k in losses.LOSSES[cfg.loss].hyper}
 
 
 def starting_reference(solver, encoded: list[dict], cfg: Config, path: Path, device) -> torch.Tensor | None:

@@ -5,7 +5,8 @@ one optimizer step, the resumable checkpoint, and saving the weights of record w
     solver, tokenizer = load_solver(cfg, run, device);  masters = load_masters(cfg, run, device, solver)
     optimizer, scheduler = make_optimizer(params, cfg, total_steps);  policy = wrap(trained, cfg)
     state = restore_checkpoint(path, trained, optimizer, scheduler, where)   # None: start from step 0
-    ... backward, clip ...; optimizer_step(optimizer, scheduler);  save_checkpoint(path, trained, optimizer, scheduler, step, **extra)
+    ... backward, clip ...;  optimizer_step(optimizer, scheduler)
+    save_checkpoint(path, trained, optimizer, scheduler, step, **extra)      # a loop's own state in `extra`
     save_solver(solver, masters, tokenizer, cfg, folder, device)
 """
 from __future__ import annotations

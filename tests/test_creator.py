@@ -182,12 +182,22 @@ def test_parse_messy_creator_outputs(raw):
     assert cleaning.parse_rewrite(raw) == GOAL
 
 
+def test_echo_markers_come_from_every_template():
+    assert len(creator.ECHO_MARKERS) >= 3
+    for name in creator.EVOLVE_METHODS:
+        message = creator.render(name, "Write a haiku about rain.").lower()
+        assert all(marker in message for marker in creator.ECHO_MARKERS), name
+    echo = "Each new request is one a person could really answer. Write a haiku about rain."
+    assert cleaning.clean_rewrite("Write a poem about rain.", echo, echoes=creator.ECHO_MARKERS)[1] == "echo"
+    assert cleaning.clean_rewrite("Write a poem about rain.", echo)[1] == "ok", "without markers it is a request"
+
+
 @pytest.mark.parametrize("raw,reason", [
     (None, "failed"),
     ("", "empty"),
     ("<request></request>", "empty"),
     ("Rewritten prompt: Poem.", "too_short"),
-    ("Reply with the new request only: do not answer it. Write a poem.", "echo"),
+    ("Write a poem, worded the way a real user would write it.", "echo"),
     ("write a POEM   about a lighthouse!", "copy"),
     ("Write a poem about a lighthouse " + "and the sea and the wind " * 20, "too_long"),
     ("Sure! The lighthouse stood tall against the night sky, its beam sweeping the waves.", "answer"),
@@ -199,7 +209,7 @@ def test_parse_messy_creator_outputs(raw):
     ("As a fisherman, what would you want a lighthouse to do in a storm?", "ok"),
 ])
 def test_clean_rewrite_reasons(raw, reason):
-    text, why = cleaning.clean_rewrite("Write a poem about a lighthouse.", raw)
+    text, why = cleaning.clean_rewrite("Write a poem about a lighthouse.", raw, echoes=creator.ECHO_MARKERS)
     assert why == reason, (raw, text)
     assert (text is None) == (reason != "ok")
 

@@ -56,11 +56,11 @@ def test_simpo_hand_value():
 
 
 def test_orpo_hand_value():
-    # chosen avg log-prob log 0.5 -> odds 0.5 / 0.5 = 1 -> log-odds 0
+    # chosen avg log-prob log 0.5 -> odds 0.5 / 0.5 = 1 -> log-odds 0; its NLL per token is log 2 = 0.6931471806
     # rejected avg log-prob log 0.2 -> odds 0.2 / 0.8 = 1/4 -> log-odds -log 4
-    # loss = nll + 0.1 * -log sigmoid(log 4) = 0.7 + 0.1 * -log(4/5) = 0.7 + 0.1 * 0.2231435513 = 0.7223143551
-    loss, rc, rr = orpo_loss(T(math.log(0.5)), T(math.log(0.2)), T(0.7), lam=0.1)
-    close(loss, [0.7223143551])
+    # loss = nll + 0.1 * -log sigmoid(log 4) = 0.6931471806 + 0.1 * -log(4/5) = 0.6931471806 + 0.0223143551
+    loss, rc, rr = orpo_loss(T(math.log(0.5)), T(math.log(0.2)), lam=0.1)
+    close(loss, [0.7154615357])
     close(rc, [0.0]), close(rr, [-math.log(4.0)])
 
 
@@ -152,7 +152,7 @@ def test_simpo_gamma_convention():
 def test_orpo_finite_near_zero(a, dtype):
     aw = torch.tensor([a, -0.3, a], dtype=dtype, requires_grad=True)
     al = torch.tensor([-0.9, a, a], dtype=dtype, requires_grad=True)
-    loss, rw, rl = orpo_loss(aw, al, -aw, lam=0.1)
+    loss, rw, rl = orpo_loss(aw, al, lam=0.1)
     loss.sum().backward()
     for x in (loss, rw, rl, aw.grad, al.grad):
         assert torch.isfinite(x.float()).all(), (a, dtype, x)
@@ -167,7 +167,7 @@ def test_log1mexp_matches_float64_everywhere():
 
 def test_orpo_gradient_matches_naive_formula_away_from_zero():
     aw, al = T(-0.4, -2.0).requires_grad_(), T(-1.1, -0.05).requires_grad_()
-    orpo_loss(aw, al, -aw, lam=0.3)[0].sum().backward()
+    orpo_loss(aw, al, lam=0.3)[0].sum().backward()
     aw2, al2 = aw.detach().clone().requires_grad_(), al.detach().clone().requires_grad_()
     odds = lambda a: a - torch.log(1 - torch.exp(a))
     (-aw2 - 0.3 * F.logsigmoid(odds(aw2) - odds(al2))).sum().backward()
@@ -289,26 +289,31 @@ def test_bad_inputs_raise_clear_errors():
     s = SeqLogps(T(-3.0), T(2.0), T(-1.5))
     with pytest.raises(ValueError, match="unknown --loss"):
         preference_loss("kto", s, s, s, s)
-    with pytest.raises(ValueError, match="needs reference"):
+    with pytest.raises(ValueError, match="needs ref_chosen, ref_rejected"):
         preference_loss("dpo", s, s, None, None)
     with pytest.raises(ValueError, match="p_chosen"):
         preference_loss("sppo", s, s, s, s)
-    with pytest.raises(ValueError, match="no beta"):
+    with pytest.raises(ValueError, match="orpo has no beta; its settings: lam"):
         preference_loss("orpo", s, s, None, None, beta=0.2)
+    with pytest.raises(ValueError, match="dpo has no gamma_beta_ratio"):
+        preference_loss("dpo", s, s, s, s, gamma_beta_ratio=0.5)
 
 
 # ---------------------------------------------------------------------------------------------- table and dispatcher
 def test_table_and_dispatch_pick_sums_or_averages():
     assert set(LOSSES) == {"dpo", "ipo", "sppo", "simpo", "orpo"}
     assert {k for k, v in LOSSES.items() if not v.needs_reference} == {"simpo", "orpo"}
-    assert LOSSES["sppo"].default_beta == 0.001 and LOSSES["simpo"].default_beta == 2.0
+    assert {k: v.logps for k, v in LOSSES.items()} == dict(dpo="sum", ipo="avg", sppo="sum", simpo="avg", orpo="avg")
+    assert LOSSES["sppo"].hyper == dict(beta=0.001) and LOSSES["simpo"].hyper == dict(beta=2.0, gamma_beta_ratio=0.25)
     c, r = SeqLogps(T(-30.0), T(10.0), T(-3.0)), SeqLogps(T(-40.0), T(20.0), T(-2.0))
     rc, rr = SeqLogps(T(-31.0), T(10.0), T(-3.1)), SeqLogps(T(-39.0), T(20.0), T(-1.95))
     p_w, p_l = T(0.7), T(0.3)
     close(preference_loss("dpo", c, r, rc, rr)[0], dpo_loss(c.sum, r.sum, rc.sum, rr.sum, 0.1)[0])
     close(preference_loss("ipo", c, r, rc, rr, beta=0.2)[0], ipo_loss(c.avg, r.avg, rc.avg, rr.avg, 0.2)[0])
-    close(preference_loss("sppo", c, r, rc, rr, p_w, p_l)[0], sppo_loss(c.sum, r.sum, rc.sum, rr.sum, p_w, p_l)[0])
-    close(preference_loss("simpo", c, r, None, None, gamma_beta_ratio=0.5)[0], simpo_loss(c.avg, r.avg, 2.0, 0.5)[0])
-    close(preference_loss("orpo", c, r, None, None, lam=0.2)[0], orpo_loss(c.avg, r.avg, -c.avg, 0.2)[0])
+    close(preference_loss("sppo", c, r, rc, rr, p_w, p_l)[0],
+          sppo_loss(c.sum, r.sum, rc.sum, rr.sum, p_w, p_l, 0.001)[0])
+    close(preference_loss("simpo", c, r, gamma_beta_ratio=0.5)[0], simpo_loss(c.avg, r.avg, 2.0, 0.5)[0])
+    close(preference_loss("orpo", c, r, lam=0.2)[0], orpo_loss(c.avg, r.avg, 0.2)[0])
+    close(preference_loss("dpo", c, r, rc, rr, beta=None)[0], preference_loss("dpo", c, r, rc, rr)[0])  # None: default
     # the dispatcher really uses sums for DPO and averages for IPO: swapping them changes the value
-    assert not torch.allclose(preference_loss("dpo", c, r, rc, rr)[0], dpo_loss(c.avg, r.avg, rc.avg, rr.avg)[0])
+    assert not torch.allclose(preference_loss("dpo", c, r, rc, rr)[0], dpo_loss(c.avg, r.avg, rc.avg, rr.avg, 0.1)[0])
