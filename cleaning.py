@@ -3,11 +3,10 @@ name (REJECT_REASONS: empty, an echo of the instruction, a copy, too long, an an
 and de-duplicated exactly and near-exactly (character 3-gram Jaccard) against the pool and its siblings.
 
     text, reason = clean_rewrite(parent_text, raw)      # (the request, "ok") or (None, the reason)
-    kept, dropped = deduplicate(records, pool)
+    index = new_index(); index_add(index, record); index_find(index, candidate, 0.85)   # None, "duplicate", ...
 """
 import json
 import re
-from collections import Counter
 
 import constraints
 
@@ -186,20 +185,3 @@ def index_find(index: dict, record: dict, threshold: float) -> str | None:
         if len(grams & other) / len(grams | other) >= threshold:
             return "near_duplicate"
     return None
-
-
-def deduplicate(records: list[dict], pool: list[dict] = (), threshold: float = 0.85) -> tuple[list[dict], Counter]:
-    """records without exact or near duplicates of the pool or of an earlier record; and the counts dropped."""
-    index, kept, dropped = new_index(), [], Counter()
-    for r in pool:
-        index_add(index, r)
-    for r in records:
-        reason = index_find(index, r, threshold)
-        if reason:
-            dropped[reason] += 1
-            continue
-        index_add(index, r)
-        kept.append(r)
-    return kept, dropped
-
-

@@ -1,16 +1,16 @@
 """Preference-optimisation losses for the eva solver update, written out by hand.
 
-Everything here is a pure function of per-sequence log-probabilities, so the file can be copied into any project:
+Everything here is a pure function of log-probabilities, so the file can be copied into any project:
 
-    sequence_logps(logits, input_ids, response_mask)  -> SeqLogps(sum, count, avg)   per-token -> per-sequence
     target_logps(logits [K, V], targets [K]) -> [K];  packed_sequence_logps(token_logps [K], row [K], n) -> SeqLogps
     dpo_loss / ipo_loss / sppo_loss / simpo_loss / orpo_loss -> (loss [B], chosen_reward [B], rejected_reward [B])
     win_probabilities(rewards [P, N])                 -> SPPO's estimated win probability of each response
     LOSSES[name] = Loss(fn, logps "sum" | "avg", inputs, hyper);  preference_loss(name, ...) dispatches through it
     rloo_loss / grpo_loss(logps [B, T], mask [B, T], rewards [P, k], ...) -> (loss, stats);  ONLINE_LOSSES[name]
 
-Losses are unreduced (the caller averages); rewards are the implicit rewards each method defines, detached, for
-logging. Tests: `python -m pytest tests/test_losses.py -q`. Benchmark of the chunked log-prob path:
+Preference losses are unreduced (the caller averages); their rewards are the implicit rewards each method defines,
+detached, for logging. The online losses return the batch's scalar and a dict of detached statistics. Tests:
+`python -m pytest tests/test_losses.py tests/test_online_losses.py -q`. Benchmark of the chunked log-prob path:
 `python bench/bench_logps.py`.
 """
 from __future__ import annotations
@@ -69,8 +69,15 @@ class _ChunkedTokenLogps(torch.autograd.Function):
 
 
 def target_logps(logits: Tensor, targets: Tensor, vocab_chunk: int | None = None) -> Tensor:
-    """log softmax(logits)[..., target] in fp32: logits [..., V], targets [...] -> [...]. vocab_chunk as in
-    sequence_logps (None: one fp32 log_softmax of the whole vocabulary; C: _ChunkedTokenLogps, C columns at a time)."""
+    """log softmax(logits)[..., target] in fp32: logits [..., V], targets [...] -> [...].
+
+    vocab_chunk=None computes a plain fp32 log_softmax over the whole vocabulary: fp32 copies of the logits' size
+    are built and one is kept for backward. vocab_chunk=C takes the logsumexp over C columns at a time and writes
+    the gradient in the logits' dtype (_ChunkedTokenLogps): the extra memory is one fp32 slice of C columns plus the
+    gradient the logits need anyway (bench/bench_logps.py compares the two). Both agree to fp32 rounding.
+    """
+    if vocab_chunk is not None and vocab_chunk < 1:
+        raise ValueError(f"target_logps: vocab_chunk must be a positive int or None, got {vocab_chunk}")
     if vocab_chunk is None:
         logps = logits.to(torch.promote_types(logits.dtype, torch.float32)).log_softmax(-1)  # [..., V]
         return logps.gather(-1, targets[..., None]).squeeze(-1)
@@ -82,43 +89,6 @@ def packed_sequence_logps(token_logps: Tensor, row: Tensor, n_rows: int) -> SeqL
     token, any order), row [K] the sequence each belongs to (0 <= row < n_rows). A sequence without tokens gives 0s."""
     total = token_logps.new_zeros(n_rows).index_add(0, row, token_logps)  # [n_rows]
     count = torch.bincount(row, minlength=n_rows).to(total.dtype)  # [n_rows]
-    return SeqLogps(sum=total, count=count, avg=total / count.clamp(min=1))
-
-
-def sequence_logps(logits: Tensor, input_ids: Tensor, response_mask: Tensor,
-                   vocab_chunk: int | None = None) -> SeqLogps:
-    """Sum, count and average of log p(token) over the response tokens of each sequence, in fp32.
-
-    response_mask[b, t] = 1 marks input_ids[b, t] as a response token to score. Labels are shifted: logits[:, t]
-    scores input_ids[:, t+1], so response_mask[:, 0] must be 0 (nothing predicts the first token). Prompt and pad
-    positions are masked out whatever their ids are, so left and right padding give the same result.
-
-    vocab_chunk=None computes a plain fp32 log_softmax over the whole vocabulary: fp32 copies of size [B, T, V]
-    are built and one is kept for backward. vocab_chunk=C takes the logsumexp over C columns at a time and writes
-    the gradient in the logits' dtype (see _ChunkedTokenLogps): peak extra memory is one fp32 [B, T, C] slice plus
-    the [B, T, V] gradient the logits need anyway. bench/bench_logps.py (bf16 logits, CPU) measured the extra peak
-    memory of fwd+bwd at 5.6x the logits' size plain vs 1.9x chunked (no-grad: 3.6x vs 0.7x), at about the same
-    speed. Both paths agree to fp32 rounding.
-
-    A fully masked row (empty or truncated response) gives sum 0, count 0, avg 0 and zero gradient, never 0/0.
-    """
-    if logits.dim() != 3 or input_ids.shape != logits.shape[:2] or response_mask.shape != input_ids.shape:
-        raise ValueError(f"sequence_logps: want logits [B, T, V], input_ids and response_mask [B, T]; got "
-                         f"{tuple(logits.shape)}, {tuple(input_ids.shape)}, {tuple(response_mask.shape)}")
-    if vocab_chunk is not None and vocab_chunk < 1:
-        raise ValueError(f"sequence_logps: vocab_chunk must be a positive int or None, got {vocab_chunk}")
-    mask = response_mask.bool()  # [B, T]
-    if mask[:, 0].any():
-        raise ValueError("sequence_logps: response_mask[:, 0] is set, but no logit predicts the first token "
-                         "(is the mask shifted or the prompt missing?)")
-    # Position t scores token t+1; the last position scores nothing. Keeping all T positions (instead of slicing
-    # logits[:, :-1]) avoids a [B, T, V] copy in the slice's backward.
-    mask = F.pad(mask[:, 1:], (0, 1), value=False)  # [B, T]
-    targets = torch.where(mask, F.pad(input_ids[:, 1:], (0, 1)), 0)  # [B, T]; pad ids may be anything, even -100
-    # where, not *, so masked positions can never leak NaN
-    token_logps = torch.where(mask, target_logps(logits, targets, vocab_chunk), 0.0)  # [B, T]
-    total = token_logps.sum(-1)  # [B]
-    count = mask.sum(-1).to(total.dtype)  # [B]
     return SeqLogps(sum=total, count=count, avg=total / count.clamp(min=1))
 
 

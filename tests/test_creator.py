@@ -222,9 +222,14 @@ def test_dedup_catches_respaced_recased_copy_and_near_copies():
              {"id": "c", "prompt": "Write a short poem about the first snowfalls of the year."},  # near
              {"id": "d", "prompt": "Describe a busy train station at rush hour."},
              {"id": "e", "prompt": "describe a busy train station at rush hour"}]  # copy of an earlier candidate
-    kept, dropped = cleaning.deduplicate(cands, pool)
-    assert [r["id"] for r in kept] == ["d"]
-    assert dropped == {"duplicate": 2, "near_duplicate": 1}
+    index = cleaning.new_index()
+    cleaning.index_add(index, pool[0])
+    found = []
+    for c in cands:  # as evolve does: each kept child joins the index
+        found.append(cleaning.index_find(index, c, 0.85))
+        if found[-1] is None:
+            cleaning.index_add(index, c)
+    assert found == ["duplicate", "near_duplicate", None, "duplicate"]
     assert cleaning.similarity(pool[0]["prompt"], cands[1]["prompt"]) > 0.85
     assert cleaning.similarity(pool[0]["prompt"], cands[2]["prompt"]) < 0.1
 
@@ -236,8 +241,10 @@ def test_near_duplicates_must_share_constraints():
     tighter = {**base, "id": "b", "prompt": "Write a poem about snow. Answer with fewer than 60 words.",
                "kwargs": [{"relation": "less than", "num_words": 60}]}
     assert cleaning.similarity(base["prompt"], tighter["prompt"]) > 0.85
-    kept, _ = cleaning.deduplicate([tighter], [base])
-    assert kept == [tighter], "a tightened constraint is a new task, not a near-duplicate"
+    index = cleaning.new_index()
+    cleaning.index_add(index, base)
+    assert cleaning.index_find(index, tighter, 0.85) is None, "a tightened constraint is a new task, not a copy"
+    assert cleaning.index_find(index, {**base, "id": "c", "prompt": base["prompt"] + "!"}, 0.85) == "duplicate"
 
 
 # ------------------------------------------------------------------------------------------------ constraints
