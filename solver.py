@@ -8,7 +8,6 @@ from __future__ import annotations
 import gc
 import json
 import math
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -153,7 +152,7 @@ def train(solver, masters, tokenizer, pairs: list[dict], cfg: Config, run: rundi
                 loss, chosen_reward, rejected_reward = losses.preference_loss(
                     cfg.loss, chosen, rejected, ref_chosen, ref_rejected, p_chosen=p_chosen[ids].to(device),
                     p_rejected=p_rejected[ids].to(device), **settings)
-                if nonfinite_point(t, step + 1):  # test hook
+                if rundir.fault("loss", t, step + 1) == "nan":  # test hook
                     loss = loss * math.nan
                 stop_if_nonfinite(loss, f"the {cfg.loss} loss", ids, pairs, folder, t, step + 1)
                 # sum over the global batch / batch size; DDP averages over ranks, hence the * world
@@ -170,7 +169,7 @@ def train(solver, masters, tokenizer, pairs: list[dict], cfg: Config, run: rundi
             bar.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record['accuracy']:.2f}")
             if (step + 1) % cfg.save_every == 0 and step + 1 < total_steps and not trainstate.uses_fsdp(cfg):
                 trainstate.save_checkpoint(folder / "train_state.pt", trained, optimizer, scheduler, step + 1)
-                rundir.kill_point(t, "train", step + 1)  # test hook
+                rundir.fault("train", t, step + 1)  # test hook
     del policy, params, optimizer, scheduler
     gc.collect()  # FSDP's hooks form reference cycles: free the optimizer state now
     trained.eval()
@@ -253,13 +252,6 @@ def drop_checkpoint(folder: Path) -> None:
 
 
 # ------------------------------------------------------------------------------------------------- non-finite stops
-def nonfinite_point(t: int, step: int) -> bool:
-    """Test hook: EVA_NONFINITE_AT="<rank>:<t>:<step>" makes that rank's loss NaN at training step `step` of
-    iteration t, so tests can check that every rank stops together. Unset (always, outside tests) it is False."""
-    spec = os.environ.get("EVA_NONFINITE_AT")
-    return bool(spec) and [int(x) for x in spec.split(":")] == [parallel.rank(), t, step]
-
-
 def stop_if_nonfinite(value: torch.Tensor, what: str, ids, pairs: list[dict], folder: Path, t: int, step: int) -> None:
     """Decided together (one all-reduce of a flag), so no rank waits for another that stopped."""
     nonfinite = not torch.isfinite(value).all()
