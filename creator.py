@@ -536,7 +536,7 @@ def make_pairs(prompts: list[dict], samples: list[dict], source: str) -> list[di
     """One pair per sample record: chosen = highest reward, rejected = lowest (first of equals), none when the
     rewards all tie or the two texts are identical. Responses with a non-finite reward are left out. p_chosen and
     p_rejected are the SPPO win probabilities of those two among the prompt's scored samples; chosen_finish and
-    rejected_finish say how each response ended ("stop" or "length"; "stop" for samples that predate the field)."""
+    rejected_finish say how each response ended ("stop" or "length"; "stop" where the samples do not say)."""
     by_id = {p.get("id", p.get("key")): p for p in prompts}
     pairs = []
     for s in samples:

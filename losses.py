@@ -100,7 +100,7 @@ def dpo_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, ref_cho
         loss = -log sigmoid(beta * [(log pi(y_w) - log ref(y_w)) - (log pi(y_l) - log ref(y_l))])
         reward(y) = beta * (log pi(y) - log ref(y))
 
-    At pi == ref the loss is ln 2. (The eva paper's code used beta = 0.05.)
+    At pi == ref the loss is ln 2.
     """
     chosen = beta * (policy_chosen_logps - ref_chosen_logps)  # [B]
     rejected = beta * (policy_rejected_logps - ref_rejected_logps)  # [B]
@@ -137,8 +137,9 @@ def sppo_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, ref_ch
                       + (log pi(y_l) - log ref(y_l) - (P_l - 1/2) / beta)^2]
         reward(y) = beta * (log pi(y) - log ref(y))   (regressed towards P(y) - 1/2)
 
-    With beta = 1e-3 the loss starts near 1e4 and its gradients are huge: it is computed in fp32 whatever the input
-    dtype (bf16 has ~3 significant digits), and the caller should clip gradients.
+    With SPPO's small beta the targets (P - 1/2) / beta are large, and so are the loss and its gradients: it is
+    computed in fp32 whatever the input dtype (bf16 would round the difference away), and the caller should clip
+    gradients.
     """
     f32 = lambda x: _at_least_fp32(x, policy_chosen_logps.device)
     chosen = f32(policy_chosen_logps) - f32(ref_chosen_logps)  # [B]

@@ -39,7 +39,7 @@ def encode_response(tokenizer, text: str, finish: str, cfg: Config, end_id: int)
 def encode_pair(tokenizer, pair: dict, cfg: Config, end_id: int) -> dict:
     """Token ids of prompt, chosen and rejected, tokenised separately (joining strings merges boundary tokens)."""
     prompt = generate.encode_prompt(tokenizer, pair["prompt"])[-cfg.max_prompt_tokens:]
-    # pairs written before samples recorded how each response ended have no finish field: taken as "stop"
+    # a pair without finish fields (its samples did not say how each response ended) counts its responses as ended
     return dict(prompt=prompt,
                 chosen=encode_response(tokenizer, pair["chosen"], pair.get("chosen_finish", "stop"), cfg, end_id),
                 rejected=encode_response(tokenizer, pair["rejected"], pair.get("rejected_finish", "stop"), cfg,

@@ -60,9 +60,9 @@ def load_solver(cfg: Config, run: rundir.Run, device):
 
 
 def load_masters(cfg: Config, run: rundir.Run, device, solver):
-    """Full fine-tuning's weights of record: fp32 masters that the optimizer steps (a 5e-7 step vanishes in bf16
-    rounding), kept across iterations, written by save_solver and read back on resume; compute runs under bf16
-    autocast on a GPU. LoRA has none (peft keeps adapter weights in fp32): None.
+    """Full fine-tuning's weights of record: fp32 masters that the optimizer steps (a step at a full fine-tuning
+    learning rate vanishes in bf16 rounding), kept across iterations, written by save_solver and read back on resume;
+    compute runs under bf16 autocast on a GPU. LoRA has none (peft keeps adapter weights in fp32): None.
 
     One process or DDP: the fp32 solver itself (on the CPU), else an fp32 model beside the bf16 sampling copy.
     --fsdp: fp32 shards (parallel.fsdp_shard), loaded on the CPU so that no rank holds the whole model on its GPU.
