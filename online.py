@@ -133,24 +133,27 @@ def policy_update(policy, trained, reference, params, optimizer, scheduler, rows
                     logps = token_logps(policy, batch, cfg)  # [b*k, R]
                     loss, stats = algo.fn(logps, batch["response_mask"], rewards_pk[ps].to(device), ref_logps=refs[m],
                                           old_logps=olds[m], counts=counts, **settings)
-                if parallel.any_rank(not torch.isfinite(loss)):
-                    raise SystemExit(f"error: online step {step}: the {cfg.online_algo} loss is not finite; no update "
-                                     f"made; rerun to resume from the last checkpoint")
+                stop_if_nonfinite(loss, f"the {cfg.online_algo} loss", step)
                 loss.backward()
             loss_sum += loss.item()
             clipped += [stats["clipped"]] if "clipped" in stats else []
             if it == 0 and refs[m] is not None:
                 kls += (logps.detach() - refs[m]).sum(-1).tolist()  # per-response KL, summed over tokens
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-        if parallel.any_rank(not torch.isfinite(grad_norm)):
-            raise SystemExit(f"error: online step {step}: the gradient norm is not finite; no update made; rerun "
-                             f"to resume from the last checkpoint")
+        stop_if_nonfinite(grad_norm, "the gradient norm", step)
         trainstate.optimizer_step(optimizer, scheduler)
     # the whole batch's numbers: each rank's loss is its share of the sum (times world), per-row lists gathered
     parts = parallel.sharded(lambda _: [(loss_sum, kls, clipped)], list(range(world)), "step stats")
     kls, clipped = [x for p in parts for x in p[1]], [x for p in parts for x in p[2]]
     return dict(loss=sum(p[0] for p in parts) / world, kl=float(np.mean(kls)) if kls else None,
                 grad_norm=float(grad_norm), clipped=float(np.mean(clipped)) if clipped else None)
+
+
+def stop_if_nonfinite(value: torch.Tensor, what: str, step: int) -> None:
+    """Stop every rank together (one all-reduce of a flag) before a NaN or inf reaches the weights."""
+    if parallel.any_rank(not torch.isfinite(value).all()):
+        raise SystemExit(f"error: online step {step}: {what} is not finite; no update made; rerun to resume from the "
+                         f"last checkpoint")
 
 
 # ------------------------------------------------------------------------------------------------- the creator
