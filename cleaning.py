@@ -3,16 +3,12 @@ name (REJECT_REASONS: empty, an echo of the instruction, a copy, too long, an an
 and de-duplicated exactly and near-exactly (character 3-gram Jaccard) against the pool and its siblings.
 
     text, reason = clean_rewrite(parent_text, raw)      # (the request, "ok") or (None, the reason)
-    kept, dropped = deduplicate(records, pool)
+    index = new_index(); index_add(index, record); index_find(index, candidate, 0.85)   # None, "duplicate", ...
 """
 import json
 import re
-from collections import Counter
 
 import constraints
-
-_ECHO_MARKERS = ("worded the way a real user would write it", "each new request is one", "new request:",
-                 "reply with the new request only", "here is a request that someone sent")
 
 REJECT_REASONS = ("failed", "empty", "too_short", "echo", "example", "copy", "too_long", "meta", "answer",
                   "duplicate", "near_duplicate", "no_constraint_step")
@@ -106,15 +102,16 @@ def looks_like_answer(text: str, parent: str = "") -> bool:
 
 
 def clean_rewrite(parent_text: str, raw: str | None, *, max_ratio: float = 2.0, slack_chars: int = 60,
-                  min_words: int = 3, examples: tuple[str, ...] = (),
+                  min_words: int = 3, examples: tuple[str, ...] = (), echoes: tuple[str, ...] = (),
                   near_duplicate: float = 0.85) -> tuple[str | None, str]:
     """(the cleaned rewrite, "ok") or (None, the reason it is rejected: one of REJECT_REASONS).
 
     Rejected: a failed call (None), nothing left after parsing, fewer than min_words words, an echo of the creator
-    instruction, a copy (character-3-gram Jaccard >= near_duplicate) of one of the template's worked `examples`, a
-    copy of the parent (same normalized text), more than max_ratio times the parent's length (plus
-    slack_chars, so short parents may gain a clause), text that talks about the request or the assistant ("I'd be
-    happy to ...", "the original request ...") instead of being one, and text that answers instead of asking.
+    instruction (holding a phrase of `echoes`, lower case: creator.ECHO_MARKERS), a copy (character-3-gram Jaccard
+    >= near_duplicate) of one of the template's worked `examples`, a copy of the parent (same normalized text), more
+    than max_ratio times the parent's length (plus slack_chars, so short parents may gain a clause), text that talks
+    about the request or the assistant ("I'd be happy to ...", "the original request ...") instead of being one, and
+    text that answers instead of asking.
     """
     if raw is None:
         return None, "failed"
@@ -123,7 +120,7 @@ def clean_rewrite(parent_text: str, raw: str | None, *, max_ratio: float = 2.0, 
         return None, "empty"
     if len(re.findall(r"\w+", text)) < min_words:
         return None, "too_short"
-    if any(marker in text.lower() for marker in _ECHO_MARKERS):
+    if any(marker in text.lower() for marker in echoes):
         return None, "echo"
     if any(similarity(text, example) >= near_duplicate for example in examples):
         return None, "example"
@@ -188,20 +185,3 @@ def index_find(index: dict, record: dict, threshold: float) -> str | None:
         if len(grams & other) / len(grams | other) >= threshold:
             return "near_duplicate"
     return None
-
-
-def deduplicate(records: list[dict], pool: list[dict] = (), threshold: float = 0.85) -> tuple[list[dict], Counter]:
-    """records without exact or near duplicates of the pool or of an earlier record; and the counts dropped."""
-    index, kept, dropped = new_index(), [], Counter()
-    for r in pool:
-        index_add(index, r)
-    for r in records:
-        reason = index_find(index, r, threshold)
-        if reason:
-            dropped[reason] += 1
-            continue
-        index_add(index, r)
-        kept.append(r)
-    return kept, dropped
-
-

@@ -16,7 +16,7 @@ import parallel
 import prompts
 import reward
 import rundir
-import solver
+import trainstate
 from config import Config
 from eval.ifeval import evaluate_ifeval
 from parallel import print0
@@ -25,8 +25,8 @@ from parallel import print0
 # ------------------------------------------------------------------------------------------------- start
 def load_models(cfg: Config, run: rundir.Run, device):
     """(solver, fp32 masters or None, tokenizer, reward scorer, (creator model, tokenizer) or (None, None))."""
-    policy, tokenizer = solver.load_solver(cfg, run, device)
-    masters = solver.load_masters(cfg, run, device, policy)
+    policy, tokenizer = trainstate.load_solver(cfg, run, device)
+    masters = trainstate.load_masters(cfg, run, device, policy)
     context = getattr(policy.config, "max_position_embeddings", None)
     if context and cfg.max_prompt_tokens + cfg.max_new_tokens > context:
         raise ValueError(f"--max_prompt_tokens {cfg.max_prompt_tokens} + --max_new_tokens {cfg.max_new_tokens} exceed "

@@ -112,12 +112,12 @@ PRESETS = {
     "smoke": dict(max_seed_prompts=8, max_heldout_prompts=4, n_samples=2, max_new_tokens=16, evolve_depth=2,
                   select_fraction=0.5, creator_max_new_tokens=32, eval_max_new_tokens=16, epochs=1, batch_size=4,
                   micro_batch_size=2, save_every=1),
-    # the CPU demo: the bundled SmolLM2-135M-Instruct, rule rewards (README has its timing)
+    # the CPU demo: the bundled SmolLM2-135M-Instruct, rule rewards
     "demo": dict(max_seed_prompts=64, max_new_tokens=96, eval_max_new_tokens=96, creator_max_new_tokens=128,
                  lr=5e-4),
-    # the paper: gemma-2-9b-it solver, ArmoRM reward, UltraFeedback's prompts, N=6, DPO beta 0.05, lr 5e-7, effective batch 64, 8 GPUs.
-    # Full fine-tuning sharded with FSDP2, as the paper's code did (lr 5e-7 is a full fine-tuning rate; LoRA needs
-    # far more). gen_batch_size 4: 24 rows of KV cache at 1024 + 2048 positions (README's memory table).
+    # the paper: gemma-2-9b-it solver, ArmoRM reward, UltraFeedback's prompts, N=6, DPO, effective batch 64, 8 GPUs.
+    # Full fine-tuning sharded with FSDP2 (lr 5e-7 is a full fine-tuning rate; LoRA needs far more); a small
+    # gen_batch_size because each prompt's N rows hold a KV cache of prompt + response positions (docs/memory.md).
     "paper": dict(model="google/gemma-2-9b-it", reward="hf:RLHFlow/ArmoRM-Llama3-8B-v0.1", n_samples=6,
                   lora=False, fsdp=True,
                   temperature=0.7, top_p=0.9, max_new_tokens=2048, max_prompt_tokens=1024, gen_batch_size=4,
@@ -125,9 +125,9 @@ PRESETS = {
                   epochs=2, batch_size=64, micro_batch_size=1, warmup_ratio=0.1, eval_max_new_tokens=2048,
                   creator_max_new_tokens=1024, gradient_checkpointing=True, vocab_chunk=32768,
                   seed_prompts="HuggingFaceH4/ultrafeedback_binarized:train_prefs"),
-    # online eva on the CPU: the bundled SmolLM2-135M-Instruct, rule rewards, RLOO, about 15 minutes on 2 cores
-    "online": dict(online=True, info_metric="max_mean", max_seed_prompts=64, n_samples=4, online_prompts=8, micro_batch_size=4,
-                   online_steps=24, evolve_every=6, max_new_tokens=48, eval_max_new_tokens=96,
+    # online eva on the CPU: the bundled SmolLM2-135M-Instruct, rule rewards, RLOO; info = max - mean, as online eva
+    "online": dict(online=True, info_metric="max_mean", max_seed_prompts=64, n_samples=4, online_prompts=8,
+                   micro_batch_size=4, online_steps=24, evolve_every=6, max_new_tokens=48, eval_max_new_tokens=96,
                    creator_max_new_tokens=96, max_heldout_prompts=32, evolve_depth=2, lr=2e-4, save_every=4),
 }
 # The paper's per-loss settings, applied by --preset paper together with --loss: the only source of its beta.

@@ -13,6 +13,7 @@ server); it returns a list of candidates per message. make_pairs pairs each prom
 takes 80% of them evolved.
 """
 import math
+import re
 import sys
 from collections import Counter
 from dataclasses import dataclass
@@ -24,6 +25,8 @@ import cleaning
 import constraints
 import instructions
 import losses
+import parallel
+import reward
 
 # ============================================================================================ informativeness
 
@@ -104,12 +107,30 @@ def n_selected(n_prompts: int, fraction: float) -> int:
     return max(1, int(math.floor(fraction * n_prompts + 0.5)))
 
 
+def weighted_order(weights: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Every index of `weights` [n] in the order of draws without replacement with probability proportional to weight
+    at every draw (Efraimidis-Spirakis: key log(u) / w for a uniform u, largest first); zero weights come last, in a
+    random order. One uniform per index is drawn from rng."""
+    w = np.asarray(weights, dtype=np.float64)  # [n]
+    u = rng.random(len(w))  # [n]
+    keys = np.where(w > 0, np.log(u) / np.where(w > 0, w, 1.0), -np.inf)
+    return np.lexsort((-u, -keys))  # key descending; ties (the zero weights) by u
+
+
+def split_counts(total: int, fraction: float, available_a: int, available_b: int) -> tuple[int, int]:
+    """(from a, from b): round(total * fraction) from a and the rest from b, a side that runs short topped up from
+    the other (never more than either has)."""
+    a = min(available_a, int(math.floor(total * fraction + 0.5)))
+    b = min(available_b, total - a)
+    return min(available_a, total - b), b
+
+
 def select(info: np.ndarray, fraction: float = 0.25, rule: str = "weighted", seed: int = 0) -> list[int]:
     """Indices (sorted) of the prompts to evolve: n_selected(len(info), fraction) of them, fewer only when too few
     prompts are eligible.
 
     weighted: drawn without replacement with probability proportional to selection_weights(info) at every draw
-              (Efraimidis-Spirakis keys u ** (1 / w), top k); zero-weight and NaN prompts are never drawn.
+              (weighted_order); zero-weight and NaN prompts are never drawn.
     greedy:   the k most informative (ties broken by a seeded shuffle); NaN prompts never.
     uniform:  k prompts uniformly at random from the whole pool, tied ones included (the no-signal ablation).
     """
@@ -127,8 +148,7 @@ def select(info: np.ndarray, fraction: float = 0.25, rule: str = "weighted", see
         return sorted(int(i) for i in ranked[:k])
     weights = selection_weights(info)  # [P]
     positive = np.flatnonzero(weights > 0)
-    keys = np.log(rng.random(positive.size)) / weights[positive]  # log(u ** (1/w)): larger is earlier drawn
-    chosen = positive[np.argsort(-keys, kind="stable")[:k]]
+    chosen = positive[weighted_order(weights[positive], rng)[:k]]
     return sorted(int(i) for i in chosen)
 
 
@@ -151,6 +171,10 @@ _HEAD = ("{instruction} Each new request is one a person could really answer, wo
 _SHOT = "Request: {request}\nNew request: {rewrite}\n\n"
 _ASK = "Request: {prompt}\nNew request:"
 STOP = ("\n\n", "\nRequest:", "\nNew request:")  # a completion ends at the blank line or the next label
+# A rewrite holding a clause of the guard rails or the answer label echoes the frame instead of writing a request
+# (cleaning.clean_rewrite rejects it as "echo"); read off the frame, so a reworded frame keeps its markers.
+ECHO_MARKERS = tuple(c.strip().removeprefix("and ").lower() for c in re.split(r"[,;.]", _HEAD.split("}", 1)[1])
+                     if c.strip()) + (_ASK.rsplit("\n", 1)[1].lower(),)
 
 # The worked examples are this project's own text: short, everyday requests like the seed prompts, and rewrites
 # that change only the task (a format or length rule would be dropped: the constraints are kept in code).
@@ -398,6 +422,13 @@ def evolve(parents: list[dict], complete: Callable[[list[str]], list[str | None]
     return children, stats
 
 
+def evolve_with(cfg, parents: list[dict], complete, t: int, pool: list[dict]) -> tuple[list[dict], dict]:
+    """evolve with a run's settings (cfg: evolve_depth, evolve_kinds, seed, reward) as iteration or round t."""
+    return evolve(parents, complete, depth=cfg.evolve_depth, kinds=cfg.evolve_kinds,
+                  seed=parallel.stable_seed(cfg.seed, t, "evolve"), iteration=t,
+                  verifiable=reward.is_verifiable(cfg.reward), pool=pool)
+
+
 def _candidates(output) -> list:
     """A completer's output for one message as a list of candidates: a list as it is, one text (or None) as one."""
     if isinstance(output, (list, tuple)):
@@ -411,7 +442,7 @@ def _written_child(node: dict, task: str, raw: str | None, ids: list[str], kwarg
     """(child, "ok", whether rule sentences were cut from it) for a creator candidate that passes cleaning and
     de-duplication, else (None, the reason, False). The child's iteration, step and root are set by evolve."""
     examples = tuple(text for pair in EVOLVE_METHODS[method].examples for text in pair)
-    text, reason = cleaning.clean_rewrite(task, raw, max_ratio=max_ratio, examples=examples,
+    text, reason = cleaning.clean_rewrite(task, raw, max_ratio=max_ratio, examples=examples, echoes=ECHO_MARKERS,
                                           near_duplicate=near_duplicate)
     if text is None:
         return None, reason, False
@@ -450,7 +481,6 @@ def local_completer(model, tokenizer, *, seed: int = 0, batch_size: int = 16, ca
     batch_size (messages) is halved after an out-of-memory error.
     """
     import generate
-    import parallel
     if candidates < 1:
         raise ValueError(f"creator: candidates must be >= 1, got {candidates}")
     calls = [0]
@@ -481,7 +511,6 @@ def endpoint_completer(base_url: str, model: str, *, temperature: float = 0.7, m
     EndpointError is raised on every rank. kwargs go to endpoint.chat (timeout, retries, api_key_env, extra).
     """
     import endpoint
-    import parallel
     if candidates < 1:
         raise ValueError(f"creator: candidates must be >= 1, got {candidates}")
 
@@ -508,7 +537,7 @@ def make_pairs(prompts: list[dict], samples: list[dict], source: str) -> list[di
     """One pair per sample record: chosen = highest reward, rejected = lowest (first of equals), none when the
     rewards all tie or the two texts are identical. Responses with a non-finite reward are left out. p_chosen and
     p_rejected are the SPPO win probabilities of those two among the prompt's scored samples; chosen_finish and
-    rejected_finish say how each response ended ("stop" or "length"; "stop" for samples that predate the field)."""
+    rejected_finish say how each response ended ("stop" or "length"; "stop" where the samples do not say)."""
     by_id = {p.get("id", p.get("key")): p for p in prompts}
     pairs = []
     for s in samples:
@@ -556,10 +585,7 @@ def mix(evolved_pairs: list[dict], original_pairs: list[dict], *, evolved_fracti
     else:
         if total < 0:
             raise ValueError(f"creator: mix total must be >= 0, got {total}")
-        total = min(total, n_e + n_o)
-        want_e = min(n_e, int(math.floor(total * evolved_fraction + 0.5)))
-        want_o = min(n_o, total - want_e)
-        want_e = min(n_e, total - want_o)  # top up the evolved side when the original side ran short
+        want_e, want_o = split_counts(total, evolved_fraction, n_e, n_o)
     pick_e = rng.choice(n_e, size=want_e, replace=False) if want_e else []
     pick_o = rng.choice(n_o, size=want_o, replace=False) if want_o else []
     out = [{**evolved_pairs[int(i)], "source": "evolved"} for i in pick_e]

@@ -1,21 +1,23 @@
 """Preference-optimisation losses for the eva solver update, written out by hand.
 
-Everything here is a pure function of per-sequence log-probabilities, so the file can be copied into any project:
+Everything here is a pure function of log-probabilities, so the file can be copied into any project:
 
-    sequence_logps(logits, input_ids, response_mask)  -> SeqLogps(sum, count, avg)   per-token -> per-sequence
     target_logps(logits [K, V], targets [K]) -> [K];  packed_sequence_logps(token_logps [K], row [K], n) -> SeqLogps
     dpo_loss / ipo_loss / sppo_loss / simpo_loss / orpo_loss -> (loss [B], chosen_reward [B], rejected_reward [B])
     win_probabilities(rewards [P, N])                 -> SPPO's estimated win probability of each response
-    LOSSES[name] = LossInfo(needs_reference, default_beta);  preference_loss(name, ...) picks sums or averages
+    LOSSES[name] = Loss(fn, logps "sum" | "avg", inputs, hyper);  preference_loss(name, ...) dispatches through it
+    rloo_loss / grpo_loss(logps [B, T], mask [B, T], rewards [P, k], ...) -> (loss, stats);  ONLINE_LOSSES[name]
 
-Losses are unreduced (the caller averages); rewards are the implicit rewards each method defines, detached, for
-logging. Tests: `python -m pytest tests/test_losses.py -q`. Benchmark of the chunked log-prob path:
+Preference losses are unreduced (the caller averages); their rewards are the implicit rewards each method defines,
+detached, for logging. The online losses return the batch's scalar and a dict of detached statistics. Tests:
+`python -m pytest tests/test_losses.py tests/test_online_losses.py -q`. Benchmark of the chunked log-prob path:
 `python bench/bench_logps.py`.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -67,8 +69,15 @@ class _ChunkedTokenLogps(torch.autograd.Function):
 
 
 def target_logps(logits: Tensor, targets: Tensor, vocab_chunk: int | None = None) -> Tensor:
-    """log softmax(logits)[..., target] in fp32: logits [..., V], targets [...] -> [...]. vocab_chunk as in
-    sequence_logps (None: one fp32 log_softmax of the whole vocabulary; C: _ChunkedTokenLogps, C columns at a time)."""
+    """log softmax(logits)[..., target] in fp32: logits [..., V], targets [...] -> [...].
+
+    vocab_chunk=None computes a plain fp32 log_softmax over the whole vocabulary: fp32 copies of the logits' size
+    are built and one is kept for backward. vocab_chunk=C takes the logsumexp over C columns at a time and writes
+    the gradient in the logits' dtype (_ChunkedTokenLogps): the extra memory is one fp32 slice of C columns plus the
+    gradient the logits need anyway (bench/bench_logps.py compares the two). Both agree to fp32 rounding.
+    """
+    if vocab_chunk is not None and vocab_chunk < 1:
+        raise ValueError(f"target_logps: vocab_chunk must be a positive int or None, got {vocab_chunk}")
     if vocab_chunk is None:
         logps = logits.to(torch.promote_types(logits.dtype, torch.float32)).log_softmax(-1)  # [..., V]
         return logps.gather(-1, targets[..., None]).squeeze(-1)
@@ -83,52 +92,15 @@ def packed_sequence_logps(token_logps: Tensor, row: Tensor, n_rows: int) -> SeqL
     return SeqLogps(sum=total, count=count, avg=total / count.clamp(min=1))
 
 
-def sequence_logps(logits: Tensor, input_ids: Tensor, response_mask: Tensor,
-                   vocab_chunk: int | None = None) -> SeqLogps:
-    """Sum, count and average of log p(token) over the response tokens of each sequence, in fp32.
-
-    response_mask[b, t] = 1 marks input_ids[b, t] as a response token to score. Labels are shifted: logits[:, t]
-    scores input_ids[:, t+1], so response_mask[:, 0] must be 0 (nothing predicts the first token). Prompt and pad
-    positions are masked out whatever their ids are, so left and right padding give the same result.
-
-    vocab_chunk=None computes a plain fp32 log_softmax over the whole vocabulary: fp32 copies of size [B, T, V]
-    are built and one is kept for backward. vocab_chunk=C takes the logsumexp over C columns at a time and writes
-    the gradient in the logits' dtype (see _ChunkedTokenLogps): peak extra memory is one fp32 [B, T, C] slice plus
-    the [B, T, V] gradient the logits need anyway. bench/bench_logps.py (bf16 logits, CPU) measured the extra peak
-    memory of fwd+bwd at 5.6x the logits' size plain vs 1.9x chunked (no-grad: 3.6x vs 0.7x), at about the same
-    speed. Both paths agree to fp32 rounding.
-
-    A fully masked row (empty or truncated response) gives sum 0, count 0, avg 0 and zero gradient, never 0/0.
-    """
-    if logits.dim() != 3 or input_ids.shape != logits.shape[:2] or response_mask.shape != input_ids.shape:
-        raise ValueError(f"sequence_logps: want logits [B, T, V], input_ids and response_mask [B, T]; got "
-                         f"{tuple(logits.shape)}, {tuple(input_ids.shape)}, {tuple(response_mask.shape)}")
-    if vocab_chunk is not None and vocab_chunk < 1:
-        raise ValueError(f"sequence_logps: vocab_chunk must be a positive int or None, got {vocab_chunk}")
-    mask = response_mask.bool()  # [B, T]
-    if mask[:, 0].any():
-        raise ValueError("sequence_logps: response_mask[:, 0] is set, but no logit predicts the first token "
-                         "(is the mask shifted or the prompt missing?)")
-    # Position t scores token t+1; the last position scores nothing. Keeping all T positions (instead of slicing
-    # logits[:, :-1]) avoids a [B, T, V] copy in the slice's backward.
-    mask = F.pad(mask[:, 1:], (0, 1), value=False)  # [B, T]
-    targets = torch.where(mask, F.pad(input_ids[:, 1:], (0, 1)), 0)  # [B, T]; pad ids may be anything, even -100
-    # where, not *, so masked positions can never leak NaN
-    token_logps = torch.where(mask, target_logps(logits, targets, vocab_chunk), 0.0)  # [B, T]
-    total = token_logps.sum(-1)  # [B]
-    count = mask.sum(-1).to(total.dtype)  # [B]
-    return SeqLogps(sum=total, count=count, avg=total / count.clamp(min=1))
-
-
 # --------------------------------------------------------------------------------------------------------- losses
 def dpo_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, ref_chosen_logps: Tensor,
-             ref_rejected_logps: Tensor, beta: float = 0.1) -> tuple[Tensor, Tensor, Tensor]:
+             ref_rejected_logps: Tensor, beta: float) -> tuple[Tensor, Tensor, Tensor]:
     """DPO (Rafailov et al. 2023, arXiv 2305.18290), log-probs summed over response tokens:
 
         loss = -log sigmoid(beta * [(log pi(y_w) - log ref(y_w)) - (log pi(y_l) - log ref(y_l))])
         reward(y) = beta * (log pi(y) - log ref(y))
 
-    At pi == ref the loss is ln 2. (The eva paper's code used beta = 0.05.)
+    At pi == ref the loss is ln 2.
     """
     chosen = beta * (policy_chosen_logps - ref_chosen_logps)  # [B]
     rejected = beta * (policy_rejected_logps - ref_rejected_logps)  # [B]
@@ -137,7 +109,7 @@ def dpo_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, ref_cho
 
 
 def ipo_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, ref_chosen_logps: Tensor,
-             ref_rejected_logps: Tensor, beta: float = 0.1) -> tuple[Tensor, Tensor, Tensor]:
+             ref_rejected_logps: Tensor, beta: float) -> tuple[Tensor, Tensor, Tensor]:
     """IPO (Azar et al. 2023, arXiv 2310.12036), log-probs averaged over response tokens (the caller passes averages):
 
         h = (log pi(y_w) - log ref(y_w)) - (log pi(y_l) - log ref(y_l));   loss = (h - 1 / (2 beta))^2
@@ -158,15 +130,16 @@ def _at_least_fp32(x: Tensor | list[float], device: torch.device) -> Tensor:
 
 def sppo_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, ref_chosen_logps: Tensor,
               ref_rejected_logps: Tensor, p_chosen: Tensor, p_rejected: Tensor,
-              beta: float = 0.001) -> tuple[Tensor, Tensor, Tensor]:
+              beta: float) -> tuple[Tensor, Tensor, Tensor]:
     """SPPO (Wu et al. 2024, arXiv 2405.00675), log-probs summed, P_w / P_l the estimated win probabilities:
 
         loss = 1/2 * [(log pi(y_w) - log ref(y_w) - (P_w - 1/2) / beta)^2
                       + (log pi(y_l) - log ref(y_l) - (P_l - 1/2) / beta)^2]
         reward(y) = beta * (log pi(y) - log ref(y))   (regressed towards P(y) - 1/2)
 
-    With beta = 1e-3 the loss starts near 1e4 and its gradients are huge: it is computed in fp32 whatever the input
-    dtype (bf16 has ~3 significant digits), and the caller should clip gradients.
+    With SPPO's small beta the targets (P - 1/2) / beta are large, and so are the loss and its gradients: it is
+    computed in fp32 whatever the input dtype (bf16 would round the difference away), and the caller should clip
+    gradients.
     """
     f32 = lambda x: _at_least_fp32(x, policy_chosen_logps.device)
     chosen = f32(policy_chosen_logps) - f32(ref_chosen_logps)  # [B]
@@ -177,8 +150,8 @@ def sppo_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, ref_ch
     return loss, (beta * chosen).detach(), (beta * rejected).detach()
 
 
-def simpo_loss(policy_chosen_avg_logps: Tensor, policy_rejected_avg_logps: Tensor, beta: float = 2.0,
-               gamma_beta_ratio: float = 0.25) -> tuple[Tensor, Tensor, Tensor]:
+def simpo_loss(policy_chosen_avg_logps: Tensor, policy_rejected_avg_logps: Tensor, beta: float,
+               gamma_beta_ratio: float) -> tuple[Tensor, Tensor, Tensor]:
     """SimPO (Meng et al. 2024, arXiv 2405.14734), no reference, log-probs averaged over response tokens:
 
         loss = -log sigmoid(beta * avg log pi(y_w) - beta * avg log pi(y_l) - gamma),  gamma = gamma_beta_ratio * beta
@@ -197,22 +170,23 @@ def _log1mexp(a: Tensor) -> Tensor:
     return torch.where(a > -math.log(2.0), torch.log(-torch.expm1(a)), torch.log1p(-torch.exp(a)))
 
 
-def orpo_loss(policy_chosen_avg_logps: Tensor, policy_rejected_avg_logps: Tensor, chosen_nll: Tensor,
-              lam: float = 0.1) -> tuple[Tensor, Tensor, Tensor]:
+def orpo_loss(policy_chosen_avg_logps: Tensor, policy_rejected_avg_logps: Tensor,
+              lam: float) -> tuple[Tensor, Tensor, Tensor]:
     """ORPO (Hong et al. 2024, arXiv 2403.07691), no reference, a = average log-prob per response token:
 
-        log_odds(y) = a - log(1 - exp(a));   loss = NLL(y_w) - lam * log sigmoid(log_odds(y_w) - log_odds(y_l))
+        log_odds(y) = a - log(1 - exp(a));   loss = -a(y_w) - lam * log sigmoid(log_odds(y_w) - log_odds(y_l))
         reward(y) = log_odds(y)  (what the odds-ratio term compares)
 
     log(1 - exp(a)) is -inf at a = 0 (a response the model is certain of), the known source of NaN: a is clamped
     to <= -ORPO_EPS (no odds gradient beyond the clamp) and log1mexp is computed stably, in fp32.
     """
     dt = torch.promote_types(policy_chosen_avg_logps.dtype, torch.float32)
+    chosen_nll = -policy_chosen_avg_logps.to(dt)  # [B]: the SFT term, the chosen response's mean NLL per token
     a_w = policy_chosen_avg_logps.to(dt).clamp(max=-ORPO_EPS)  # [B]
     a_l = policy_rejected_avg_logps.to(dt).clamp(max=-ORPO_EPS)  # [B]
     odds_w = a_w - _log1mexp(a_w)  # [B]
     odds_l = a_l - _log1mexp(a_l)  # [B]
-    loss = chosen_nll.to(dt) - lam * F.logsigmoid(odds_w - odds_l)
+    loss = chosen_nll - lam * F.logsigmoid(odds_w - odds_l)
     return loss, odds_w.detach(), odds_l.detach()
 
 
@@ -231,47 +205,47 @@ def win_probabilities(rewards: Tensor) -> Tensor:
 
 # ------------------------------------------------------------------------------------------------ table and dispatch
 @dataclass(frozen=True)
-class LossInfo:
-    needs_reference: bool  # False: the training step skips the reference forward pass
-    default_beta: float  # for ORPO this is the odds-ratio weight lambda (ORPO has no beta)
+class Loss:
+    fn: Callable  # (*inputs, **hyper) -> (loss [B], chosen_reward [B], rejected_reward [B])
+    logps: str  # "sum" or "avg": the per-sequence log-prob of a response the method is defined on
+    inputs: tuple[str, ...]  # what fn takes before its hyperparameters, in order (preference_loss's argument names)
+    hyper: dict  # fn's hyperparameters and their defaults
+
+    @property
+    def needs_reference(self) -> bool:  # False: the training step skips the reference forward pass
+        return "ref_chosen" in self.inputs
 
 
-LOSSES: dict[str, LossInfo] = {
-    "dpo": LossInfo(True, 0.1),
-    "ipo": LossInfo(True, 0.1),
-    "sppo": LossInfo(True, 0.001),
-    "simpo": LossInfo(False, 2.0),
-    "orpo": LossInfo(False, 0.1),
+_PAIR, _REF, _WIN = ("chosen", "rejected"), ("ref_chosen", "ref_rejected"), ("p_chosen", "p_rejected")
+LOSSES: dict[str, Loss] = {
+    "dpo": Loss(dpo_loss, "sum", _PAIR + _REF, dict(beta=0.1)),
+    "ipo": Loss(ipo_loss, "avg", _PAIR + _REF, dict(beta=0.1)),
+    "sppo": Loss(sppo_loss, "sum", _PAIR + _REF + _WIN, dict(beta=0.001)),
+    "simpo": Loss(simpo_loss, "avg", _PAIR, dict(beta=2.0, gamma_beta_ratio=0.25)),
+    "orpo": Loss(orpo_loss, "avg", _PAIR, dict(lam=0.1)),  # lam weighs the odds-ratio term; ORPO has no beta
 }
 
 
-def preference_loss(name: str, chosen: SeqLogps, rejected: SeqLogps, ref_chosen: SeqLogps | None,
-                    ref_rejected: SeqLogps | None, p_chosen: Tensor | None = None, p_rejected: Tensor | None = None,
-                    beta: float | None = None, gamma_beta_ratio: float = 0.25,
-                    lam: float = 0.1) -> tuple[Tensor, Tensor, Tensor]:
-    """Compute loss `name` from SeqLogps, passing sums or averages as that loss defines; beta=None -> its default.
-
-    ORPO has no beta (its weight is `lam`; TRL calls that beta), so passing beta with ORPO is an error.
-    """
+def preference_loss(name: str, chosen: SeqLogps, rejected: SeqLogps, ref_chosen: SeqLogps | None = None,
+                    ref_rejected: SeqLogps | None = None, p_chosen: Tensor | None = None,
+                    p_rejected: Tensor | None = None, **hyper) -> tuple[Tensor, Tensor, Tensor]:
+    """Loss `name` through its LOSSES entry: each SeqLogps passed as the sum or the average that loss is defined on,
+    p_chosen / p_rejected (SPPO's win probabilities) where it takes them, `hyper` over its own defaults (None
+    keeps the default; a hyperparameter the loss does not have is an error)."""
     if name not in LOSSES:
         raise ValueError(f"unknown --loss {name!r}; choose one of {', '.join(LOSSES)}")
-    info = LOSSES[name]
-    if info.needs_reference and (ref_chosen is None or ref_rejected is None):
-        raise ValueError(f"--loss {name} needs reference log-probs (ref_chosen, ref_rejected), got None")
-    if name == "orpo":
-        if beta is not None:
-            raise ValueError("--loss orpo has no beta; set the odds-ratio weight lam (--orpo_lambda in train_eva.py)")
-        return orpo_loss(chosen.avg, rejected.avg, -chosen.avg, lam=lam)
-    beta = info.default_beta if beta is None else beta
-    if name == "dpo":
-        return dpo_loss(chosen.sum, rejected.sum, ref_chosen.sum, ref_rejected.sum, beta=beta)
-    if name == "ipo":
-        return ipo_loss(chosen.avg, rejected.avg, ref_chosen.avg, ref_rejected.avg, beta=beta)
-    if name == "sppo":
-        if p_chosen is None or p_rejected is None:
-            raise ValueError("--loss sppo needs p_chosen and p_rejected (win probabilities from the pair records)")
-        return sppo_loss(chosen.sum, rejected.sum, ref_chosen.sum, ref_rejected.sum, p_chosen, p_rejected, beta=beta)
-    return simpo_loss(chosen.avg, rejected.avg, beta=beta, gamma_beta_ratio=gamma_beta_ratio)
+    loss = LOSSES[name]
+    given = dict(chosen=chosen, rejected=rejected, ref_chosen=ref_chosen, ref_rejected=ref_rejected,
+                 p_chosen=p_chosen, p_rejected=p_rejected)
+    missing = [k for k in loss.inputs if given[k] is None]
+    if missing:
+        raise ValueError(f"--loss {name} needs {', '.join(missing)}, got None")
+    hyper = {k: v for k, v in hyper.items() if v is not None}
+    if set(hyper) - set(loss.hyper):
+        raise ValueError(f"--loss {name} has no {', '.join(sorted(set(hyper) - set(loss.hyper)))}; its settings: "
+                         f"{', '.join(loss.hyper)}")
+    args = [getattr(given[k], loss.logps) if isinstance(given[k], SeqLogps) else given[k] for k in loss.inputs]
+    return loss.fn(*args, **{**loss.hyper, **hyper})
 
 
 # ---------------------------------------------------------------------------------------------- online RL losses
@@ -292,23 +266,27 @@ def rloo_advantages(rewards: Tensor) -> Tensor:
     return (rewards * k - rewards.sum(-1, keepdim=True)) / (k - 1)
 
 
-def rloo_loss(logps: Tensor, rewards: Tensor, kl: Tensor | None = None, beta: float = 0.05,
-              normalizer: float | None = None) -> tuple[Tensor, Tensor]:
-    """RLOO's policy-gradient loss; logps [P*k] = sum_t log pi(y_i,t | x, y_<t) (the sequence log-prob, with grad),
-    rewards [P, k], kl [P*k] = sum_t (log pi - log pi_ref) of each response (or None for no KL):
+def rloo_loss(logps: Tensor, mask: Tensor, rewards: Tensor, *, beta: float, ref_logps: Tensor | None = None,
+              old_logps: Tensor | None = None, counts: tuple[float, float] | None = None) -> tuple[Tensor, dict]:
+    """RLOO's policy-gradient loss. logps, ref_logps, mask [B, T]: per-token log-probs of the B = P*k responses (logps
+    with grad) and which tokens are response tokens; rewards [P, k]:
 
+        log pi(y_i | x) = sum_t log pi(y_i,t | x, y_<t);   kl_i = sum_t (log pi - log pi_ref)   (0 without ref_logps)
         r~_i = r_i - beta * kl_i   (detached: the KL is a penalty on the reward, as in the RLOO paper and TRL)
-        A = rloo_advantages(r~);   loss = -sum_i A_i * log pi(y_i | x) / normalizer   (default: P*k, the mean)
+        A = rloo_advantages(r~);   loss = -sum_i A_i * log pi(y_i | x) / n   (n = B, or counts[0])
 
-    Returns (loss scalar, advantages [P, k], detached). normalizer lets a caller that splits one batch over micro
-    batches or ranks divide by the whole batch's count, so the pieces' gradients add up to the whole one's.
+    counts: (responses, response tokens) of the whole batch this one is part of, so that micro batches and ranks
+    divide by the whole batch's count and their gradients add up to its gradient. old_logps is not used: RLOO is
+    on-policy. Returns (loss scalar, stats: the advantages [P, k], detached).
     """
+    mask = mask.to(logps.dtype)  # [B, T]
+    seq = (logps * mask).sum(-1)  # [B]
     shaped = rewards.to(torch.promote_types(logps.dtype, torch.float32))  # [P, k]
-    if kl is not None and beta:
-        shaped = shaped - beta * kl.detach().view_as(shaped)
+    if ref_logps is not None and beta:
+        shaped = shaped - beta * ((logps.detach() - ref_logps) * mask).sum(-1).view_as(shaped)
     advantages = rloo_advantages(shaped).detach()  # [P, k]
-    total = -(advantages.flatten() * logps).sum()
-    return total / (logps.numel() if normalizer is None else normalizer), advantages
+    total = -(advantages.flatten() * seq).sum()
+    return total / (seq.numel() if counts is None else counts[0]), dict(advantages=advantages)
 
 
 def grpo_advantages(rewards: Tensor, scale: bool = True, eps: float = 1e-4) -> Tensor:
@@ -332,12 +310,12 @@ def k3_kl(logps: Tensor, ref_logps: Tensor) -> Tensor:
     return torch.exp(d) - d - 1
 
 
-def grpo_loss(logps: Tensor, old_logps: Tensor, advantages: Tensor, mask: Tensor, epsilon: float = 0.2,
-              beta: float = 0.0, ref_logps: Tensor | None = None, aggregation: str = "token",
-              normalizer: float | None = None) -> tuple[Tensor, dict]:
-    """GRPO's clipped surrogate, per token. logps, old_logps, ref_logps, mask: [B, T] (B = P*k responses, old_logps
-    from the policy that sampled them, detached); advantages [B] (grpo_advantages, flattened), the same at every
-    token of a response:
+def grpo_loss(logps: Tensor, mask: Tensor, rewards: Tensor, *, beta: float, epsilon: float, scale_rewards: bool,
+              aggregation: str, ref_logps: Tensor | None = None, old_logps: Tensor | None = None,
+              counts: tuple[float, float] | None = None) -> tuple[Tensor, dict]:
+    """GRPO's clipped surrogate, per token. logps, old_logps, ref_logps, mask: [B, T] (B = P*k responses; old_logps
+    from the policy that sampled them, None: logps itself, detached); rewards [P, k], whose advantages A =
+    grpo_advantages(rewards, scale_rewards) are the same at every token of a response:
 
         rho_t = exp(log pi_t - log pi_old_t)
         l_t   = -min(rho_t * A, clip(rho_t, 1 - epsilon, 1 + epsilon) * A) + beta * k3_kl(log pi_t, log pi_ref_t)
@@ -346,11 +324,15 @@ def grpo_loss(logps: Tensor, old_logps: Tensor, advantages: Tensor, mask: Tensor
 
     The min keeps the clip one-sided in the direction it applies: with A > 0 nothing is gained beyond 1 + epsilon,
     with A < 0 nothing beyond 1 - epsilon (zero gradient there). At rho = 1 (one update per batch of samples) this
-    is the plain policy gradient -A * log pi. normalizer overrides the denominator (token count or B) so micro batches
-    and ranks can divide by the whole batch's. Returns (loss scalar, stats: clipped share and mean KL, detached).
+    is the plain policy gradient -A * log pi. counts: (responses, response tokens) of the whole batch this one is
+    part of, the denominators instead of this batch's own, so that micro batches and ranks add up to the whole
+    batch's gradient. Returns (loss scalar, stats: clipped share and mean KL, detached).
     """
     if aggregation not in ("token", "sequence"):
         raise ValueError(f"grpo_loss: aggregation must be 'token' or 'sequence', got {aggregation!r}")
+    advantages = grpo_advantages(rewards, scale=scale_rewards).flatten()  # [B]
+    old_logps = logps if old_logps is None else old_logps
+    normalizer = None if counts is None else counts[1] if aggregation == "token" else counts[0]
     mask = mask.to(logps.dtype)  # [B, T]
     ratio = torch.exp(logps - old_logps.detach())  # [B, T]
     a = advantages.detach()[:, None].to(logps.dtype)  # [B, 1]
@@ -372,3 +354,15 @@ def grpo_loss(logps: Tensor, old_logps: Tensor, advantages: Tensor, mask: Tensor
     stats = dict(clipped=float(((clipped < unclipped).to(mask.dtype) * mask).sum() / n),
                  kl=None if kl is None else float((kl.detach() * mask).sum() / n))
     return loss, stats
+
+
+@dataclass(frozen=True)
+class OnlineLoss:
+    fn: Callable  # (logps [B, T], mask [B, T], rewards [P, k], *, ref_logps, old_logps, counts, **hyper)
+    hyper: dict  # fn's hyperparameters and their defaults; beta weighs the KL to the reference policy
+
+
+ONLINE_LOSSES: dict[str, OnlineLoss] = {  # beta: TRL's RLOOConfig and GRPOConfig defaults
+    "rloo": OnlineLoss(rloo_loss, dict(beta=0.05)),
+    "grpo": OnlineLoss(grpo_loss, dict(beta=0.0, epsilon=0.2, scale_rewards=True, aggregation="token")),
+}

@@ -31,8 +31,7 @@ import torch
 
 import onednn
 
-# transformers 5 deprecates the gradient-checkpointing names that peft 0.21 (and eva, for the same versions) call:
-# noise, nothing to act on
+# transformers deprecates gradient-checkpointing names that peft (and eva, to match it) still call: noise
 warnings.filterwarnings("ignore", message=".*(is_gradient_checkpointing|gradient_checkpointing_enable).*",
                         category=FutureWarning)
 
@@ -98,7 +97,7 @@ def bundled_cache() -> Path:
     if _cache_is_valid(folder):
         return folder
     from transformers import AutoModelForCausalLM
-    print(f"[model] building the safetensors cache of the bundled model in {folder} (once, ~20 s)", file=sys.stderr)
+    print(f"[model] building the safetensors cache of the bundled model in {folder} (once)", file=sys.stderr)
     gguf_model, tokenizer = load_from_gguf()
     config = gguf_model.config
     if hasattr(config, "quantization_config"):
@@ -193,7 +192,7 @@ def turn_end_id(tokenizer) -> int:
     return ids[0]
 
 
-def load_model(spec: str, *, device="cpu", dtype=None, load_in_4bit: bool = False, trainable_adapter: bool = False):
+def load_model(spec: str, *, device="cpu", dtype=None, load_in_4bit: bool = False):
     """(model, tokenizer) for 'default', a hub id, a model folder or an adapter folder; model in eval mode."""
     from transformers import AutoConfig, AutoModelForCausalLM
     device = torch.device(device)
@@ -214,7 +213,7 @@ def load_model(spec: str, *, device="cpu", dtype=None, load_in_4bit: bool = Fals
     if not load_in_4bit:
         model.to(device)
     elif device.type == "cpu":
-        # bitsandbytes 0.50 repacks 4-bit weights for its AVX512-bf16 kernel on the first no-grad forward in eval
+        # bitsandbytes repacks 4-bit weights for its AVX512-bf16 kernel on the first no-grad forward in eval
         # mode (sampling), and that kernel has no backward: training afterwards silently drops the gradient through
         # every frozen 4-bit layer. Keep the plain layout, which is exact.
         for module in model.modules():
@@ -222,7 +221,7 @@ def load_model(spec: str, *, device="cpu", dtype=None, load_in_4bit: bool = Fals
                 module.support_avx512bf16_for_cpu = False
     if adapter is not None:
         from peft import PeftModel
-        model = PeftModel.from_pretrained(model, adapter, is_trainable=trainable_adapter)
+        model = PeftModel.from_pretrained(model, adapter)
     model.eval()
     return model, tokenizer
 

@@ -19,14 +19,12 @@ eval_start.json and eval_end.json, report.md and report.png.
 import math
 import time
 from contextlib import nullcontext
-from pathlib import Path
 
 import numpy as np
 import torch
 
 import common
 import creator
-import files
 import generate
 import losses
 import model
@@ -34,41 +32,40 @@ import parallel
 import report
 import rundir
 import solver as solver_lib
+import trainstate
 from parallel import print0
 
 METRIC = "max_mean"  # online informativeness: max - mean of the rollouts' rewards (offline uses max - min)
-DEFAULT_KL = {"rloo": 0.05, "grpo": 0.0}  # TRL's RLOOConfig.beta and GRPOConfig.beta
 
 
-def kl_weight(cfg) -> float:
-    return DEFAULT_KL[cfg.online_algo] if cfg.online_kl < 0 else cfg.online_kl
+def loss_settings(cfg) -> dict:
+    """The --online_algo's hyperparameters: losses.ONLINE_LOSSES's defaults, then the flags (--online_kl < 0 keeps
+    the algorithm's own KL weight beta)."""
+    algo = losses.ONLINE_LOSSES[cfg.online_algo]
+    flags = dict(beta=cfg.online_kl, epsilon=cfg.grpo_epsilon, scale_rewards=cfg.grpo_scale_rewards,
+                 aggregation=cfg.grpo_aggregation)
+    return {**algo.hyper, **{k: flags[k] for k in algo.hyper if k != "beta" or cfg.online_kl >= 0}}
 
 
 # ------------------------------------------------------------------------------------------------- the prompt pool
-def _pick(indices: list[int], want: int, pool: list[dict], info: dict, rng: np.random.Generator) -> list[int]:
-    """`want` of these pool indices: never-tried prompts first (in a seeded order), then drawn without replacement
-    with probability proportional to their latest info (Efraimidis-Spirakis keys log(u) / w); prompts with info 0
-    come last, in a seeded order."""
-    untried = [i for i in indices if pool[i]["id"] not in info]
-    tried = [i for i in indices if pool[i]["id"] in info]
-    untried = [untried[j] for j in rng.permutation(len(untried))]
-    w = np.array([info[pool[i]["id"]] for i in tried], dtype=np.float64)  # [n]
-    u = rng.random(len(tried))  # [n]
-    keys = np.where(w > 0, np.log(u) / np.where(w > 0, w, 1.0), -np.inf)
-    ranked = [tried[j] for j in np.lexsort((-u, -keys))]  # key descending, ties (the zeros) by u
-    return (untried + ranked)[:want]
-
-
 def draw_batch(pool: list[dict], info: dict, n: int, evolved_fraction: float, seed: int) -> list[int]:
     """Indices of the n prompts of a step: round(n * evolved_fraction) evolved (parent set) and the rest original,
-    either side topped up from the other when it runs short; see _pick for the order inside each side."""
+    either side topped up from the other when it runs short (creator.split_counts). In each side, prompts never
+    tried come first (in a seeded order), then draws weighted by their latest info (creator.weighted_order), the
+    prompts with info 0 last."""
     rng = np.random.default_rng(seed)
+
+    def pick(indices: list[int], want: int) -> list[int]:
+        untried = [i for i in indices if pool[i]["id"] not in info]
+        tried = [i for i in indices if pool[i]["id"] in info]
+        untried = [untried[j] for j in rng.permutation(len(untried))]
+        ranked = [tried[j] for j in creator.weighted_order(np.array([info[pool[i]["id"]] for i in tried]), rng)]
+        return (untried + ranked)[:want]
+
     evolved = [i for i, r in enumerate(pool) if r.get("parent") is not None]
     original = [i for i, r in enumerate(pool) if r.get("parent") is None]
-    n_e = min(len(evolved), int(math.floor(n * evolved_fraction + 0.5)))
-    n_o = min(len(original), n - n_e)
-    n_e = min(len(evolved), n - n_o)
-    return _pick(evolved, n_e, pool, info, rng) + _pick(original, n_o, pool, info, rng)
+    n_e, n_o = creator.split_counts(n, evolved_fraction, len(evolved), len(original))
+    return pick(evolved, n_e) + pick(original, n_o)
 
 
 # ------------------------------------------------------------------------------------------------- rollouts -> tensors
@@ -107,97 +104,56 @@ def filled_rewards(samples: list[dict]) -> torch.Tensor:
 # ------------------------------------------------------------------------------------------------- one update
 def policy_update(policy, trained, reference, params, optimizer, scheduler, rows, rewards_pk: torch.Tensor, cfg,
                   device, step: int) -> dict:
-    """RLOO or GRPO on this rank's share of a step's rollouts. rows: (prompt ids, response ids), prompt-major, k per
-    prompt, all ranks' rows in order; rewards_pk [P, k] for all prompts. The loss of each micro batch is divided by
-    the whole batch's count (responses, or response tokens for GRPO's token mean) over the world size, so that DDP's
-    average of the ranks' gradients is the gradient of the whole batch's loss, whatever the split."""
+    """RLOO or GRPO (losses.ONLINE_LOSSES) on this rank's share of a step's rollouts. rows: (prompt ids, response
+    ids), prompt-major, k per prompt, all ranks' rows in order; rewards_pk [P, k] for all prompts. Each micro batch's
+    loss is divided by the whole batch's count over the world size, so that DDP's average of the ranks' gradients
+    is the gradient of the whole batch's loss, whatever the split."""
     k, world, me = cfg.n_samples, parallel.world_size(), parallel.rank()
-    P = rewards_pk.shape[0]
-    per_rank = P // world
+    algo, settings = losses.ONLINE_LOSSES[cfg.online_algo], loss_settings(cfg)
+    counts = (len(rows) / world, sum(len(r) for _, r in rows) / world)  # every rank holds every row
+    per_rank = rewards_pk.shape[0] // world
     mine = range(me * per_rank, (me + 1) * per_rank)  # this rank's prompts
-    beta = kl_weight(cfg)
-    if cfg.online_algo == "grpo" and cfg.grpo_aggregation == "token":
-        total = sum(len(r) for _, r in rows)  # every rank holds every row: the global token count
-    else:
-        total = len(rows)
-    normalizer = total / world
-    advantages = (losses.grpo_advantages(rewards_pk, scale=cfg.grpo_scale_rewards)
-                  if cfg.online_algo == "grpo" else None)  # [P, k]; RLOO's come with the KL-shaped rewards
     micro = [list(mine[s:s + cfg.micro_batch_size]) for s in range(0, per_rank, cfg.micro_batch_size)]
     batches = [collate([rows[p * k + j] for p in ps for j in range(k)], device) for ps in micro]
-    autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-    with torch.no_grad(), autocast():
-        refs = [None] * len(batches)
+    refs, olds = [None] * len(batches), [None] * len(batches)  # the reference's and the sampler's log-probs
+    with torch.no_grad(), trainstate.autocast(device):
         if reference is not None:
             with reference[1](), model.packed_training(reference[0]):
                 refs = [token_logps(reference[0], b, cfg) for b in batches]
-        with model.packed_training(trained):
-            olds = [token_logps(trained, b, cfg) for b in batches] if cfg.grpo_iterations > 1 else None
-    ddp = world > 1
-    out = dict(loss=0.0, kl=[], clipped=[], grad_norm=0.0)
+        if cfg.grpo_iterations > 1:  # later iterations are off-policy: their ratio is to the sampling policy
+            with model.packed_training(trained):
+                olds = [token_logps(trained, b, cfg) for b in batches]
+    kls, clipped = [], []
     for it in range(cfg.grpo_iterations):
         loss_sum = 0.0
         for m, (ps, batch) in enumerate(zip(micro, batches)):
-            no_sync = policy.no_sync() if ddp and m + 1 < len(micro) else nullcontext()
-            with no_sync, model.packed_training(trained):  # the packed forward, for forward and backward alike
-                with autocast():
+            # packed_training around forward and backward: checkpointed layers run their forward again in backward
+            with trainstate.accumulating(policy, m + 1 == len(micro)), model.packed_training(trained):
+                with trainstate.autocast(device):
                     logps = token_logps(policy, batch, cfg)  # [b*k, R]
-                    ref = refs[m]
-                    if cfg.online_algo == "rloo":
-                        seq_kl = (logps.detach() - ref).sum(-1) if ref is not None else None  # [b*k]
-                        loss, _ = losses.rloo_loss(logps.sum(-1), rewards_pk[ps].to(device), seq_kl, beta,
-                                                   normalizer)
-                    else:
-                        old = olds[m] if olds is not None else logps.detach()
-                        loss, stats = losses.grpo_loss(logps, old, advantages[ps].flatten().to(device),
-                                                       batch["response_mask"], epsilon=cfg.grpo_epsilon, beta=beta,
-                                                       ref_logps=ref, aggregation=cfg.grpo_aggregation,
-                                                       normalizer=normalizer)
-                        out["clipped"].append(stats["clipped"])
-                    if it == 0 and ref is not None:
-                        out["kl"] += (logps.detach() - ref).sum(-1).tolist()  # per-response KL, sum over tokens
-                if parallel.any_rank(not torch.isfinite(loss)):
-                    raise SystemExit(f"error: online step {step}: the {cfg.online_algo} loss is not finite; no update "
-                                     f"made; rerun to resume from the last checkpoint")
+                    loss, stats = algo.fn(logps, batch["response_mask"], rewards_pk[ps].to(device), ref_logps=refs[m],
+                                          old_logps=olds[m], counts=counts, **settings)
+                stop_if_nonfinite(loss, f"the {cfg.online_algo} loss", step)
                 loss.backward()
             loss_sum += loss.item()
+            clipped += [stats["clipped"]] if "clipped" in stats else []
+            if it == 0 and refs[m] is not None:
+                kls += (logps.detach() - refs[m]).sum(-1).tolist()  # per-response KL, summed over tokens
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-        if parallel.any_rank(not torch.isfinite(grad_norm)):
-            raise SystemExit(f"error: online step {step}: the gradient norm is not finite; no update made; rerun "
-                             f"to resume from the last checkpoint")
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        out["loss"], out["grad_norm"] = loss_sum, float(grad_norm)
+        stop_if_nonfinite(grad_norm, "the gradient norm", step)
+        trainstate.optimizer_step(optimizer, scheduler)
     # the whole batch's numbers: each rank's loss is its share of the sum (times world), per-row lists gathered
-    parts = parallel.sharded(lambda _: [(out["loss"], out["kl"], out["clipped"])], list(range(world)), "step stats")
-    loss = sum(p[0] for p in parts) / world
-    kls = [x for p in parts for x in p[1]]
-    clipped = [x for p in parts for x in p[2]]
-    return dict(loss=loss, kl=float(np.mean(kls)) if kls else None, grad_norm=out["grad_norm"],
-                clipped=float(np.mean(clipped)) if clipped else None)
+    parts = parallel.sharded(lambda _: [(loss_sum, kls, clipped)], list(range(world)), "step stats")
+    kls, clipped = [x for p in parts for x in p[1]], [x for p in parts for x in p[2]]
+    return dict(loss=sum(p[0] for p in parts) / world, kl=float(np.mean(kls)) if kls else None,
+                grad_norm=float(grad_norm), clipped=float(np.mean(clipped)) if clipped else None)
 
 
-# ------------------------------------------------------------------------------------------------- checkpoints
-def save_state(path: Path, trained, optimizer, scheduler, step: int, pool, info, seen, rounds) -> None:
-    """The whole loop state, written atomically by rank 0 (every rank's RNG gathered first)."""
-    rng = parallel.sharded(lambda mine: [solver_lib.rng_state() for _ in mine], list(range(parallel.world_size())),
-                           desc="rng state")
-    if parallel.is_main():
-        weights = {n: p.detach().cpu() for n, p in trained.named_parameters() if p.requires_grad}
-        files.write_atomic(path, dict(weights=weights, optimizer=optimizer.state_dict(),
-                                          scheduler=scheduler.state_dict(), step=step, pool=pool, info=info,
-                                          seen=seen, rounds=rounds, rng=rng))
-    parallel.barrier()
-
-
-def sync_sampler(solver, trained) -> None:
-    """Full fine-tuning on a GPU steps fp32 masters; the bf16 sampling model takes their new values."""
-    if trained is not solver:
-        with torch.no_grad():
-            targets = dict(solver.named_parameters())
-            for name, param in trained.named_parameters():
-                targets[name].copy_(param)
+def stop_if_nonfinite(value: torch.Tensor, what: str, step: int) -> None:
+    """Stop every rank together (one all-reduce of a flag) before a NaN or inf reaches the weights."""
+    if parallel.any_rank(not torch.isfinite(value).all()):
+        raise SystemExit(f"error: online step {step}: {what} is not finite; no update made; rerun to resume from the "
+                         f"last checkpoint")
 
 
 # ------------------------------------------------------------------------------------------------- the creator
@@ -213,9 +169,7 @@ def creator_round(cfg, round_: int, step: int, pool: list[dict], info: dict, see
     children, stats = [], dict(creator_calls=0, rejected={})
     if parents:
         complete = common.make_completer(cfg, round_, solver, tokenizer, creator_model, creator_tokenizer)
-        children, stats = creator.evolve(parents, complete, depth=cfg.evolve_depth, kinds=cfg.evolve_kinds,
-                                         seed=parallel.stable_seed(cfg.seed, round_, "evolve"), iteration=round_,
-                                         verifiable=cfg.reward == "rules", pool=pool)
+        children, stats = creator.evolve_with(cfg, parents, complete, round_, pool)
         children = common.drop_long_prompts(children, tokenizer, cfg, "evolved prompts")
     pool.extend(children)
     return dict(step=step, phase="evolve", round=round_, recent=len(recent), parents=len(parents),
@@ -228,36 +182,24 @@ def train(cfg, run, solver, masters, tokenizer, scorer, pool: list[dict], device
           creator_tokenizer=None) -> list[dict]:
     """The online loop, resumable from online_state.pt; returns the final pool with each prompt's info."""
     trained = solver if masters is None else masters
-    beta = kl_weight(cfg)
     reference = None  # (model, context to run it in): the policy at the start of the run
-    if beta > 0:
+    if loss_settings(cfg)["beta"] > 0:
         if cfg.lora:  # the same module with its adapter switched off: no second copy of the weights
             reference = (solver, solver.disable_adapter)
         else:  # full fine-tuning: a frozen copy of the starting weights
             ref_model, _ = model.load_model(cfg.model, device=device)
             reference = (ref_model.requires_grad_(False), nullcontext)
     params = [p for p in trained.parameters() if p.requires_grad]
-    optimizer = (torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay) if cfg.optimizer == "adamw"
-                 else torch.optim.RMSprop(params, lr=cfg.lr))
-    total_updates = cfg.online_steps * cfg.grpo_iterations
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: solver_lib.lr_at(s, total_updates, cfg))
+    optimizer, scheduler = trainstate.make_optimizer(params, cfg, cfg.online_steps * cfg.grpo_iterations)
     info, seen, rounds, start = {}, {}, 0, 0  # info: prompt id -> latest max - mean; seen: id -> last step drawn
     ckpt = run.folder / "online_state.pt"
     torch.manual_seed(parallel.stable_seed(cfg.seed, "online"))  # dropout's draws
-    if ckpt.exists():
-        state = torch.load(ckpt, weights_only=False)
-        trainable = {n: p for n, p in trained.named_parameters() if p.requires_grad}
-        with torch.no_grad():
-            for name, value in state["weights"].items():
-                trainable[name].copy_(value)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        start, pool, info, seen, rounds = state["step"], state["pool"], state["info"], state["seen"], state["rounds"]
-        if len(state["rng"]) == parallel.world_size():
-            solver_lib.set_rng_state(state["rng"][parallel.rank()])
-        sync_sampler(solver, trained)
+    state = trainstate.restore_checkpoint(ckpt, trained, optimizer, scheduler, "[online]")
+    if state is not None:
+        start, pool, info, seen, rounds = (state[k] for k in ("step", "pool", "info", "seen", "rounds"))
+        trainstate.copy_weights(trained, solver)
         print0(f"[online] resuming at step {start}/{cfg.online_steps}, pool {len(pool)}")
-    policy = torch.nn.parallel.DistributedDataParallel(trained) if parallel.world_size() > 1 else trained
+    policy = trainstate.wrap(trained, cfg)
     end_id = model.turn_end_id(tokenizer)
     bar = parallel.progress(range(start, cfg.online_steps), desc="online", initial=start, total=cfg.online_steps)
     for step in (s + 1 for s in bar):
@@ -277,7 +219,7 @@ def train(cfg, run, solver, masters, tokenizer, scorer, pool: list[dict], device
         stats = policy_update(policy, trained, reference, params, optimizer, scheduler, rows, rewards_pk, cfg,
                               device, step)
         trained.eval()
-        sync_sampler(solver, trained)
+        trainstate.copy_weights(trained, solver)  # full fine-tuning on a GPU: the bf16 sampler takes the fp32 steps
         record = dict(step=step, reward=float(rewards_pk.mean()), **stats, info=float(batch_info.mean()),
                       informative=int((batch_info > 0).sum()), pool=len(pool),
                       evolved=sum(r.get("parent") is not None for r in batch), lr=scheduler.get_last_lr()[0],
@@ -292,26 +234,17 @@ def train(cfg, run, solver, masters, tokenizer, scorer, pool: list[dict], device
             print0(f"[online] step {step}: creator round {rounds}: {evolved['parents']} of {evolved['recent']} "
                    f"recent prompts -> {evolved['children']} children, pool {len(pool)} ({evolved['seconds']:.0f} s)")
         if step % cfg.save_every == 0 or step == cfg.online_steps:
-            save_state(ckpt, trained, optimizer, scheduler, step, pool, info, seen, rounds)
-            rundir.kill_point(0, "online", step)  # test hook
+            trainstate.save_checkpoint(ckpt, trained, optimizer, scheduler, step, pool=pool, info=info, seen=seen,
+                                       rounds=rounds)
+            rundir.fault("online", 0, step)  # test hook
     return [{**r, "info": info.get(r["id"]), "last_step": seen.get(r["id"])} for r in pool]
-
-
-def save_weights(cfg, run, solver, masters, tokenizer) -> None:
-    """The trained weights of record: adapter/ (LoRA) or model/ (full fine-tuning) in the run folder."""
-    if parallel.is_main():
-        if cfg.lora:
-            model.save_adapter(solver, run.folder / "adapter", cfg.model)
-        else:
-            model.save_full(solver if masters is None else masters, tokenizer, run.folder / "model")
-    parallel.barrier()
 
 
 def run(cfg) -> None:
     """common.py --online: set up as the offline loop does, evaluate, train online, evaluate, report."""
     device, seeds, heldout, run_ = common.start_run(cfg)
     print0(f"online eva: {len(seeds)} seed prompts, {len(heldout)} held-out, solver {cfg.model}, reward {cfg.reward}, "
-           f"{cfg.online_algo} k={cfg.n_samples} beta={kl_weight(cfg)}, {cfg.online_steps} steps x "
+           f"{cfg.online_algo} k={cfg.n_samples} beta={loss_settings(cfg)['beta']}, {cfg.online_steps} steps x "
            f"{cfg.online_prompts} prompts, creator every {cfg.evolve_every} steps, world size "
            f"{parallel.world_size()}, device {device}")
     solver, masters, tokenizer, scorer, (creator_model, creator_tokenizer) = common.load_models(cfg, run_, device)
@@ -324,7 +257,7 @@ def run(cfg) -> None:
     t0 = time.time()
     final_pool = train(cfg, run_, solver, masters, tokenizer, scorer, pool, device, creator_model, creator_tokenizer)
     run_.write_jsonl(run_.folder / "pool.jsonl", final_pool)
-    save_weights(cfg, run_, solver, masters, tokenizer)
+    trainstate.save_solver(solver, masters, tokenizer, cfg, run_.folder, device)
     print0(f"[online] trained {cfg.online_steps} steps, pool {len(final_pool)} ({time.time() - t0:.0f} s this run)")
     common.evaluate_once(solver, tokenizer, heldout, cfg, run_, "end")
     if parallel.is_main():

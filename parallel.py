@@ -108,8 +108,8 @@ def progress(iterable=None, **kwargs):
 def fsdp_shard(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     """Shard `model` in place over the ranks with FSDP2 (each decoder layer, then the root) and return it.
 
-    The shards hold fp32 master weights (a 5e-7 step vanishes in bf16 rounding); on a GPU it computes in bf16 and
-    reduces gradients in fp32. fully_shard moves each shard to `device`, so `model` may sit on the CPU.
+    The shards hold fp32 master weights (a full fine-tuning step vanishes in bf16 rounding); on a GPU it computes in
+    bf16 and reduces gradients in fp32. fully_shard moves each shard to `device`, so `model` may sit on the CPU.
     Hugging Face models name their decoder layer class in `_no_split_modules`.
     """
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard

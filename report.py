@@ -120,7 +120,8 @@ def evolution_section(run: Path) -> str:
     for t, counts in sorted(lineage["per_iteration_method"].items()):
         text.append(f"| {t} | " + " | ".join(str(counts.get(m, 0)) for m in sorted(lineage["per_method"])) + " |")
     text += ["", f"Informativeness ({info_metric(run)} of the solver's rewards) of the pool the creator read, and of "
-             "the prompts it wrote:", "", "| iteration | prompts | informative share | mean info |", "|---|---|---|---|"]
+             "the prompts it wrote:", "", "| iteration | prompts | informative share | mean info |",
+             "|---|---|---|---|"]
     for folder in sorted(run.glob("iter_*"), key=lambda p: int(p.name.split("_")[1])):
         for name, label in (("samples.jsonl", "pool"), ("evolved_samples.jsonl", "evolved")):
             infos = [s["info"] for s in _jsonl(folder / name)]

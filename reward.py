@@ -27,7 +27,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-import creator
 import endpoint
 import files
 import instructions
@@ -564,7 +563,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--samples", required=True, help="sample records {prompt_id, responses: [...]}")
     parser.add_argument("--out", required=True, help="where the scored sample records go")
     parser.add_argument("--device", default=None, help="default: this rank's GPU, else cpu")
-    parser.add_argument("--info_metric", default="gap", choices=creator.METRICS, help="informativeness written as info")
     args = parser.parse_args(argv)
     import parallel
     device = args.device or str(parallel.init())
@@ -580,14 +578,11 @@ def main(argv: list[str] | None = None) -> None:
     scorer = load_reward(args.reward, device=device)
     rewards = score_sharded(scorer, flat_prompts, flat_responses)
     if parallel.is_main():
-        scored, per_prompt, k = [], [], 0
+        scored, k = [], 0
         for sample in samples:
-            per_prompt.append(rewards[k:k + len(sample["responses"])])
-            k += len(per_prompt[-1])
-        info = creator.informativeness(per_prompt, args.info_metric)
-        for sample, r, value in zip(samples, per_prompt, info):
-            scored.append(dict(sample, rewards=[None if math.isnan(x) else x for x in r],
-                               info=None if math.isnan(value) else float(value)))
+            r = rewards[k:k + len(sample["responses"])]
+            k += len(r)
+            scored.append(dict(sample, rewards=[None if math.isnan(x) else x for x in r]))
         files.write_jsonl(args.out, scored)
         print(f"scored {len(rewards)} responses of {len(samples)} prompts with {args.reward} -> {args.out}")
 

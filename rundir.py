@@ -8,8 +8,6 @@ Run.log also hands each metrics.jsonl record to the trackers of --report_to (tra
 """
 import dataclasses
 import json
-import os
-import signal
 from pathlib import Path
 
 import files
@@ -37,7 +35,7 @@ class Run:
         return parallel.broadcast((self.folder / f"iter_{t}" / f"done_{phase}").exists())
 
     def mark(self, t: int, phase: str, summary: dict) -> None:
-        kill_point(t, phase)  # test hook: outputs written, marker not yet
+        fault(phase, t)  # test hook: outputs written, marker not yet
         self.write(self.iter_dir(t) / f"done_{phase}", json.dumps(summary) + "\n")
         self.log({"iteration": t, "phase": phase, **summary})
         parallel.barrier()
@@ -88,17 +86,13 @@ def open_run(cfg) -> Run:
     return run
 
 
-def kill_point(t: int, phase: str, step: int | None = None) -> None:
-    """Test hook: EVA_KILL_AT="<t>:<phase>[:<step>]" makes this process SIGKILL itself here.
+# Tests only: tests/faulty_run.py installs a callable point(name, t, step) -> None or an action, to kill a run or
+# poison a loss at a named point; None in every real run, where fault() does nothing.
+FAULT = None
 
-    Run.mark calls it after a phase's outputs are written and before its marker; solver.train calls it after each
-    checkpoint (with the checkpoint's step). "1:train" dies at the first matching point, "1:train:2" only after
-    the step-2 checkpoint. tests/test_resume.py uses it to kill a run inside every phase and check that the
-    resumed run ends exactly where an uninterrupted one does. Unset (always, outside tests) it does nothing.
-    """
-    spec = os.environ.get("EVA_KILL_AT")
-    if not spec:
-        return
-    want_t, want_phase, *want_step = spec.split(":")
-    if int(want_t) == t and want_phase == phase and (not want_step or int(want_step[0]) == step):
-        os.kill(os.getpid(), signal.SIGKILL)
+
+def fault(name: str, t: int, step: int | None = None) -> str | None:
+    """A point where a test may inject a fault: Run.mark calls it with the phase's name after its outputs are written
+    and before its marker; solver.train ("train") and online.train ("online", t = 0) after each checkpoint, with its
+    step; solver.train at each micro batch's loss ("loss": the action "nan" makes that loss NaN)."""
+    return FAULT(name, t, step) if FAULT is not None else None

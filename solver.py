@@ -1,6 +1,5 @@
-"""The solver update: one pass of preference optimisation on an iteration's pairs, resumable mid-phase, and the
-loading and saving of the solver (a LoRA adapter, or full fine-tuning's fp32 masters, FSDP2-sharded under --fsdp).
-train_eva.py calls load_solver / load_masters once, then train and save_solver in every iteration.
+"""The solver update: one pass of preference optimisation on an iteration's pairs, resumable mid-phase. train_eva.py
+calls train in every iteration (trainstate.py loads and saves the solver, and holds the optimizer and checkpoint).
 
     encode_pair -> collate -> forward_logps -> losses.preference_loss -> backward -> clip -> step
 """
@@ -9,8 +8,6 @@ from __future__ import annotations
 import gc
 import json
 import math
-import os
-from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +19,7 @@ import losses
 import model
 import parallel
 import rundir
+import trainstate
 from config import Config
 from parallel import print0
 
@@ -39,7 +37,7 @@ def encode_response(tokenizer, text: str, finish: str, cfg: Config, end_id: int)
 def encode_pair(tokenizer, pair: dict, cfg: Config, end_id: int) -> dict:
     """Token ids of prompt, chosen and rejected, tokenised separately (joining strings merges boundary tokens)."""
     prompt = generate.encode_prompt(tokenizer, pair["prompt"])[-cfg.max_prompt_tokens:]
-    # pairs written before samples recorded how each response ended have no finish field: taken as "stop"
+    # a pair without finish fields (its samples did not say how each response ended) counts its responses as ended
     return dict(prompt=prompt,
                 chosen=encode_response(tokenizer, pair["chosen"], pair.get("chosen_finish", "stop"), cfg, end_id),
                 rejected=encode_response(tokenizer, pair["rejected"], pair.get("rejected_finish", "stop"), cfg,
@@ -108,21 +106,13 @@ def reference_logps(solver, encoded: list[dict], cfg: Config, device) -> torch.T
     return torch.tensor(parallel.sharded(work, list(range(len(encoded))), desc="reference"), dtype=torch.float32)
 
 
-def lr_at(step: int, total: int, cfg: Config) -> float:
-    """Linear warmup then cosine decay to zero, as a multiplier of --lr."""
-    warmup = max(1, round(cfg.warmup_ratio * total))
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-
 # ------------------------------------------------------------------------------------------------- the update
 def train(solver, masters, tokenizer, pairs: list[dict], cfg: Config, run: rundir.Run, t: int, device) -> dict:
     """One solver update on the iteration's pairs; resumable from the last checkpoint inside the phase.
 
-    LoRA steps the adapter inside `solver`; full fine-tuning steps the fp32 `masters` (see load_masters), and
-    save_solver then refreshes the sampling model from them. The reference is `solver` as the phase starts."""
+    LoRA steps the adapter inside `solver`; full fine-tuning steps the fp32 `masters` (trainstate.load_masters),
+    and trainstate.save_solver then refreshes the sampling model from them. The reference is `solver` as the phase
+    starts."""
     folder = run.iter_dir(t)
     end_id = model.turn_end_id(tokenizer)
     encoded = [encode_pair(tokenizer, p, cfg, end_id) for p in pairs]
@@ -130,16 +120,17 @@ def train(solver, masters, tokenizer, pairs: list[dict], cfg: Config, run: rundi
     p_chosen = torch.tensor([p["p_chosen"] for p in pairs], dtype=torch.float32)
     p_rejected = torch.tensor([p["p_rejected"] for p in pairs], dtype=torch.float32)
     trained = solver if masters is None else masters
-    if uses_fsdp(cfg) and device.type == "cuda":
+    if trainstate.uses_fsdp(cfg) and device.type == "cuda":
         solver.to("cpu")  # out of the GPU's way while the shards train; save_solver brings it back
     params = [p for p in trained.parameters() if p.requires_grad]
-    optimizer, scheduler, total_steps = make_optimizer(params, len(pairs), cfg)
+    total_steps = math.ceil(len(pairs) / cfg.batch_size) * cfg.epochs
+    optimizer, scheduler = trainstate.make_optimizer(params, cfg, total_steps)
     # Dropout is the one user of torch's global RNG: seeded per phase here, and restored from a checkpoint, so
     # neither an earlier iteration nor a restart changes the draws.
     torch.manual_seed(parallel.stable_seed(cfg.seed, t, "train"))
-    start_step = restore_checkpoint(folder, trained, optimizer, scheduler, cfg, t, total_steps)
-    ddp = parallel.world_size() > 1 and not uses_fsdp(cfg)
-    policy = torch.nn.parallel.DistributedDataParallel(trained) if ddp else trained
+    start_step = resume(folder, trained, optimizer, scheduler, cfg, t, total_steps)
+    policy = trainstate.wrap(trained, cfg)
+    settings = loss_settings(cfg)
     world, per_rank = parallel.world_size(), cfg.batch_size // parallel.world_size()
     policy.train()
     stats = []
@@ -152,17 +143,14 @@ def train(solver, masters, tokenizer, pairs: list[dict], cfg: Config, run: rundi
             for s in range(0, per_rank, cfg.micro_batch_size):
                 ids = local_ids[s:s + cfg.micro_batch_size]
                 batch = collate([encoded[i] for i in ids], device)
-                # DDP all-reduces on the last micro batch only (its flag is read in forward); FSDP reduce-scatters
-                # every one, since unsharded gradients would cost the memory it saves. bf16 autocast on a GPU.
-                no_sync = policy.no_sync() if ddp and s + cfg.micro_batch_size < per_rank else nullcontext()
-                with no_sync, torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                last = s + cfg.micro_batch_size >= per_rank
+                with trainstate.accumulating(policy, last), trainstate.autocast(device):
                     chosen, rejected = forward_logps(policy, batch, cfg)
                 ref_chosen, ref_rejected = reference_of(ref, ids, device)
                 loss, chosen_reward, rejected_reward = losses.preference_loss(
-                    cfg.loss, chosen, rejected, ref_chosen, ref_rejected,
-                    p_chosen=p_chosen[ids].to(device), p_rejected=p_rejected[ids].to(device),
-                    beta=None if cfg.beta < 0 else cfg.beta, gamma_beta_ratio=cfg.gamma_beta_ratio, lam=cfg.orpo_lambda)
-                if nonfinite_point(t, step + 1):  # test hook
+                    cfg.loss, chosen, rejected, ref_chosen, ref_rejected, p_chosen=p_chosen[ids].to(device),
+                    p_rejected=p_rejected[ids].to(device), **settings)
+                if rundir.fault("loss", t, step + 1) == "nan":  # test hook
                     loss = loss * math.nan
                 stop_if_nonfinite(loss, f"the {cfg.loss} loss", ids, pairs, folder, t, step + 1)
                 # sum over the global batch / batch size; DDP averages over ranks, hence the * world
@@ -172,21 +160,26 @@ def train(solver, masters, tokenizer, pairs: list[dict], cfg: Config, run: rundi
                 step_rejected += rejected_reward.tolist()
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
             stop_if_nonfinite(grad_norm, "the gradient norm", local_ids, pairs, folder, t, step + 1)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            trainstate.optimizer_step(optimizer, scheduler)
             record = step_record(t, step + 1, step_loss, step_chosen, step_rejected, grad_norm, scheduler)
             stats.append(record)
             run.log(record)
             bar.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record['accuracy']:.2f}")
-            if (step + 1) % cfg.save_every == 0 and step + 1 < total_steps and not uses_fsdp(cfg):
-                save_checkpoint(folder, trained, optimizer, scheduler, t, step + 1)
+            if (step + 1) % cfg.save_every == 0 and step + 1 < total_steps and not trainstate.uses_fsdp(cfg):
+                trainstate.save_checkpoint(folder / "train_state.pt", trained, optimizer, scheduler, step + 1)
+                rundir.fault("train", t, step + 1)  # test hook
     del policy, params, optimizer, scheduler
     gc.collect()  # FSDP's hooks form reference cycles: free the optimizer state now
     trained.eval()
     solver.eval()
     return dict(pairs=len(pairs), steps=total_steps,
                 first_loss=stats[0]["loss"] if stats else None, last_loss=stats[-1]["loss"] if stats else None)
+
+
+def loss_settings(cfg: Config) -> dict:
+    """The --loss's hyperparameters from the flags (losses.LOSSES names them; --beta < 0 keeps the loss's own)."""
+    flags = dict(beta=None if cfg.beta < 0 else cfg.beta, gamma_beta_ratio=cfg.gamma_beta_ratio, lam=cfg.orpo_lambda)
+    return {k: v for k, v in flags.items() if k in losses.LOSSES[cfg.loss].hyper}
 
 
 def starting_reference(solver, encoded: list[dict], cfg: Config, path: Path, device) -> torch.Tensor | None:
@@ -196,7 +189,7 @@ def starting_reference(solver, encoded: list[dict], cfg: Config, path: Path, dev
         return None
     if path.exists():
         return torch.load(path)
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+    with trainstate.autocast(device):
         ref = reference_logps(solver, encoded, cfg, device)
     if parallel.is_main():
         files.write_atomic(path, ref)
@@ -209,17 +202,6 @@ def reference_of(ref: torch.Tensor | None, ids, device) -> tuple[losses.SeqLogps
         return None, None
     r = ref[torch.as_tensor(ids)].to(device)  # [b, 6]
     return losses.SeqLogps(*r[:, 0:3].T), losses.SeqLogps(*r[:, 3:6].T)
-
-
-def make_optimizer(params: list, n_pairs: int, cfg: Config):
-    """(optimizer, warmup-cosine scheduler, total steps) for --epochs passes of --batch_size pairs."""
-    if cfg.optimizer == "adamw":
-        optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    else:
-        optimizer = torch.optim.RMSprop(params, lr=cfg.lr)
-    total_steps = math.ceil(n_pairs / cfg.batch_size) * cfg.epochs
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(s, total_steps, cfg))
-    return optimizer, scheduler, total_steps
 
 
 def batch_ids(step: int, n_pairs: int, cfg: Config, t: int) -> np.ndarray:
@@ -247,46 +229,15 @@ def step_record(t: int, step: int, step_loss: list, step_chosen: list, step_reje
 
 
 # ------------------------------------------------------------------------------------------------- checkpoints
-def rng_state() -> dict:
-    """This process's torch RNG state (CPU, and the current CUDA device when there is one)."""
-    return dict(cpu=torch.get_rng_state(), cuda=torch.cuda.get_rng_state() if torch.cuda.is_available() else None)
-
-
-def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["cpu"])
-    if state["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-
-
-def save_checkpoint(folder: Path, trained, optimizer, scheduler, t: int, step: int) -> None:
-    """train_state.pt: trainable weights, optimizer, scheduler, step, and every rank's RNG state (each draws its
-    own dropout masks), gathered for rank 0 to write. Collective."""
-    rng = parallel.sharded(lambda mine: [rng_state() for _ in mine], list(range(parallel.world_size())),
-                           desc="rng state")
-    if parallel.is_main():
-        weights = {n: p.detach().cpu() for n, p in trained.named_parameters() if p.requires_grad}
-        files.write_atomic(folder / "train_state.pt", dict(weights=weights, optimizer=optimizer.state_dict(),
-                                                           scheduler=scheduler.state_dict(), step=step, rng=rng))
-        rundir.kill_point(t, "train", step)  # test hook
-
-
-def restore_checkpoint(folder: Path, trained, optimizer, scheduler, cfg: Config, t: int, total_steps: int) -> int:
-    """Load train_state.pt into the trainable weights, optimizer, scheduler and RNG; the step to resume at (0
-    without one). --fsdp writes no mid-phase checkpoint: a killed phase starts over."""
-    path = folder / "train_state.pt"
-    if not path.exists() or uses_fsdp(cfg):
+def resume(folder: Path, trained, optimizer, scheduler, cfg: Config, t: int, total_steps: int) -> int:
+    """The step to resume the phase at: that of train_state.pt, loaded into the weights, optimizer, scheduler and
+    RNG (trainstate.restore_checkpoint), or 0. --fsdp writes no mid-phase checkpoint: a killed phase starts over."""
+    if trainstate.uses_fsdp(cfg):
         return 0
-    state = torch.load(path, weights_only=False)
-    trainable = {n: p for n, p in trained.named_parameters() if p.requires_grad}
-    for name, value in state["weights"].items():
-        trainable[name].data.copy_(value)
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    if len(state.get("rng") or []) == parallel.world_size():
-        set_rng_state(state["rng"][parallel.rank()])
-    else:
-        print0(f"[iter {t}] train: the checkpoint holds no RNG state for {parallel.world_size()} ranks; "
-               f"dropout draws will differ from an uninterrupted run")
+    state = trainstate.restore_checkpoint(folder / "train_state.pt", trained, optimizer, scheduler,
+                                          f"[iter {t}] train")
+    if state is None:
+        return 0
     print0(f"[iter {t}] train: resuming at step {state['step']}/{total_steps}")
     return state["step"]
 
@@ -299,13 +250,6 @@ def drop_checkpoint(folder: Path) -> None:
 
 
 # ------------------------------------------------------------------------------------------------- non-finite stops
-def nonfinite_point(t: int, step: int) -> bool:
-    """Test hook: EVA_NONFINITE_AT="<rank>:<t>:<step>" makes that rank's loss NaN at training step `step` of
-    iteration t, so tests can check that every rank stops together. Unset (always, outside tests) it is False."""
-    spec = os.environ.get("EVA_NONFINITE_AT")
-    return bool(spec) and [int(x) for x in spec.split(":")] == [parallel.rank(), t, step]
-
-
 def stop_if_nonfinite(value: torch.Tensor, what: str, ids, pairs: list[dict], folder: Path, t: int, step: int) -> None:
     """Decided together (one all-reduce of a flag), so no rank waits for another that stopped."""
     nonfinite = not torch.isfinite(value).all()
@@ -331,84 +275,3 @@ def stop_nonfinite(folder: Path, t: int, step: int, what: str, pair_ids, pairs: 
     ids = ", ".join(bad["prompt_ids"][:8]) + (" ..." if len(bad["prompt_ids"]) > 8 else "")
     raise SystemExit(f"error: iteration {t} step {step}: {what} is not finite (pairs of prompts {ids}); no update "
                      f"made; {kept}; the batch is in {path}")
-
-
-# ------------------------------------------------------------------------------------------------- load and save
-def uses_fsdp(cfg: Config) -> bool:
-    return cfg.fsdp and not cfg.lora and parallel.world_size() > 1
-
-
-def save_solver(solver, masters, tokenizer, cfg: Config, folder: Path, device) -> None:
-    """Write the weights of record (the LoRA adapter, or full fine-tuning's fp32 masters) and make the sampling
-    model equal to them again, on every rank."""
-    if cfg.lora or masters is solver:
-        if parallel.is_main():
-            if cfg.lora:
-                model.save_adapter(solver, folder / "adapter", cfg.model)
-            else:
-                model.save_full(solver, tokenizer, folder / "model")
-    elif uses_fsdp(cfg):
-        # Rank 0 gathers the fp32 shards into its plain model, upcast on the CPU, and writes them; every rank then
-        # holds the same sampling copy, rounded to the sampling dtype.
-        solver.to("cpu")
-        if parallel.is_main():
-            solver.float()
-        parallel.fsdp_gather(masters, solver)
-        if parallel.is_main():
-            model.save_full(solver, tokenizer, folder / "model")
-        solver.to(device, sampling_dtype(device))
-    else:  # a bf16 sampling copy of fp32 masters (one process or DDP on a GPU)
-        if parallel.is_main():
-            model.save_full(masters, tokenizer, folder / "model")
-        with torch.no_grad():
-            targets = dict(solver.named_parameters())
-            for name, param in masters.named_parameters():
-                targets[name].copy_(param)
-    parallel.barrier()
-
-
-def sampling_dtype(device) -> torch.dtype:
-    return torch.bfloat16 if device.type == "cuda" else torch.float32  # load_model's default
-
-
-def solver_source(cfg: Config, run: rundir.Run) -> tuple[int | None, str]:
-    """(last finished iteration or None, the model folder or id full fine-tuning resumes from)."""
-    last = max((t for t in range(cfg.eva_iterations + 1) if run.done(t, "train")), default=None)
-    if last is not None and not cfg.lora:
-        return last, str(run.folder / f"iter_{last}" / "model")
-    return last, cfg.model
-
-
-def load_solver(cfg: Config, run: rundir.Run, device):
-    """The sampling model as the last finished iteration left it (or fresh), with its LoRA adapter trainable."""
-    last, source = solver_source(cfg, run)
-    solver, tokenizer = model.load_model(source, device=device, load_in_4bit=cfg.load_in_4bit)
-    if cfg.lora:
-        # A resumed adapter gets the same preparation as a fresh one (4-bit casts, gradient checkpointing).
-        adapter = run.folder / f"iter_{last}" / "adapter" if last is not None else None
-        torch.manual_seed(cfg.seed)  # the LoRA A matrices are random: the same on every rank
-        solver = model.add_lora(solver, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
-                                gradient_checkpointing=cfg.gradient_checkpointing, adapter=adapter)
-    solver.eval()
-    return solver, tokenizer
-
-
-def load_masters(cfg: Config, run: rundir.Run, device, solver):
-    """Full fine-tuning's weights of record: fp32 masters that the optimizer steps (a 5e-7 step vanishes in bf16
-    rounding), kept across iterations, written by save_solver and read back on resume; compute runs under bf16
-    autocast on a GPU. LoRA has none (peft keeps adapter weights in fp32): None.
-
-    One process or DDP: the fp32 solver itself (on the CPU), else an fp32 model beside the bf16 sampling copy.
-    --fsdp: fp32 shards (parallel.fsdp_shard), loaded on the CPU so that no rank holds the whole model on its GPU.
-    """
-    if cfg.lora:
-        return None
-    fsdp = uses_fsdp(cfg)
-    if fsdp or any(p.dtype != torch.float32 for p in solver.parameters()):
-        masters, _ = model.load_model(solver_source(cfg, run)[1], device="cpu" if fsdp else device,
-                                      dtype=torch.float32)
-    else:
-        masters = solver
-    if cfg.gradient_checkpointing:
-        masters.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    return parallel.fsdp_shard(masters, device) if fsdp else masters

@@ -26,9 +26,9 @@ import files
 import online
 import parallel
 import report
-import reward
 import rundir
 import solver
+import trainstate
 from config import Config
 from parallel import print0
 
@@ -80,9 +80,7 @@ def select_parents(pool: list[dict], samples: list[dict], cfg: Config, t: int):
 
 def evolve_prompts(selected: list[dict], pool: list[dict], complete, tokenizer, cfg: Config, t: int):
     """The creator's children of the selected prompts (creator.evolve), too-long ones skipped."""
-    evolved, stats = creator.evolve(selected, complete, depth=cfg.evolve_depth, kinds=cfg.evolve_kinds,
-                                    seed=parallel.stable_seed(cfg.seed, t, "evolve"), iteration=t,
-                                    verifiable=reward.is_verifiable(cfg.reward), pool=pool)
+    evolved, stats = creator.evolve_with(cfg, selected, complete, t, pool)
     evolved = common.drop_long_prompts(evolved, tokenizer, cfg, "evolved prompts")
     rejected = ", ".join(f"{k} {v}" for k, v in stats["rejected"].items() if v) or "none"
     kept, written = stats["kept"], stats["written"]
@@ -122,7 +120,7 @@ def update_solver(policy, masters, tokenizer, pairs: list[dict], pool_next: list
         summary = dict(pairs=0, steps=0)
     else:
         summary = solver.train(policy, masters, tokenizer, pairs, cfg, run, t, device)
-    solver.save_solver(policy, masters, tokenizer, cfg, run.iter_dir(t), device)
+    trainstate.save_solver(policy, masters, tokenizer, cfg, run.iter_dir(t), device)
     loss = "" if summary.get("first_loss") is None else \
         f", loss {summary['first_loss']:.4f} -> {summary['last_loss']:.4f}"
     return pool_next, summary, f"{summary['pairs']} pairs, {summary['steps']} steps{loss}"

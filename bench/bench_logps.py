@@ -1,10 +1,13 @@
-"""Benchmark (not a test): plain vs vocabulary-chunked per-token log-probs (losses.sequence_logps), side by side.
+"""Benchmark (not a test): plain vs vocabulary-chunked per-token log-probs (losses.target_logps), side by side.
 
     python bench/bench_logps.py                                   # B=4 T=512 V=49152 bf16, train step, CPU, <1 min
     python bench/bench_logps.py --vocab 256000 --seq 1024 --device cuda    # gemma-2-sized vocabulary on a GPU
     python bench/bench_logps.py --mode ref                        # no-grad reference pass instead of fwd+bwd
 
-Each path runs in its own fresh process so the numbers cannot leak into each other. What is measured:
+The inputs are what the training step's packed forward hands over: the logits of the positions that predict a
+response token (B sequences of T tokens, the first quarter of each a prompt, whose logits are never computed), their
+targets, and each token's sequence; one call is target_logps then losses.packed_sequence_logps. Each path runs in
+its own fresh process so the numbers cannot leak into each other. What is measured:
   time  median wall time of one call (forward + backward into the logits for --mode train), after one warm-up.
   memory on CPU: peak resident memory (ru_maxrss) of the process minus that of an identical process that only
         builds the inputs, i.e. the extra peak memory the log-prob computation needs on top of the logits.
@@ -28,19 +31,19 @@ def worker(args: argparse.Namespace) -> dict:
     """Build the inputs, run one path `args.repeats` times, return its median time and peak extra memory."""
     import torch
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from losses import sequence_logps
+    from losses import packed_sequence_logps, target_logps
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     dev, dtype = torch.device(args.device), getattr(torch, DTYPES[args.dtype])
     B, T, V = args.batch, args.seq, args.vocab
-    logits = torch.empty(B, T, V, dtype=dtype, device=dev)  # [B, T, V]
-    for b in range(B):  # fill in slices so no fp32 [B, T, V] temporary inflates the baseline
-        for t in range(0, T, 64):
-            logits[b, t:t + 64] = torch.randn(min(64, T - t), V, device=dev) * 2
-    ids = torch.randint(0, V, (B, T), device=dev)  # [B, T]
-    mask = torch.zeros(B, T, dtype=torch.long, device=dev)  # [B, T]
-    mask[:, T // 4:] = 1  # a quarter prompt, the rest response
+    per_row = T - T // 4  # a quarter prompt, the rest response
+    K = B * per_row
+    logits = torch.empty(K, V, dtype=dtype, device=dev)  # [K, V]
+    for s in range(0, K, 64):  # fill in slices so no fp32 [K, V] temporary inflates the baseline
+        logits[s:s + 64] = torch.randn(min(64, K - s), V, device=dev) * 2
+    targets = torch.randint(0, V, (K,), device=dev)  # [K]
+    row = torch.arange(B, device=dev).repeat_interleave(per_row)  # [K]: the sequence of each token
     train = args.mode == "train"
     logits.requires_grad_(train)
     chunk = None if args.path == "plain" else args.chunk
@@ -48,7 +51,7 @@ def worker(args: argparse.Namespace) -> dict:
     def call() -> None:
         logits.grad = None
         with torch.set_grad_enabled(train):
-            out = sequence_logps(logits, ids, mask, vocab_chunk=chunk)
+            out = packed_sequence_logps(target_logps(logits, targets, chunk), row, B)
             if train:
                 (out.sum.sum() + out.avg.sum()).backward()  # the gradient lands in logits.grad, as for lm_head
         if dev.type == "cuda":
@@ -101,8 +104,8 @@ def main() -> None:
     unit = res["plain"]["logits_bytes"]
     what = "fwd+bwd" if args.mode == "train" else "no-grad fwd"
     mem = "peak RSS above an inputs-only process" if args.device == "cpu" else "CUDA max_memory_allocated above start"
-    print(f"sequence_logps {what}: B={args.batch} T={args.seq} V={args.vocab} {args.dtype} logits "
-          f"({unit / 2**20:.0f} MiB), chunk {args.chunk}, {args.device}, {args.threads} thread(s), "
+    print(f"target_logps + packed_sequence_logps {what}: B={args.batch} T={args.seq} V={args.vocab} {args.dtype} "
+          f"logits ({unit / 2**20:.0f} MiB), chunk {args.chunk}, {args.device}, {args.threads} thread(s), "
           f"median of {args.repeats}")
     print(f"memory = {mem}")
     print(f"{'path':<9}{'time ms':>10}{'peak extra MiB':>17}{'x logits':>10}")

@@ -19,7 +19,6 @@ import config  # noqa: E402
 import constraints  # noqa: E402
 import creator  # noqa: E402
 import model  # noqa: E402
-import parallel  # noqa: E402
 import prompts  # noqa: E402
 
 
@@ -46,9 +45,7 @@ def main() -> None:
         return out
 
     t0 = time.time()
-    children, stats = creator.evolve(parents, logged, depth=cfg.evolve_depth, kinds=cfg.evolve_kinds,
-                                     seed=parallel.stable_seed(cfg.seed, 1, "evolve"), iteration=1,
-                                     verifiable=cfg.reward == "rules", pool=pool)
+    children, stats = creator.evolve_with(cfg, parents, logged, 1, pool)
     seconds = time.time() - t0
     if args.raw:
         Path(args.raw).write_text("".join(json.dumps(r) + "\n" for r in log))

@@ -84,6 +84,24 @@ def test_weighted_sampling_without_replacement_ranks_like_weights():
     assert np.all(np.diff(freq) > 0), f"inclusion frequencies do not rank like the weights: {freq}"
 
 
+def test_weighted_order_puts_heavier_first_and_zero_weights_last():
+    weights = np.array([0.0, 1.0, 0.0, 4.0, 2.0])
+    first = np.zeros(len(weights))
+    for seed in range(2000):
+        order = creator.weighted_order(weights, np.random.default_rng(seed))
+        assert sorted(order.tolist()) == list(range(5)) and set(order[3:].tolist()) == {0, 2}, order
+        first[order[0]] += 1
+    assert first[0] == first[2] == 0 and first[3] > first[4] > first[1] > 0
+    np.testing.assert_allclose(first[[1, 4, 3]] / 2000, [1 / 7, 2 / 7, 4 / 7], atol=0.04)  # P(first) = w / sum w
+
+
+def test_split_counts_tops_up_the_short_side():
+    assert creator.split_counts(5, 0.8, 10, 10) == (4, 1)
+    assert creator.split_counts(5, 0.8, 2, 10) == (2, 3), "few on side a: b makes up the rest"
+    assert creator.split_counts(5, 0.8, 10, 0) == (5, 0), "nothing on side b: a makes up the rest"
+    assert creator.split_counts(9, 0.5, 3, 2) == (3, 2), "more wanted than there is: everything"
+
+
 def test_selection_rules_greedy_uniform_and_seeding():
     info = np.array([0.2, NAN, 0.9, 0.5, 0.9, 0.1, NAN, 0.3])
     assert creator.select(info, 0.25, "greedy") == [2, 4]
@@ -164,12 +182,22 @@ def test_parse_messy_creator_outputs(raw):
     assert cleaning.parse_rewrite(raw) == GOAL
 
 
+def test_echo_markers_come_from_every_template():
+    assert len(creator.ECHO_MARKERS) >= 3
+    for name in creator.EVOLVE_METHODS:
+        message = creator.render(name, "Write a haiku about rain.").lower()
+        assert all(marker in message for marker in creator.ECHO_MARKERS), name
+    echo = "Each new request is one a person could really answer. Write a haiku about rain."
+    assert cleaning.clean_rewrite("Write a poem about rain.", echo, echoes=creator.ECHO_MARKERS)[1] == "echo"
+    assert cleaning.clean_rewrite("Write a poem about rain.", echo)[1] == "ok", "without markers it is a request"
+
+
 @pytest.mark.parametrize("raw,reason", [
     (None, "failed"),
     ("", "empty"),
     ("<request></request>", "empty"),
     ("Rewritten prompt: Poem.", "too_short"),
-    ("Reply with the new request only: do not answer it. Write a poem.", "echo"),
+    ("Write a poem, worded the way a real user would write it.", "echo"),
     ("write a POEM   about a lighthouse!", "copy"),
     ("Write a poem about a lighthouse " + "and the sea and the wind " * 20, "too_long"),
     ("Sure! The lighthouse stood tall against the night sky, its beam sweeping the waves.", "answer"),
@@ -181,7 +209,7 @@ def test_parse_messy_creator_outputs(raw):
     ("As a fisherman, what would you want a lighthouse to do in a storm?", "ok"),
 ])
 def test_clean_rewrite_reasons(raw, reason):
-    text, why = cleaning.clean_rewrite("Write a poem about a lighthouse.", raw)
+    text, why = cleaning.clean_rewrite("Write a poem about a lighthouse.", raw, echoes=creator.ECHO_MARKERS)
     assert why == reason, (raw, text)
     assert (text is None) == (reason != "ok")
 
@@ -194,9 +222,14 @@ def test_dedup_catches_respaced_recased_copy_and_near_copies():
              {"id": "c", "prompt": "Write a short poem about the first snowfalls of the year."},  # near
              {"id": "d", "prompt": "Describe a busy train station at rush hour."},
              {"id": "e", "prompt": "describe a busy train station at rush hour"}]  # copy of an earlier candidate
-    kept, dropped = cleaning.deduplicate(cands, pool)
-    assert [r["id"] for r in kept] == ["d"]
-    assert dropped == {"duplicate": 2, "near_duplicate": 1}
+    index = cleaning.new_index()
+    cleaning.index_add(index, pool[0])
+    found = []
+    for c in cands:  # as evolve does: each kept child joins the index
+        found.append(cleaning.index_find(index, c, 0.85))
+        if found[-1] is None:
+            cleaning.index_add(index, c)
+    assert found == ["duplicate", "near_duplicate", None, "duplicate"]
     assert cleaning.similarity(pool[0]["prompt"], cands[1]["prompt"]) > 0.85
     assert cleaning.similarity(pool[0]["prompt"], cands[2]["prompt"]) < 0.1
 
@@ -208,8 +241,10 @@ def test_near_duplicates_must_share_constraints():
     tighter = {**base, "id": "b", "prompt": "Write a poem about snow. Answer with fewer than 60 words.",
                "kwargs": [{"relation": "less than", "num_words": 60}]}
     assert cleaning.similarity(base["prompt"], tighter["prompt"]) > 0.85
-    kept, _ = cleaning.deduplicate([tighter], [base])
-    assert kept == [tighter], "a tightened constraint is a new task, not a near-duplicate"
+    index = cleaning.new_index()
+    cleaning.index_add(index, base)
+    assert cleaning.index_find(index, tighter, 0.85) is None, "a tightened constraint is a new task, not a copy"
+    assert cleaning.index_find(index, {**base, "id": "c", "prompt": base["prompt"] + "!"}, 0.85) == "duplicate"
 
 
 # ------------------------------------------------------------------------------------------------ constraints

@@ -201,7 +201,7 @@ def test_bad_scale_settings_are_refused_before_loading(monkeypatch):
 
 
 def test_a_nonfinite_loss_on_one_rank_stops_every_rank_at_once(tmp_path, tiny_llama_dir):
-    """Rank 1's loss turns NaN (the EVA_NONFINITE_AT hook): both ranks must stop with the same one-line error within
+    """Rank 1's loss turns NaN (tests/faulty_run.py --nan_at): both ranks must stop with the same one-line error within
     seconds, not wait in the next collective for the process group's timeout. The two ranks are started the way
     torchrun starts them (its environment variables), so that each rank's exit code and stderr can be read."""
     import socket
@@ -214,9 +214,10 @@ def test_a_nonfinite_loss_on_one_rank_stops_every_rank_at_once(tmp_path, tiny_ll
     for rank in range(2):
         env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "RANK": str(rank),
                "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
-               "MASTER_PORT": str(port), "EVA_NONFINITE_AT": "1:0:1"}
-        procs.append(subprocess.Popen([sys.executable, str(ROOT / "train_eva.py"), *args], cwd=tmp_path, env=env,
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+               "MASTER_PORT": str(port)}
+        procs.append(subprocess.Popen([sys.executable, str(ROOT / "tests" / "faulty_run.py"), "--nan_at", "1:0:1", "--",
+                                       *args], cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                      text=True))
     ended = {}
     deadline = time.time() + TIMEOUT
     while len(ended) < 2 and time.time() < deadline:

@@ -42,7 +42,6 @@ def eva_args(tmp_path: Path, model: Path, *extra: str, prompts: list[dict] = TIN
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    env.pop("EVA_KILL_AT", None)
     return subprocess.run([sys.executable, str(ROOT / "train_eva.py"), *args], capture_output=True, text=True,
                           cwd=ROOT, env=env, timeout=600)
 

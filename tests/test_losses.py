@@ -1,4 +1,4 @@
-"""Tests for losses.py: hand-computed values, the pitfalls of each method, and the per-token log-prob function.
+"""Tests for losses.py: hand-computed values, the pitfalls of each method, and the per-token log-prob functions.
 
 Run: python -m pytest tests/test_losses.py -x -q
 """
@@ -12,8 +12,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import losses  # noqa: E402
-from losses import (LOSSES, SeqLogps, dpo_loss, ipo_loss, orpo_loss, preference_loss, sequence_logps,  # noqa: E402
-                    simpo_loss, sppo_loss, win_probabilities)
+from losses import (LOSSES, SeqLogps, dpo_loss, ipo_loss, orpo_loss, packed_sequence_logps,  # noqa: E402
+                    preference_loss, simpo_loss, sppo_loss, target_logps, win_probabilities)
 
 torch.set_num_threads(1)
 T = lambda *v, dtype=torch.float64: torch.tensor(v, dtype=dtype)  # noqa: E731
@@ -56,11 +56,11 @@ def test_simpo_hand_value():
 
 
 def test_orpo_hand_value():
-    # chosen avg log-prob log 0.5 -> odds 0.5 / 0.5 = 1 -> log-odds 0
+    # chosen avg log-prob log 0.5 -> odds 0.5 / 0.5 = 1 -> log-odds 0; its NLL per token is log 2 = 0.6931471806
     # rejected avg log-prob log 0.2 -> odds 0.2 / 0.8 = 1/4 -> log-odds -log 4
-    # loss = nll + 0.1 * -log sigmoid(log 4) = 0.7 + 0.1 * -log(4/5) = 0.7 + 0.1 * 0.2231435513 = 0.7223143551
-    loss, rc, rr = orpo_loss(T(math.log(0.5)), T(math.log(0.2)), T(0.7), lam=0.1)
-    close(loss, [0.7223143551])
+    # loss = nll + 0.1 * -log sigmoid(log 4) = 0.6931471806 + 0.1 * -log(4/5) = 0.6931471806 + 0.0223143551
+    loss, rc, rr = orpo_loss(T(math.log(0.5)), T(math.log(0.2)), lam=0.1)
+    close(loss, [0.7154615357])
     close(rc, [0.0]), close(rr, [-math.log(4.0)])
 
 
@@ -124,16 +124,15 @@ def test_win_probabilities_equal_rewards_and_row_mean():
 def test_simpo_duplicating_tokens_leaves_loss_unchanged():
     g = torch.Generator().manual_seed(1)
     V = 11
-    ids = torch.randint(0, V, (2, 5), generator=g)  # [2, 5]: rows are chosen, rejected; 2 prompt + 3 response tokens
-    logits = torch.randn(2, 5, V, generator=g, dtype=torch.float64)  # logits[:, t] scores ids[:, t+1]
-    mask = torch.tensor([[0, 0, 1, 1, 1]] * 2)
-    # every response token twice: token at 2 -> 2, 3; the logits that scored it (position 1) -> positions 1, 2; ...
-    ids2, mask2 = ids[:, [0, 1, 2, 2, 3, 3, 4, 4]], mask[:, [0, 1, 2, 2, 3, 3, 4, 4]]
-    logits2 = logits[:, [0, 1, 1, 2, 2, 3, 3, 4]]
-    a, b = sequence_logps(logits, ids, mask), sequence_logps(logits2, ids2, mask2)
+    logits = torch.randn(6, V, generator=g, dtype=torch.float64)  # [6, V]: the logits predicting each response token
+    targets = torch.randint(0, V, (6,), generator=g)
+    row = torch.tensor([0, 0, 0, 1, 1, 1])  # three tokens of the chosen response (row 0), three of the rejected
+    twice = torch.arange(6).repeat_interleave(2)  # every response token twice
+    a = packed_sequence_logps(target_logps(logits, targets), row, 2)
+    b = packed_sequence_logps(target_logps(logits[twice], targets[twice]), row[twice], 2)
     close(b.sum, 2 * a.sum), close(b.count, 2 * a.count)  # the construction really doubled every token
     split = lambda s: (SeqLogps(s.sum[:1], s.count[:1], s.avg[:1]), SeqLogps(s.sum[1:], s.count[1:], s.avg[1:]))
-    close(preference_loss("simpo", *split(a), None, None)[0], preference_loss("simpo", *split(b), None, None)[0])
+    close(preference_loss("simpo", *split(a))[0], preference_loss("simpo", *split(b))[0])
     ref = SeqLogps(*(torch.zeros(1, dtype=torch.float64),) * 3)  # a sum-based loss does change: the test has teeth
     dpo_a, dpo_b = preference_loss("dpo", *split(a), ref, ref)[0], preference_loss("dpo", *split(b), ref, ref)[0]
     assert not torch.allclose(dpo_a, dpo_b)
@@ -152,7 +151,7 @@ def test_simpo_gamma_convention():
 def test_orpo_finite_near_zero(a, dtype):
     aw = torch.tensor([a, -0.3, a], dtype=dtype, requires_grad=True)
     al = torch.tensor([-0.9, a, a], dtype=dtype, requires_grad=True)
-    loss, rw, rl = orpo_loss(aw, al, -aw, lam=0.1)
+    loss, rw, rl = orpo_loss(aw, al, lam=0.1)
     loss.sum().backward()
     for x in (loss, rw, rl, aw.grad, al.grad):
         assert torch.isfinite(x.float()).all(), (a, dtype, x)
@@ -167,49 +166,24 @@ def test_log1mexp_matches_float64_everywhere():
 
 def test_orpo_gradient_matches_naive_formula_away_from_zero():
     aw, al = T(-0.4, -2.0).requires_grad_(), T(-1.1, -0.05).requires_grad_()
-    orpo_loss(aw, al, -aw, lam=0.3)[0].sum().backward()
+    orpo_loss(aw, al, lam=0.3)[0].sum().backward()
     aw2, al2 = aw.detach().clone().requires_grad_(), al.detach().clone().requires_grad_()
     odds = lambda a: a - torch.log(1 - torch.exp(a))
     (-aw2 - 0.3 * F.logsigmoid(odds(aw2) - odds(al2))).sum().backward()
     close(aw.grad, aw2.grad), close(al.grad, al2.grad)
 
 
-# ----------------------------------------------------------------------------------------------------- sequence_logps
-def test_label_shift_by_hand():
-    logits = torch.zeros(1, 4, 3, dtype=torch.float64)
-    logits[0, 2] = T(0.0, math.log(3.0), 0.0)  # position 2 predicts token 3: softmax = (1/5, 3/5, 1/5)
-    logits[0, 3] = T(5.0, 0.0, 0.0)  # position 3 scores nothing (last); a wrong shift would pick this up
-    ids = torch.tensor([[2, 0, 2, 1]])
-    out = sequence_logps(logits, ids, torch.tensor([[0, 0, 0, 1]]))
-    close(out.sum, [math.log(3 / 5)]), close(out.count, [1.0]), close(out.avg, [math.log(3 / 5)])
-
-
-def bigram_batch(seed: int, V: int = 37, dtype=torch.float32):
-    """Two sequences (prompt, response) as right- and left-padded batches, scored by a bigram table (so logits
-    follow tokens, not positions: both paddings must give identical sums)."""
-    g = torch.Generator().manual_seed(seed)
-    table = torch.randn(V, V, generator=g, dtype=dtype)  # [V, V]: logits of the next token given this one
-    seqs = [(torch.randint(1, V, (3,), generator=g), torch.randint(1, V, (5,), generator=g)),
-            (torch.randint(1, V, (6,), generator=g), torch.randint(1, V, (2,), generator=g))]
-    L = max(len(p) + len(r) for p, r in seqs) + 1
-    batches = {}
-    for side in ("right", "left"):
-        ids, mask = torch.full((2, L), 0), torch.zeros(2, L, dtype=torch.long)  # pad id 0
-        for b, (p, r) in enumerate(seqs):
-            n = len(p) + len(r)
-            s = 0 if side == "right" else L - n
-            ids[b, s:s + n] = torch.cat([p, r])
-            mask[b, s + len(p):s + n] = 1
-        batches[side] = (table[ids], ids, mask)  # logits [2, L, V]
-    return batches, seqs
-
-
-@pytest.mark.parametrize("chunk", [None, 8])
-def test_right_and_left_padding_agree(chunk):
-    batches, seqs = bigram_batch(0)
-    right, left = (sequence_logps(*batches[s], vocab_chunk=chunk) for s in ("right", "left"))
-    torch.testing.assert_close(right.sum, left.sum, rtol=0, atol=1e-6)
-    assert right.count.tolist() == left.count.tolist() == [5.0, 2.0]
+# ------------------------------------------------------------------------------------------- per-token log-probs
+def test_token_logps_and_packed_sums_by_hand():
+    logits = torch.zeros(3, 3, dtype=torch.float64)
+    logits[0] = T(0.0, math.log(3.0), 0.0)  # softmax (1/5, 3/5, 1/5)
+    logits[1] = T(math.log(2.0), 0.0, 0.0)  # softmax (2/4, 1/4, 1/4)
+    targets = torch.tensor([1, 0, 2])  # the third row is uniform: log 1/3
+    got = target_logps(logits, targets)
+    close(got, [math.log(3 / 5), math.log(1 / 2), math.log(1 / 3)])
+    out = packed_sequence_logps(got, torch.tensor([1, 0, 1]), 3)  # sequence 2 has no tokens
+    close(out.sum, [math.log(1 / 2), math.log(3 / 5) + math.log(1 / 3), 0.0])
+    close(out.count, [1.0, 2.0, 0.0]), close(out.avg, [math.log(1 / 2), (math.log(3 / 5) + math.log(1 / 3)) / 2, 0.0])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
@@ -219,15 +193,13 @@ def test_chunked_and_plain_agree(chunk, dtype):
     B, L, V = 3, 9, 37  # V not a multiple of the chunk
     logits = (torch.randn(B, L, V, generator=g) * 4).to(dtype)
     ids = torch.randint(0, V, (B, L), generator=g)
-    mask = torch.tensor([[0, 0, 1, 1, 1, 1, 1, 1, 1], [0, 0, 0, 0, 0, 1, 1, 0, 0], [0, 1, 1, 1, 0, 0, 0, 0, 0]])
     x1, x2 = logits.clone().requires_grad_(), logits.clone().requires_grad_()
-    plain, chunked = sequence_logps(x1, ids, mask), sequence_logps(x2, ids, mask, vocab_chunk=chunk)
-    assert plain.sum.dtype == chunked.sum.dtype == torch.promote_types(dtype, torch.float32)
-    for a, b in ((plain.sum, chunked.sum), (plain.avg, chunked.avg)):
-        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
-    w = torch.tensor([0.3, -1.7, 2.0], dtype=plain.sum.dtype)  # arbitrary upstream gradient per sequence
-    ((plain.sum + plain.avg) * w).sum().backward()
-    ((chunked.sum + chunked.avg) * w).sum().backward()
+    plain, chunked = target_logps(x1, ids), target_logps(x2, ids, vocab_chunk=chunk)
+    assert plain.dtype == chunked.dtype == torch.promote_types(dtype, torch.float32)
+    torch.testing.assert_close(plain, chunked, rtol=1e-6, atol=1e-6)
+    w = torch.randn(B, L, generator=g).to(plain.dtype)  # arbitrary upstream gradient per token
+    (plain * w).sum().backward()
+    (chunked * w).sum().backward()
     assert x2.grad.dtype == dtype
     tol = 1e-2 if dtype == torch.bfloat16 else 1e-6  # both gradients end in bf16; one bf16 ulp of slack
     torch.testing.assert_close(x1.grad.float(), x2.grad.float(), rtol=tol, atol=tol)
@@ -240,38 +212,15 @@ def test_chunked_gradcheck():
     assert torch.autograd.gradcheck(lambda x: losses._ChunkedTokenLogps.apply(x, targets, 3), (logits,))
 
 
-@pytest.mark.parametrize("chunk", [None, 5])
-def test_prompt_and_pad_tokens_never_count(chunk):
-    batches, _ = bigram_batch(4)
-    logits, ids, mask = batches["left"]
-    logits = logits.clone().requires_grad_()
-    base = sequence_logps(logits, ids, mask, vocab_chunk=chunk)
-    base.sum.sum().backward()
-    scoring = F.pad(mask[:, 1:], (0, 1)).bool()  # [B, L]: positions whose logits score a response token
-    assert (logits.grad[~scoring] == 0).all() and (logits.grad[scoring].abs().sum(-1) > 0).all()
-    # anything at non-scoring positions (prompt logits, pad ids, even -100) leaves the result unchanged
-    noisy_logits = torch.where(scoring[..., None], logits.detach(), torch.randn_like(logits) * 50)
-    noisy_logits[..., 0] = torch.where(scoring, noisy_logits[..., 0], -math.inf)  # a banned id (log p = -inf)
-    noisy_ids = torch.where(mask.bool(), ids, -100)  # only response ids are ever looked up (the logits stay put)
-    noisy_logits.requires_grad_()
-    other = sequence_logps(noisy_logits, noisy_ids, mask, vocab_chunk=chunk)
-    torch.testing.assert_close(other.sum, base.sum.detach(), rtol=0, atol=0)
-    other.sum.sum().backward()
-    assert torch.isfinite(noisy_logits.grad).all(), "0 * -inf at a masked position leaked NaN"
-    assert base.count.tolist() == mask.sum(-1).float().tolist()
-
-
 # ---------------------------------------------------------------------------------------- empty responses and errors
 @pytest.mark.parametrize("chunk", [None, 4])
-def test_fully_masked_row_is_zero_not_nan(chunk):
-    logits = torch.randn(2, 6, 9, requires_grad=True)
-    ids = torch.randint(0, 9, (2, 6))
-    mask = torch.tensor([[0, 0, 1, 1, 0, 0], [0, 0, 0, 0, 0, 0]])  # row 1: empty or fully truncated response
-    out = sequence_logps(logits, ids, mask, vocab_chunk=chunk)
+def test_empty_response_is_zero_not_nan(chunk):
+    logits = torch.randn(2, 9, requires_grad=True)  # two tokens, both of sequence 0; sequence 1 (empty) has none
+    out = packed_sequence_logps(target_logps(logits, torch.tensor([3, 5]), chunk), torch.tensor([0, 0]), 2)
     assert out.sum[1] == 0 and out.count[1] == 0 and out.avg[1] == 0
     assert torch.isfinite(out.avg).all() and out.avg[0] < 0
     (out.sum + out.avg).sum().backward()
-    assert torch.isfinite(logits.grad).all() and (logits.grad[1] == 0).all()
+    assert torch.isfinite(logits.grad).all()
     for name in LOSSES:  # every loss stays finite when a response is empty
         loss, rc, rr = preference_loss(name, out, out, out, out, p_chosen=torch.tensor([0.6, 0.5]),
                                        p_rejected=torch.tensor([0.4, 0.5]))
@@ -279,36 +228,36 @@ def test_fully_masked_row_is_zero_not_nan(chunk):
 
 
 def test_bad_inputs_raise_clear_errors():
-    logits, ids = torch.randn(1, 4, 5), torch.zeros(1, 4, dtype=torch.long)
-    with pytest.raises(ValueError, match="response_mask\\[:, 0\\]"):
-        sequence_logps(logits, ids, torch.tensor([[1, 1, 0, 0]]))
-    with pytest.raises(ValueError, match="want logits"):
-        sequence_logps(logits, ids[:, :3], torch.zeros(1, 3))
     with pytest.raises(ValueError, match="vocab_chunk"):
-        sequence_logps(logits, ids, torch.zeros(1, 4), vocab_chunk=0)
+        target_logps(torch.randn(4, 5), torch.zeros(4, dtype=torch.long), vocab_chunk=0)
     s = SeqLogps(T(-3.0), T(2.0), T(-1.5))
     with pytest.raises(ValueError, match="unknown --loss"):
         preference_loss("kto", s, s, s, s)
-    with pytest.raises(ValueError, match="needs reference"):
+    with pytest.raises(ValueError, match="needs ref_chosen, ref_rejected"):
         preference_loss("dpo", s, s, None, None)
     with pytest.raises(ValueError, match="p_chosen"):
         preference_loss("sppo", s, s, s, s)
-    with pytest.raises(ValueError, match="no beta"):
+    with pytest.raises(ValueError, match="orpo has no beta; its settings: lam"):
         preference_loss("orpo", s, s, None, None, beta=0.2)
+    with pytest.raises(ValueError, match="dpo has no gamma_beta_ratio"):
+        preference_loss("dpo", s, s, s, s, gamma_beta_ratio=0.5)
 
 
 # ---------------------------------------------------------------------------------------------- table and dispatcher
 def test_table_and_dispatch_pick_sums_or_averages():
     assert set(LOSSES) == {"dpo", "ipo", "sppo", "simpo", "orpo"}
     assert {k for k, v in LOSSES.items() if not v.needs_reference} == {"simpo", "orpo"}
-    assert LOSSES["sppo"].default_beta == 0.001 and LOSSES["simpo"].default_beta == 2.0
+    assert {k: v.logps for k, v in LOSSES.items()} == dict(dpo="sum", ipo="avg", sppo="sum", simpo="avg", orpo="avg")
+    assert LOSSES["sppo"].hyper == dict(beta=0.001) and LOSSES["simpo"].hyper == dict(beta=2.0, gamma_beta_ratio=0.25)
     c, r = SeqLogps(T(-30.0), T(10.0), T(-3.0)), SeqLogps(T(-40.0), T(20.0), T(-2.0))
     rc, rr = SeqLogps(T(-31.0), T(10.0), T(-3.1)), SeqLogps(T(-39.0), T(20.0), T(-1.95))
     p_w, p_l = T(0.7), T(0.3)
     close(preference_loss("dpo", c, r, rc, rr)[0], dpo_loss(c.sum, r.sum, rc.sum, rr.sum, 0.1)[0])
     close(preference_loss("ipo", c, r, rc, rr, beta=0.2)[0], ipo_loss(c.avg, r.avg, rc.avg, rr.avg, 0.2)[0])
-    close(preference_loss("sppo", c, r, rc, rr, p_w, p_l)[0], sppo_loss(c.sum, r.sum, rc.sum, rr.sum, p_w, p_l)[0])
-    close(preference_loss("simpo", c, r, None, None, gamma_beta_ratio=0.5)[0], simpo_loss(c.avg, r.avg, 2.0, 0.5)[0])
-    close(preference_loss("orpo", c, r, None, None, lam=0.2)[0], orpo_loss(c.avg, r.avg, -c.avg, 0.2)[0])
+    close(preference_loss("sppo", c, r, rc, rr, p_w, p_l)[0],
+          sppo_loss(c.sum, r.sum, rc.sum, rr.sum, p_w, p_l, 0.001)[0])
+    close(preference_loss("simpo", c, r, gamma_beta_ratio=0.5)[0], simpo_loss(c.avg, r.avg, 2.0, 0.5)[0])
+    close(preference_loss("orpo", c, r, lam=0.2)[0], orpo_loss(c.avg, r.avg, 0.2)[0])
+    close(preference_loss("dpo", c, r, rc, rr, beta=None)[0], preference_loss("dpo", c, r, rc, rr)[0])  # None: default
     # the dispatcher really uses sums for DPO and averages for IPO: swapping them changes the value
-    assert not torch.allclose(preference_loss("dpo", c, r, rc, rr)[0], dpo_loss(c.avg, r.avg, rc.avg, rr.avg)[0])
+    assert not torch.allclose(preference_loss("dpo", c, r, rc, rr)[0], dpo_loss(c.avg, r.avg, rc.avg, rr.avg, 0.1)[0])

@@ -23,8 +23,9 @@ import model
 import online
 import train_eva
 
-# 4 steps of 4 prompts x 2 samples of 16 tokens (shorter ones all tie under TINY_PROMPTS); a creator round after step 2 (one child per parent); LoRA dropout, so that a
-# resumed run needs the checkpoint's RNG state to land on the same weights.
+# 4 steps of 4 prompts x 2 samples of 16 tokens (shorter ones all tie under TINY_PROMPTS); a creator round after
+# step 2 (one child per parent); LoRA dropout, so that a resumed run needs the checkpoint's RNG state to land on the
+# same weights.
 ARGS = ["--online", "--preset", "smoke", "--online_steps", "4", "--online_prompts", "4", "--micro_batch_size", "2",
         "--evolve_every", "2", "--evolve_depth", "1", "--creator_max_new_tokens", "16",
         "--lr", "1e-3", "--lora_dropout", "0.1", "--heldout_prompts", ""]
@@ -87,15 +88,16 @@ def test_draw_batch_takes_untried_first_then_by_info():
     assert counts["o2"] > counts["o3"] > 0
 
 
-def run_cli(cwd: Path, args: list[str], kill_at: str | None = None, ranks: int = 1) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k != "EVA_KILL_AT"}
-    env.update(OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")  # one thread: the same float sums every time
-    if kill_at:
-        env["EVA_KILL_AT"] = kill_at
+def run_cli(cwd: Path, args: list[str], kill_at: str | None = None, ranks: int = 1) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}  # the same float sums every time
     launcher = [] if ranks == 1 else ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}"]
+    # tests/faulty_run.py: train_eva.py with a hook that SIGKILLs the process at rundir.fault's point `kill_at`
+    script = [str(ROOT / "train_eva.py")]
+    if kill_at:
+        script = [str(ROOT / "tests" / "faulty_run.py"), "--kill_at", kill_at, "--"]
     cwd.mkdir(exist_ok=True)
-    return subprocess.Popen([sys.executable, *launcher, str(ROOT / "train_eva.py"), *args], cwd=cwd, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen([sys.executable, *launcher, *script, *args], cwd=cwd, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
 
 
 def finish(proc, code: int = 0) -> None:

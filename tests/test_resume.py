@@ -1,7 +1,8 @@
 """Kill a run with SIGKILL inside every phase, rerun the same command, and end exactly where an uninterrupted run ends.
 
-The kills are deterministic: rundir.kill_point reads EVA_KILL_AT="<iteration>:<phase>[:<step>]" and SIGKILLs the
-process after the phase's outputs are written and before its marker (for train: after a checkpoint). One run is
+The kills are deterministic: tests/faulty_run.py --kill_at <iteration>:<phase>[:<step>] runs train_eva.py with a
+hook at rundir.fault's points that SIGKILLs the process after the phase's outputs are written and before its marker
+(for train: after a checkpoint). One run is
 killed at every point in turn, each rerun going on until the next point, and compared with an uninterrupted run of
 the same command: the same files byte for byte, the same adapter weights, the same losses, no finished phase redone.
 A second fresh run shows that one seed and config give the same pool, samples and pairs.
@@ -36,13 +37,12 @@ PHASE_FILES = {"estimate": ["samples.jsonl"], "select": ["selected.jsonl"], "evo
 
 
 def run_eva(prompts: str, model: Path, folder: Path, kill_at: str | None = None) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k != "EVA_KILL_AT"}
-    env.update(OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")  # one thread: the same float sums every time
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}  # the same float sums every time
+    script = [str(ROOT / "train_eva.py")]
     if kill_at:
-        env["EVA_KILL_AT"] = kill_at
-    return subprocess.run([sys.executable, str(ROOT / "train_eva.py"), *ARGS, "--model", str(model),
-                           "--seed_prompts", prompts, "--run_dir", str(folder)],
-                          capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
+        script = [str(ROOT / "tests" / "faulty_run.py"), "--kill_at", kill_at, "--"]
+    return subprocess.run([sys.executable, *script, *ARGS, "--model", str(model), "--seed_prompts", prompts,
+                           "--run_dir", str(folder)], capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
 
 
 def finished(out: subprocess.CompletedProcess) -> None:

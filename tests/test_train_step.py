@@ -10,6 +10,7 @@ import model
 import rundir
 import solver
 import config
+import trainstate
 
 
 def test_a_gemma_pair_ends_with_end_of_turn_and_a_cut_response_with_nothing(toy_gemma2_dir):
@@ -65,14 +66,14 @@ def test_full_fine_tuning_steps_fp32_masters_of_a_bf16_model(tmp_path, tiny_llam
     # as on a GPU: the sampling model in bf16, the masters in fp32 beside it
     policy, tokenizer = model.load_model(str(bf16_folder), dtype=torch.bfloat16)
     run = rundir.Run(tmp_path / "a")
-    masters = solver.load_masters(cfg, run, torch.device("cpu"), policy)
+    masters = trainstate.load_masters(cfg, run, torch.device("cpu"), policy)
     assert masters is not policy and all(p.dtype == torch.float32 for p in masters.parameters())
     start = {n: p.detach().clone() for n, p in masters.named_parameters()}
     one_step(policy, masters, tokenizer, tmp_path / "a", cfg)
 
     # the same step from an fp32 copy of the same weights, which is its own master
     reference, _ = model.load_model(str(bf16_folder), dtype=torch.float32)
-    assert solver.load_masters(cfg, rundir.Run(tmp_path / "b"), torch.device("cpu"), reference) is reference
+    assert trainstate.load_masters(cfg, rundir.Run(tmp_path / "b"), torch.device("cpu"), reference) is reference
     one_step(reference, reference, tokenizer, tmp_path / "b", cfg)
 
     name = "model.layers.0.mlp.up_proj.weight"
@@ -86,7 +87,7 @@ def test_full_fine_tuning_steps_fp32_masters_of_a_bf16_model(tmp_path, tiny_llam
 
     # save_solver writes the fp32 masters (what a resume reads back) and refreshes the bf16 sampling copy
     folder = tmp_path / "a" / "iter_0"
-    solver.save_solver(policy, masters, tokenizer, cfg, folder, torch.device("cpu"))
+    trainstate.save_solver(policy, masters, tokenizer, cfg, folder, torch.device("cpu"))
     from safetensors.torch import load_file
     saved = load_file(folder / "model" / "model.safetensors")
     assert saved[name].dtype == torch.float32 and torch.equal(saved[name], masters.get_parameter(name).detach())
