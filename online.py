@@ -1,13 +1,13 @@
 """Online eva: the creator evolves the prompt pool while the solver trains with RLOO or GRPO.
 
-    python common.py --preset online --run_dir runs/online      # the CPU demo: SmolLM2-135M, rules reward
-    torchrun --nproc_per_node=8 common.py --online --model google/gemma-2-9b-it --reward hf:<id> --run_dir runs/o
+    python train_eva.py --preset online --run_dir runs/online      # the CPU demo: SmolLM2-135M, rules reward
+    torchrun --nproc_per_node=8 train_eva.py --online --model google/gemma-2-9b-it --reward hf:<id> --run_dir runs/o
 
 Every step (one optimizer step, or grpo_iterations of them):
   draw     online_prompts prompts from the pool: evolved_fraction of them from evolved prompts (once there are any),
            the rest from the seeds; in each part prompts never tried come first, then draws weighted by info
   sample   n_samples (k) responses per prompt from the current policy (generate.sample), scored by the reward
-  info     info(x) = max - mean of those k rewards, kept per prompt (free: the rollouts are already there)
+  info     informativeness of those k rewards (--info_metric; the online preset's max - mean), kept per prompt
   update   RLOO or GRPO (losses.py); the reference of the KL term is the policy at the start of the run
 Every evolve_every steps the creator selects among the prompts measured since its last round (creator.select on
 their info) and evolves them (creator.evolve, with its de-duplication); the children join the pool untried, so
@@ -35,7 +35,6 @@ import solver as solver_lib
 import trainstate
 from parallel import print0
 
-METRIC = "max_mean"  # online informativeness: max - mean of the rollouts' rewards (offline uses max - min)
 
 
 def loss_settings(cfg) -> dict:
@@ -191,7 +190,7 @@ def train(cfg, run, solver, masters, tokenizer, scorer, pool: list[dict], device
             reference = (ref_model.requires_grad_(False), nullcontext)
     params = [p for p in trained.parameters() if p.requires_grad]
     optimizer, scheduler = trainstate.make_optimizer(params, cfg, cfg.online_steps * cfg.grpo_iterations)
-    info, seen, rounds, start = {}, {}, 0, 0  # info: prompt id -> latest max - mean; seen: id -> last step drawn
+    info, seen, rounds, start = {}, {}, 0, 0  # info: prompt id -> latest info; seen: id -> last step drawn
     ckpt = run.folder / "online_state.pt"
     torch.manual_seed(parallel.stable_seed(cfg.seed, "online"))  # dropout's draws
     state = trainstate.restore_checkpoint(ckpt, trained, optimizer, scheduler, "[online]")
@@ -209,7 +208,7 @@ def train(cfg, run, solver, masters, tokenizer, scorer, pool: list[dict], device
         batch = [pool[i] for i in chosen]
         samples = common.sample_and_score(solver, tokenizer, scorer, batch, cfg, step, "online")
         rewards_pk = filled_rewards(samples)  # [P, k]
-        batch_info = np.nan_to_num(creator.informativeness(rewards_pk.tolist(), METRIC))  # ties: 0
+        batch_info = np.nan_to_num(creator.informativeness(rewards_pk.tolist(), cfg.info_metric))  # ties: 0
         for r, value in zip(batch, batch_info):
             info[r["id"]], seen[r["id"]] = float(value), step
         rows = [encode(tokenizer, r["prompt"], text, finish, cfg, end_id)
@@ -241,7 +240,7 @@ def train(cfg, run, solver, masters, tokenizer, scorer, pool: list[dict], device
 
 
 def run(cfg) -> None:
-    """common.py --online: set up as the offline loop does, evaluate, train online, evaluate, report."""
+    """train_eva.py --online: set up as the offline loop does, evaluate, train online, evaluate, report."""
     device, seeds, heldout, run_ = common.start_run(cfg)
     print0(f"online eva: {len(seeds)} seed prompts, {len(heldout)} held-out, solver {cfg.model}, reward {cfg.reward}, "
            f"{cfg.online_algo} k={cfg.n_samples} beta={loss_settings(cfg)['beta']}, {cfg.online_steps} steps x "
