@@ -155,7 +155,7 @@ def test_too_long_prompts_are_skipped_and_counted(tmp_path, tiny_llama_dir, monk
     def stop(*args, **kwargs):
         raise StopAfterPool
 
-    monkeypatch.setattr(train_eva, "sample_and_score", stop)
+    monkeypatch.setattr(common, "sample_and_score", stop)
     with pytest.raises(StopAfterPool):
         train_eva.main(eva_args(tmp_path, tiny_llama_dir, "--max_prompt_tokens", "100", prompts=records))
     assert "skipped 1 prompts longer than --max_prompt_tokens 100: long" in capsys.readouterr().out
@@ -335,7 +335,7 @@ def test_oom_in_evaluation_halves_the_batch(monkeypatch):
             raise oom()
         return dict(prompt_level=1.0, instruction_level=1.0, responses=["ok"] * len(records))
 
-    monkeypatch.setattr(train_eva, "evaluate_ifeval", fake_ifeval)
+    monkeypatch.setattr(common, "evaluate_ifeval", fake_ifeval)
     result = common.evaluate(None, None, [{"id": "a"}], config.Config(gen_batch_size=4))
     assert sizes == [4, 2, 1] and result["answers"] == [{"prompt_id": "a", "answer": "ok"}]
 
