@@ -14,7 +14,6 @@ from __future__ import annotations
 import math
 from contextlib import nullcontext
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 
@@ -22,10 +21,8 @@ import files
 import model
 import parallel
 import rundir
+from config import Config
 from parallel import print0
-
-if TYPE_CHECKING:  # only for the annotations: train_eva imports this module, not the other way round
-    from train_eva import Config
 
 
 # ------------------------------------------------------------------------------------------------- load
