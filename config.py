@@ -130,9 +130,14 @@ PRESETS = {
                    micro_batch_size=4, online_steps=24, evolve_every=6, max_new_tokens=48, eval_max_new_tokens=96,
                    creator_max_new_tokens=96, max_heldout_prompts=32, evolve_depth=2, lr=2e-4, save_every=4),
 }
-# The paper's per-loss settings, applied by --preset paper together with --loss: the only source of its beta.
-PAPER_LOSS_SETTINGS = {"dpo": dict(beta=0.05, lr=5e-7), "sppo": dict(beta=0.001, lr=5e-7, optimizer="rmsprop"),
-                       "simpo": dict(beta=2.0, lr=5e-7), "orpo": dict(lr=5e-7), "ipo": dict(beta=0.1, lr=5e-7)}
+# Per-loss settings applied by --preset paper together with --loss; each one's source in docs/scale.md.
+PAPER_LOSS_SETTINGS = {
+    "dpo": dict(beta=0.05, lr=5e-7),  # the eva paper's code
+    "sppo": dict(beta=0.001, lr=5e-7, optimizer="rmsprop"),  # the eva paper's code
+    "simpo": dict(beta=10.0, gamma_beta_ratio=0.5, lr=8e-7, epochs=1),  # SimPO's own gemma-2-9b-it recipe
+    "orpo": dict(orpo_lambda=0.1, lr=5e-7),  # ORPO paper's lambda; eva's DPO rate (no gemma-2 ORPO recipe found)
+    "ipo": dict(beta=0.1, lr=5e-7),  # TRL's IPO beta; eva's DPO rate
+}
 
 
 # Fields with a fixed set of values: shown by --help, enforced by check_config (flags and --config files alike).

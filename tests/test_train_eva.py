@@ -180,11 +180,13 @@ def test_bad_flag_on_the_command_line_exits_fast_with_one_line(tmp_path, args, f
 def test_paper_preset_is_valid_for_every_loss(monkeypatch, loss):
     monkeypatch.setenv("WORLD_SIZE", "8")
     cfg = config.parse_config(["--preset", "paper", "--loss", loss])
-    assert cfg.loss == loss and cfg.lr == 5e-7
-    want = config.PAPER_LOSS_SETTINGS[loss].get("beta", -1.0)
-    assert cfg.beta == want, "the paper's beta comes from the per-loss settings only"
+    settings = config.PAPER_LOSS_SETTINGS[loss]
+    assert cfg.loss == loss and all(getattr(cfg, k) == v for k, v in settings.items()), settings
+    assert cfg.beta == settings.get("beta", -1.0), "the paper's beta comes from the per-loss settings only"
     if loss == "orpo":
         assert cfg.beta < 0, "ORPO has no beta: losses.preference_loss refuses one"
+    flagged = config.parse_config(["--preset", "paper", "--loss", loss, "--lr", "1e-6", "--epochs", "3"])
+    assert (flagged.lr, flagged.epochs) == (1e-6, 3), "explicit flags win over the per-loss settings"
 
 
 # ------------------------------------------------------------------------------------ the packed training forward
