@@ -298,6 +298,54 @@ def save_full(model, tokenizer, folder: str | Path, max_shard_size: str = "50GB"
     os.rename(tmp, folder)
 
 
+def save_streamed(tensors, like, tokenizer, folder: str | Path, max_shard_bytes: int = 5 * 2**30) -> None:
+    """Write (name, tensor) pairs as safetensors shards of at most max_shard_bytes, holding one shard at a time, with
+    the config and generation config of `like` (a model of the same class) and the tokenizer, atomically: a folder
+    from_pretrained loads, as save_full writes it."""
+    from safetensors.torch import save_file
+    folder = Path(folder)
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    parts, shard = [], {}  # parts: {name: bytes} of each shard written
+
+    def flush():
+        save_file(shard, tmp / f"part-{len(parts)}.safetensors", metadata={"format": "pt"})
+        parts.append({key: t.nbytes for key, t in shard.items()})
+        shard.clear()
+
+    for name, tensor in tensors:
+        tensor = tensor.detach().to("cpu", copy=True).contiguous()
+        if shard and sum(t.nbytes for t in shard.values()) + tensor.nbytes > max_shard_bytes:
+            flush()
+        shard[name] = tensor
+    flush()
+    names = ["model.safetensors"] if len(parts) == 1 else \
+        [f"model-{i + 1:05d}-of-{len(parts):05d}.safetensors" for i in range(len(parts))]
+    for i, name in enumerate(names):
+        os.rename(tmp / f"part-{i}.safetensors", tmp / name)
+    if len(names) > 1:
+        index = dict(metadata=dict(total_size=sum(sum(part.values()) for part in parts)),
+                     weight_map={key: name for name, part in zip(names, parts) for key in part})
+        (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    like.config.save_pretrained(tmp)
+    if getattr(like, "generation_config", None) is not None:
+        like.generation_config.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    shutil.rmtree(folder, ignore_errors=True)
+    os.rename(tmp, folder)
+
+
+def empty_model(spec: str, device, dtype=torch.float32):
+    """The model `spec` loads as, on the meta device (no memory yet), with the attention kernel chosen for `device`:
+    what FSDP2 shards before the weights arrive."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    config = AutoConfig.from_pretrained(resolve(spec)[0])
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(
+            config, dtype=dtype, attn_implementation=attention_implementation(config, torch.device(device)))
+
+
 def export(source: str, out: str | Path, *, dtype: str | None = None, max_shard_size: str = "5GB",
            push_to_hub: str | None = None) -> None:
     """Write `source` (an adapter folded into its base, or a whole model) as one folder AutoModelForCausalLM

@@ -126,14 +126,29 @@ def fsdp_shard(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
 
 
 @torch.no_grad()
-def fsdp_gather(sharded: torch.nn.Module, plain: torch.nn.Module) -> None:
-    """Copy the weights of an FSDP2-sharded model into its unsharded twin on every rank, one parameter at a time
-    (collective: every rank must call it), so the whole model never exists twice in full precision."""
-    from torch.distributed.tensor import DTensor
-    targets = dict(plain.named_parameters())
+def fsdp_fill(sharded: torch.nn.Module, full: torch.nn.Module | None) -> None:
+    """Fill an FSDP2-sharded model (made on the meta device, then `to_empty`) from `full`, which rank 0 alone holds
+    (None elsewhere): each parameter is scattered from rank 0 one at a time, each buffer broadcast. Collective."""
+    from torch.distributed.tensor import distribute_tensor
+    params = dict(full.named_parameters()) if is_main() else {}
     for name, param in sharded.named_parameters():
-        full = param.full_tensor() if isinstance(param, DTensor) else param  # all-gather of one parameter
-        targets[name].copy_(full)
+        value = params[name].detach().to(param.device, param.dtype) if is_main() else \
+            torch.empty(param.shape, dtype=param.dtype, device=param.device)
+        param.to_local().copy_(distribute_tensor(value, param.device_mesh, param.placements, src_data_rank=0).to_local())
+    buffers = dict(full.named_buffers()) if is_main() else {}
+    for name, buffer in sharded.named_buffers():  # rotary tables and the like: not in a checkpoint, not on meta
+        if is_main():
+            buffer.copy_(buffers[name])
+        dist.broadcast(buffer, src=0)
+
+
+@torch.no_grad()
+def fsdp_gathered(sharded: torch.nn.Module):
+    """(name, full tensor) of an FSDP2-sharded model's parameters, all-gathered one at a time on every rank, so the
+    whole model never exists twice. Collective: every rank must run the generator to its end."""
+    from torch.distributed.tensor import DTensor
+    for name, param in sharded.named_parameters():
+        yield name, param.full_tensor() if isinstance(param, DTensor) else param
 
 
 def is_out_of_memory(err: BaseException) -> bool:

@@ -30,10 +30,6 @@ def uses_fsdp(cfg: Config) -> bool:
     return cfg.fsdp and not cfg.lora and parallel.world_size() > 1
 
 
-def sampling_dtype(device) -> torch.dtype:
-    return torch.bfloat16 if device.type == "cuda" else torch.float32  # load_model's default
-
-
 def solver_source(cfg: Config, run: rundir.Run) -> tuple[int | None, str]:
     """(last finished iteration or None, the model folder or id full fine-tuning resumes from)."""
     last = max((t for t in range(cfg.eva_iterations + 1) if run.done(t, "train")), default=None)
@@ -62,19 +58,26 @@ def load_masters(cfg: Config, run: rundir.Run, device, solver):
     compute runs under bf16 autocast on a GPU. LoRA has none (peft keeps adapter weights in fp32): None.
 
     One process or DDP: the fp32 solver itself (on the CPU), else an fp32 model beside the bf16 sampling copy.
-    --fsdp: fp32 shards (parallel.fsdp_shard), loaded on the CPU so that no rank holds the whole model on its GPU.
+    --fsdp: fp32 shards (parallel.fsdp_shard) of a model made on the meta device with the attention kernel chosen for
+    `device`; rank 0 alone reads the weights (one full copy in host memory, not one per rank) and scatters them.
     """
     if cfg.lora:
         return None
-    fsdp = uses_fsdp(cfg)
-    if fsdp or any(p.dtype != torch.float32 for p in solver.parameters()):
-        masters, _ = model.load_model(solver_source(cfg, run)[1], device="cpu" if fsdp else device,
-                                      dtype=torch.float32)
+    source = solver_source(cfg, run)[1]
+    if uses_fsdp(cfg):
+        masters = model.empty_model(source, device)
+    elif any(p.dtype != torch.float32 for p in solver.parameters()):
+        masters, _ = model.load_model(source, device=device, dtype=torch.float32)
     else:
         masters = solver
     if cfg.gradient_checkpointing:
         masters.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    return parallel.fsdp_shard(masters, device) if fsdp else masters
+    if uses_fsdp(cfg):
+        parallel.fsdp_shard(masters, device).to_empty(device=device)
+        full = model.load_model(source, device="cpu", dtype=torch.float32)[0] if parallel.is_main() else None
+        parallel.fsdp_fill(masters, full)
+        del full
+    return masters
 
 
 # ------------------------------------------------------------------------------------------------- optimize
@@ -176,6 +179,7 @@ def copy_weights(source, target) -> None:
         targets[name].copy_(param)
 
 
+@torch.no_grad()
 def save_solver(solver, masters, tokenizer, cfg: Config, folder: Path, device) -> None:
     """Write the weights of record to folder/adapter (LoRA) or folder/model (full fine-tuning's fp32 masters) and
     make the sampling model equal to them again, on every rank."""
@@ -186,15 +190,19 @@ def save_solver(solver, masters, tokenizer, cfg: Config, folder: Path, device) -
             else:
                 model.save_full(solver, tokenizer, folder / "model")
     elif uses_fsdp(cfg):
-        # Rank 0 gathers the fp32 shards into its plain model, upcast on the CPU, and writes them; every rank then
-        # holds the same sampling copy, rounded to the sampling dtype.
-        solver.to("cpu")
+        # One parameter at a time: every rank all-gathers it into its sampling copy (back on `device`, rounded to
+        # the sampling dtype) and rank 0 streams its fp32 value into safetensors shards.
+        targets = dict(solver.to(device).named_parameters())
+
+        def gathered():
+            for name, full in parallel.fsdp_gathered(masters):
+                targets[name].copy_(full)
+                yield name, full
         if parallel.is_main():
-            solver.float()
-        parallel.fsdp_gather(masters, solver)
-        if parallel.is_main():
-            model.save_full(solver, tokenizer, folder / "model")
-        solver.to(device, sampling_dtype(device))
+            model.save_streamed(gathered(), solver, tokenizer, folder / "model")
+        else:
+            for _ in gathered():
+                pass
     else:  # a bf16 sampling copy of fp32 masters (one process or DDP on a GPU)
         if parallel.is_main():
             model.save_full(masters, tokenizer, folder / "model")

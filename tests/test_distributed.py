@@ -241,3 +241,27 @@ def test_a_nonfinite_loss_on_one_rank_stops_every_rank_at_once(tmp_path, tiny_ll
     bad = json.loads((tmp_path / "run" / "iter_0" / "nonfinite_batch.json").read_text())
     assert bad["ranks"] == [1] and bad["step"] == 1 and len(bad["prompt_ids"]) == 2, bad
     assert not (tmp_path / "run" / "iter_0" / "done_train").exists()
+
+
+def test_fsdp_masters_load_on_rank_0_only_and_save_in_shards(tmp_path, tiny_llama_dir):
+    """--fsdp's masters: rank 0 alone reads the weights, the others build the model on the meta device; the scattered
+    shards equal the checkpoint; saving streams them (here in several shards) and the sampling copy takes them."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(ROOT / "tests" / "fsdp_masters.py"), str(tiny_llama_dir), str(tmp_path)]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=TIMEOUT)
+    assert done.returncode == 0, done.stderr[-5000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0]["calls"] == [str(tiny_llama_dir)] and ranks[1]["calls"] == [], "only rank 0 reads the weights"
+    assert all(r["equal"] for r in ranks), "the masters' gathered weights differ from the checkpoint"
+    assert all(r["attention"] == r["expected_attention"] for r in ranks), ranks
+    assert all(r["sampler_moved"] for r in ranks), "the sampling copy did not take the saved weights"
+    saved = tmp_path / "saved" / "model"
+    index = json.loads((saved / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) >= 2
+    import model
+    reloaded, _ = model.load_model(str(saved))
+    start = load_file(tiny_llama_dir / "model.safetensors")
+    for name, param in reloaded.named_parameters():
+        assert torch.equal(param, start[name] + 1), name
+    assert (saved / "generation_config.json").exists() and (saved / "tokenizer_config.json").exists()
