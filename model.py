@@ -200,19 +200,16 @@ def load_model(spec: str, *, device="cpu", dtype=None, load_in_4bit: bool = Fals
     tokenizer = load_tokenizer(spec)
     if dtype is None:
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    kwargs = dict(dtype=dtype)
+    kwargs = dict(dtype=dtype, device_map={"": device})  # straight onto the device: no host copy per rank
     if load_in_4bit:
         kwargs["quantization_config"] = four_bit_config(device)
-        kwargs["device_map"] = {"": device}
     try:
         config = AutoConfig.from_pretrained(base)
         model = AutoModelForCausalLM.from_pretrained(base, config=config, **kwargs,
                                                      attn_implementation=attention_implementation(config, device))
     except OSError as err:
         raise FileNotFoundError(f"model '{spec}': cannot load it ({str(err).splitlines()[0]})") from None
-    if not load_in_4bit:
-        model.to(device)
-    elif device.type == "cpu":
+    if load_in_4bit and device.type == "cpu":
         # bitsandbytes repacks 4-bit weights for its AVX512-bf16 kernel on the first no-grad forward in eval
         # mode (sampling), and that kernel has no backward: training afterwards silently drops the gradient through
         # every frozen 4-bit layer. Keep the plain layout, which is exact.
