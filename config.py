@@ -297,7 +297,5 @@ def check_config(cfg: Config) -> None:
         if cfg.grpo_iterations > 1 and cfg.online_algo != "grpo":
             raise ValueError("--grpo_iterations > 1 reuses samples off-policy, which only GRPO's clipped ratio "
                              "allows: add --online_algo grpo")
-        if cfg.fsdp:
-            raise ValueError("--online trains with DDP (LoRA, QLoRA or full fine-tuning): drop --fsdp")
     if cfg.fsdp and cfg.lora:
         raise ValueError("--fsdp shards full fine-tuning; LoRA and QLoRA train with DDP: add --no-lora or --no-fsdp")

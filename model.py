@@ -198,9 +198,7 @@ def load_model(spec: str, *, device="cpu", dtype=None, load_in_4bit: bool = Fals
     device = torch.device(device)
     base, adapter = resolve(spec)
     tokenizer = load_tokenizer(spec)
-    if dtype is None:
-        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    kwargs = dict(dtype=dtype, device_map={"": device})  # straight onto the device: no host copy per rank
+    kwargs = dict(dtype=dtype or default_dtype(device), device_map={"": device})  # straight onto the device: no host copy per rank
     if load_in_4bit:
         kwargs["quantization_config"] = four_bit_config(device)
     try:
@@ -221,6 +219,11 @@ def load_model(spec: str, *, device="cpu", dtype=None, load_in_4bit: bool = Fals
         model = PeftModel.from_pretrained(model, adapter)
     model.eval()
     return model, tokenizer
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    """bf16 on a GPU (sampling, references); fp32 on a CPU, which has no fast bf16 matmul."""
+    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
 
 
 def attention_implementation(config, device: torch.device, mapping=None) -> str | None:

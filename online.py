@@ -185,6 +185,9 @@ def train(cfg, run, solver, masters, tokenizer, scorer, pool: list[dict], device
     if loss_settings(cfg)["beta"] > 0:
         if cfg.lora:  # the same module with its adapter switched off: no second copy of the weights
             reference = (solver, solver.disable_adapter)
+        elif trainstate.uses_fsdp(cfg):  # full fine-tuning, sharded: a frozen copy of the starting weights, sharded too
+            reference = (trainstate.load_sharded(cfg.model, device, model.default_dtype(device)).requires_grad_(False),
+                         nullcontext)
         else:  # full fine-tuning: a frozen copy of the starting weights
             ref_model, _ = model.load_model(cfg.model, device=device)
             reference = (ref_model.requires_grad_(False), nullcontext)

@@ -106,12 +106,10 @@ def progress(iterable=None, **kwargs):
 
 
 def fsdp_shard(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
-    """Shard `model` in place over the ranks with FSDP2 (each decoder layer, then the root) and return it.
-
-    The shards hold fp32 master weights (a full fine-tuning step vanishes in bf16 rounding); on a GPU it computes in
-    bf16 and reduces gradients in fp32. fully_shard moves each shard to `device`, so `model` may sit on the CPU.
-    Hugging Face models name their decoder layer class in `_no_split_modules`.
-    """
+    """Shard `model` in place over the ranks with FSDP2 (each decoder layer, then the root) and return it; on a GPU
+    it computes in bf16 and reduces gradients in fp32. `model` is made on the meta device (model.empty_model): the
+    caller then materialises the shards (`to_empty`) and fills them (fsdp_fill). Hugging Face models name their
+    decoder layer class in `_no_split_modules`."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     assert dist.is_initialized(), "fsdp_shard needs torchrun (a process group)"
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
@@ -119,10 +117,16 @@ def fsdp_shard(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     layer_names = set(getattr(model, "_no_split_modules", None) or [])
     layers = [m for m in model.modules() if type(m).__name__ in layer_names]
     assert layers, f"fsdp_shard: no decoder layers ({sorted(layer_names)}) found in {type(model).__name__}"
-    for layer in layers:  # one layer at a time, so only one full fp32 layer exists before it is sharded
-        fully_shard(layer.float(), mp_policy=policy)
-    fully_shard(model.float(), mp_policy=policy)
+    for layer in layers:
+        fully_shard(layer, mp_policy=policy)
+    fully_shard(model, mp_policy=policy)
     return model
+
+
+def is_sharded(model: torch.nn.Module) -> bool:
+    """Whether FSDP2 shards `model`'s parameters (DTensors)."""
+    from torch.distributed.tensor import DTensor
+    return any(isinstance(p, DTensor) for p in model.parameters())
 
 
 @torch.no_grad()
@@ -143,11 +147,11 @@ def fsdp_fill(sharded: torch.nn.Module, full: torch.nn.Module | None) -> None:
 
 
 @torch.no_grad()
-def fsdp_gathered(sharded: torch.nn.Module):
-    """(name, full tensor) of an FSDP2-sharded model's parameters, all-gathered one at a time on every rank, so the
-    whole model never exists twice. Collective: every rank must run the generator to its end."""
+def full_parameters(model: torch.nn.Module):
+    """(name, whole tensor) of a model's parameters; those FSDP2 shards are all-gathered one at a time on every rank,
+    so the whole model never exists twice (collective then: every rank runs the generator to its end)."""
     from torch.distributed.tensor import DTensor
-    for name, param in sharded.named_parameters():
+    for name, param in model.named_parameters():
         yield name, param.full_tensor() if isinstance(param, DTensor) else param
 
 

@@ -12,6 +12,7 @@ one optimizer step, the resumable checkpoint, and saving the weights of record w
 from __future__ import annotations
 
 import math
+import shutil
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -58,26 +59,31 @@ def load_masters(cfg: Config, run: rundir.Run, device, solver):
     compute runs under bf16 autocast on a GPU. LoRA has none (peft keeps adapter weights in fp32): None.
 
     One process or DDP: the fp32 solver itself (on the CPU), else an fp32 model beside the bf16 sampling copy.
-    --fsdp: fp32 shards (parallel.fsdp_shard) of a model made on the meta device with the attention kernel chosen for
-    `device`; rank 0 alone reads the weights (one full copy in host memory, not one per rank) and scatters them.
+    --fsdp: fp32 shards (load_sharded).
     """
     if cfg.lora:
         return None
     source = solver_source(cfg, run)[1]
     if uses_fsdp(cfg):
-        masters = model.empty_model(source, device)
-    elif any(p.dtype != torch.float32 for p in solver.parameters()):
+        return load_sharded(source, device, torch.float32, cfg.gradient_checkpointing)
+    if any(p.dtype != torch.float32 for p in solver.parameters()):
         masters, _ = model.load_model(source, device=device, dtype=torch.float32)
     else:
         masters = solver
     if cfg.gradient_checkpointing:
         masters.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if uses_fsdp(cfg):
-        parallel.fsdp_shard(masters, device).to_empty(device=device)
-        full = model.load_model(source, device="cpu", dtype=torch.float32)[0] if parallel.is_main() else None
-        parallel.fsdp_fill(masters, full)
-        del full
     return masters
+
+
+def load_sharded(source: str, device, dtype: torch.dtype, checkpointing: bool = False):
+    """FSDP2 shards of the model at `source` in `dtype`: made on the meta device with the attention kernel chosen for
+    `device`, sharded empty, then filled by rank 0, which alone reads the weights (one host copy, not one per rank)."""
+    sharded = model.empty_model(source, device, dtype)
+    if checkpointing:
+        sharded.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    parallel.fsdp_shard(sharded, device).to_empty(device=device)
+    parallel.fsdp_fill(sharded, model.load_model(source, device="cpu", dtype=dtype)[0] if parallel.is_main() else None)
+    return sharded
 
 
 # ------------------------------------------------------------------------------------------------- optimize
@@ -138,13 +144,23 @@ def set_rng_state(state: dict) -> None:
 
 def save_checkpoint(path: Path, trained, optimizer, scheduler, step: int, **extra) -> None:
     """Trainable weights, optimizer, scheduler, step, every rank's RNG state (each draws its own dropout masks) and
-    `extra` (a loop's own state), gathered for rank 0 to write atomically. Collective."""
+    `extra` (a loop's own state), gathered for rank 0 to write atomically. FSDP2 shards: each rank writes its own
+    weights and optimizer state (torch.distributed.checkpoint) to a folder beside `path`, which names it. Collective."""
     rng = parallel.sharded(lambda mine: [rng_state() for _ in mine], list(range(parallel.world_size())),
                            desc="rng state")
+    shards = f"{path.name}.step{step}" if parallel.is_sharded(trained) else None
+    if shards:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+        weights, optim = get_state_dict(trained, optimizer)
+        dcp.save(dict(model=weights, optimizer=optim), checkpoint_id=path.parent / shards)
     if parallel.is_main():
-        weights = {n: p.detach().cpu() for n, p in trained.named_parameters() if p.requires_grad}
-        files.write_atomic(path, dict(weights=weights, optimizer=optimizer.state_dict(),
-                                      scheduler=scheduler.state_dict(), step=step, rng=rng, **extra))
+        weights = None if shards else {n: p.detach().cpu() for n, p in trained.named_parameters() if p.requires_grad}
+        files.write_atomic(path, dict(weights=weights, optimizer=None if shards else optimizer.state_dict(),
+                                      shards=shards, scheduler=scheduler.state_dict(), step=step, rng=rng, **extra))
+        for old in path.parent.glob(f"{path.name}.step*"):  # after the write that stops naming them
+            if old.name != shards:
+                shutil.rmtree(old)
     parallel.barrier()
 
 
@@ -155,10 +171,18 @@ def restore_checkpoint(path: Path, trained, optimizer, scheduler, where: str) ->
     if not path.exists():
         return None
     state = torch.load(path, weights_only=False)
-    trainable = {n: p for n, p in trained.named_parameters() if p.requires_grad}
-    for name, value in state["weights"].items():
-        trainable[name].copy_(value)
-    optimizer.load_state_dict(state["optimizer"])
+    if state.get("shards"):
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+        weights, optim = get_state_dict(trained, optimizer)
+        loaded = dict(model=weights, optimizer=optim)
+        dcp.load(loaded, checkpoint_id=path.parent / state["shards"])
+        set_state_dict(trained, optimizer, model_state_dict=loaded["model"], optim_state_dict=loaded["optimizer"])
+    else:
+        trainable = {n: p for n, p in trained.named_parameters() if p.requires_grad}
+        for name, value in state["weights"].items():
+            trainable[name].copy_(value)
+        optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     if len(state.get("rng") or []) == parallel.world_size():
         set_rng_state(state["rng"][parallel.rank()])
@@ -171,11 +195,12 @@ def restore_checkpoint(path: Path, trained, optimizer, scheduler, where: str) ->
 # ------------------------------------------------------------------------------------------------- save
 @torch.no_grad()
 def copy_weights(source, target) -> None:
-    """target's parameters take source's values (fp32 masters into the sampling model, rounded to its dtype)."""
+    """target's parameters take source's values (fp32 masters, FSDP2 shards gathered, into the sampling model, rounded
+    to its dtype). Collective under --fsdp."""
     if source is target:
         return
     targets = dict(target.named_parameters())
-    for name, param in source.named_parameters():
+    for name, param in parallel.full_parameters(source):
         targets[name].copy_(param)
 
 
@@ -195,7 +220,7 @@ def save_solver(solver, masters, tokenizer, cfg: Config, folder: Path, device) -
         targets = dict(solver.to(device).named_parameters())
 
         def gathered():
-            for name, full in parallel.fsdp_gathered(masters):
+            for name, full in parallel.full_parameters(masters):
                 targets[name].copy_(full)
                 yield name, full
         if parallel.is_main():

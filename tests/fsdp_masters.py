@@ -33,7 +33,7 @@ def main() -> None:
     model.load_model = lambda spec, **kw: calls.append(str(spec)) or load(spec, **kw)
     masters = trainstate.load_masters(cfg, rundir.Run(out / "run"), device, solver)
     on_disk = load_file(source / "model.safetensors")
-    equal = all(torch.equal(full, on_disk[name]) for name, full in parallel.fsdp_gathered(masters))
+    equal = all(torch.equal(full, on_disk[name]) for name, full in parallel.full_parameters(masters))
     with torch.no_grad():
         for param in masters.parameters():
             param.to_local().add_(1.0)

@@ -141,11 +141,39 @@ def test_two_ranks_equal_one(tmp_path, tiny_llama_dir):
     assert one[1]["pool"] == two[1]["pool"] > len(TINY_PROMPTS), "the creator round ran on both"
 
 
-def test_off_policy_iterations_need_grpo_and_fsdp_is_refused(tmp_path):
+def test_full_fine_tuning_fsdp_two_ranks_equal_one_and_resume(tmp_path, tiny_llama_dir):
+    """Online full fine-tuning sharded with FSDP2 (masters and the reference) on 2 ranks: its first step equals one
+    unsharded process, and a run killed after the step-2 checkpoint (each rank's shards of weights and optimizer)
+    resumes to the weights of an uninterrupted sharded run."""
+    args = args_for(tmp_path, tiny_llama_dir, "--no-lora", "--online_steps", "3", "--save_every", "1", "--lr", "1e-4",
+                    "--run_dir", "run")
+    procs = [run_cli(tmp_path / "one", args), run_cli(tmp_path / "two", [*args, "--fsdp"], ranks=2),
+             run_cli(tmp_path / "killed", [*args, "--fsdp"], kill_at="0:online:2", ranks=2)]
+    finish(procs[0]), finish(procs[1])
+    out, err = procs[2].communicate(timeout=600)
+    assert procs[2].returncode != 0, "the killed run finished"
+    state = torch.load(tmp_path / "killed" / "run" / "online_state.pt", weights_only=False)
+    assert state["step"] == 2 and state["weights"] is None and (tmp_path / "killed" / "run" / state["shards"]).is_dir()
+    finish(run_cli(tmp_path / "killed", [*args, "--fsdp"], ranks=2))
+    one, two, resumed = (steps(tmp_path / x / "run") for x in ("one", "two", "killed"))
+    assert one[0]["reward"] == two[0]["reward"]
+    assert one[0]["loss"] == pytest.approx(two[0]["loss"], rel=1e-5, abs=1e-7)
+    assert one[0]["grad_norm"] == pytest.approx(two[0]["grad_norm"], rel=1e-4)
+    assert [m["loss"] for m in resumed if m["step"] == 3] == pytest.approx([two[2]["loss"]], rel=1e-5, abs=1e-7)
+    start = load_file(tiny_llama_dir / "model.safetensors")
+    wa, wb, wc = (load_file(tmp_path / x / "run" / "model" / "model.safetensors") for x in ("one", "two", "killed"))
+    name = "model.layers.0.mlp.up_proj.weight"
+    assert not torch.equal(wb[name], start[name]), "the sharded run did not train"
+    err = lambda x, y: ((x.double() - y.double()).norm() / x.double().norm().clamp(min=1e-12)).item()
+    for k in wa:  # Adam turns summation-order noise into small step differences: bounded by the steps' own size
+        assert err(wa[k], wb[k]) <= min(1e-3, 0.05 * err(wa[k], start[k])), f"{k}: 1 vs 2 ranks {err(wa[k], wb[k]):.1e}"
+        assert err(wb[k], wc[k]) <= 1e-6, f"{k}: resumed differs from uninterrupted by {err(wb[k], wc[k]):.1e}"
+    assert not list((tmp_path / "killed" / "run").glob("online_state.pt.step[12]")), "old shard folders remain"
+
+
+def test_off_policy_iterations_need_grpo(tmp_path):
     with pytest.raises(ValueError, match="--online_algo grpo"):
         config.parse_config(["--online", "--grpo_iterations", "2"])
-    with pytest.raises(ValueError, match="--fsdp"):
-        config.parse_config(["--online", "--no-lora", "--fsdp"])
 
 
 def test_packed_token_logps_equal_a_plain_forward_per_response(tiny_llama_dir):
