@@ -217,11 +217,13 @@ def train(cfg, run, solver, masters, tokenizer, scorer, pool: list[dict], device
         rows = [encode(tokenizer, r["prompt"], text, finish, cfg, end_id)
                 for r, s in zip(batch, samples) for text, finish in zip(s["responses"], s["finish"])]
         t1 = time.time()
+        if trainstate.uses_fsdp(cfg) and device.type == "cuda":
+            solver.to("cpu")  # out of the GPU's way while the shards train (docs/memory.md)
         policy.train()
         stats = policy_update(policy, trained, reference, params, optimizer, scheduler, rows, rewards_pk, cfg,
                               device, step)
         trained.eval()
-        trainstate.copy_weights(trained, solver)  # full fine-tuning on a GPU: the bf16 sampler takes the fp32 steps
+        trainstate.copy_weights(trained, solver.to(device))  # full fine-tuning: the sampler takes the fp32 steps
         record = dict(step=step, reward=float(rewards_pk.mean()), **stats, info=float(batch_info.mean()),
                       informative=int((batch_info > 0).sum()), pool=len(pool),
                       evolved=sum(r.get("parent") is not None for r in batch), lr=scheduler.get_last_lr()[0],
