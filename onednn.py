@@ -1,10 +1,11 @@
-"""oneDNN's fp32 GEMM for the linear layers of a model on an x86 CPU, where it runs faster than torch's default
-linear (bench/bench_generate.py and bench/bench_train.py print both). Products differ by float rounding only.
+"""oneDNN's GEMM for the linear layers of a model on an x86 CPU, where it runs faster than torch's default linear
+(bench/bench_generate.py and bench/bench_train.py print both): fp32, and bf16 for sampling a bf16 model (AMX where
+the CPU has it). Products differ by float rounding only.
 
     with onednn.packed_linears(model): ...    # sampling: weights (LoRA merged in) reordered once, no gradients
     with onednn.trained_linears(model): ...   # training: forward and backward through oneDNN, weights as they are
 
-Elsewhere (GPU, bf16, 4-bit, DoRA, other CPUs) the layers run as they are.
+Elsewhere (GPU, 4-bit, DoRA, other CPUs; bf16 training) the layers run as they are.
 """
 import contextlib
 
@@ -20,12 +21,13 @@ def _linear(x, weight, bias):
 
 
 def linear_weight(module) -> tuple[torch.Tensor, torch.Tensor | None] | None:
-    """(weight, bias) that module(x) applies, for a plain fp32 CPU nn.Linear or a peft LoRA layer over one (whose
-    weight is W + the active adapters' B A * scaling, computed now); None for anything else (4-bit, DoRA, GPU...)."""
+    """(weight, bias) that module(x) applies, for a plain fp32 or bf16 CPU nn.Linear or a peft LoRA layer over one
+    (whose weight is W + the active adapters' B A * scaling, computed now, in W's dtype); None for anything else
+    (4-bit, DoRA, GPU...)."""
     base = getattr(module, "base_layer", None)
     linear = base if base is not None and hasattr(module, "lora_A") else module
     weight = linear.weight if type(linear) is torch.nn.Linear else None
-    if weight is None or weight.device.type != "cpu" or weight.dtype != torch.float32:
+    if weight is None or weight.device.type != "cpu" or weight.dtype not in (torch.float32, torch.bfloat16):
         return None
     if linear is module:
         return module.weight, module.bias
@@ -36,16 +38,16 @@ def linear_weight(module) -> tuple[torch.Tensor, torch.Tensor | None] | None:
             if name in module.lora_A:
                 if name in getattr(module, "lora_variant", {}):  # DoRA and other variants: not a plain sum
                     return None
-                weight = weight + module.get_delta_weight(name)
+                weight = weight + module.get_delta_weight(name).to(weight.dtype)
     return weight, linear.bias
 
 
 @torch.no_grad()
 def pack_linears(model) -> dict:
     """{module: x -> module(x)} for the linear layers of a model on a CPU, with weights reordered once (per sample()
-    call) for oneDNN's fp32 GEMM. A row's product does not depend on how many rows come with it (weights reordered
+    call) for oneDNN's GEMM. A row's product does not depend on how many rows come with it (weights reordered
     for 128 rows; tests/test_generate.py checks it). Costs one more copy of the weights while sampling. Modules left
-    out (GPU, 4-bit, bf16, DoRA) are called as they are."""
+    out (GPU, 4-bit, DoRA) are called as they are."""
     if not AVAILABLE:
         return {}
     packed, inside_lora = {}, set()

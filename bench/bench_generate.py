@@ -3,13 +3,14 @@
     python bench/bench_generate.py                     # bundled SmolLM2-135M, 32 prompts x 4 samples x 128 tokens, CPU
     python bench/bench_generate.py --model google/gemma-2-2b-it --device cuda --prompts 64 --compile
     python bench/bench_generate.py --skip_hf --profile   # where our time goes, op by op
+    python bench/bench_generate.py --dtype bf16          # both in bf16 (oneDNN's AMX kernels on CPUs that have them)
 
 Both samplers answer the same prompts (the first --prompts of IFEval's input file when the shared data folder is
 there, a fixed list otherwise) with temperature 0.7, top-p 0.9, no top-k, n samples each, one batch of all rows.
 Tokens counted: response tokens before EOS, the same rule for both. Each side runs once untimed (a short warm-up)
 and then --repeats timed runs; the best run counts. The machine's limit is its measured matmul rate (the fastest of
-fp32 2048^3 matmuls on CPU, through torch.mm and through oneDNN, bf16 4096^3 on GPU; timed before and after the
-runs) divided by the model's FLOPs per generated token:
+2048^3 matmuls in the model's dtype on CPU, through torch.mm and through oneDNN, 4096^3 on GPU; timed before and
+after the runs) divided by the model's FLOPs per generated token:
     2 * (parameters of every Linear in the blocks + the LM head) + 4 * layers * heads * head_dim * mean context
 (the second term is attention's QK^T and AV over the average context the decode steps see). It also times the
 model's linear layers alone at the benchmark's row count, the part of the limit that matmuls of decode shapes reach,
@@ -30,6 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import files  # noqa: E402
 
+DTYPES = {"default": None, "fp32": torch.float32, "bf16": torch.bfloat16}
 FALLBACK_PROMPTS = ["Write a short poem about the sea.", "Explain photosynthesis to a ten-year-old.",
                     "Give three tips for learning a new language.", "What is the difference between a list and a tuple "
                     "in Python?", "Describe your ideal weekend in one paragraph.", "Summarise the plot of Hamlet."]
@@ -44,11 +46,11 @@ def load_prompts(count: int) -> list[str]:
     return [prompts[i % len(prompts)] for i in range(count)]
 
 
-def matmul_rates(device: torch.device) -> dict[str, float]:
-    """{kernel: best-of-6 FLOP/s} of one large square matmul (fp32 on CPU, bf16 on GPU). On a CPU both torch.mm
+def matmul_rates(device: torch.device, dtype: torch.dtype) -> dict[str, float]:
+    """{kernel: best-of-6 FLOP/s} of one large square matmul in the model's dtype. On a CPU both torch.mm
     (MKL) and oneDNN's GEMM (the one generate.py uses) are timed: the limit takes the faster, the best the machine
     does rather than the best of the library we happen to call."""
-    size, dtype = (2048, torch.float32) if device.type == "cpu" else (4096, torch.bfloat16)
+    size = 2048 if device.type == "cpu" else 4096
     a, b = torch.randn(size, size, device=device, dtype=dtype), torch.randn(size, size, device=device, dtype=dtype)
     import onednn
     kernels = {"torch.mm": lambda: a @ b}
@@ -173,6 +175,8 @@ def main() -> None:
     ap.add_argument("-n", type=int, default=4)
     ap.add_argument("--max_new_tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--dtype", choices=DTYPES, default="default",
+                    help="the model's dtype for both samplers (default: load_model's, fp32 on a CPU)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     ap.add_argument("--compile", action="store_true", help="torch.compile our decode step (GPU)")
     ap.add_argument("--skip_hf", action="store_true", help="time ours only")
@@ -182,7 +186,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     import model as model_lib
     device = torch.device(args.device)
-    model, tok = model_lib.load_model(args.model, device=device)
+    model, tok = model_lib.load_model(args.model, device=device, dtype=DTYPES[args.dtype])
     prompts = load_prompts(args.prompts)
     from generate import encode_prompt
     lengths = [len(encode_prompt(tok, p)) for p in prompts]
@@ -190,7 +194,7 @@ def main() -> None:
     print(f"model {args.model} on {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}), "
           f"{torch.get_num_threads()} threads, {args.prompts} prompts (mean {prompt_len:.0f} tokens) x {args.n} "
           f"samples x {args.max_new_tokens} new tokens, temperature 0.7, top-p 0.9, dtype {model.dtype}")
-    rates = matmul_rates(device)
+    rates = matmul_rates(device, model.dtype)
     sides = {"ours": run_ours} if args.skip_hf else {"ours": run_ours, "hf generate": run_hf}
     results = {}
     for name, fn in sides.items():
@@ -207,7 +211,7 @@ def main() -> None:
         print(f"{name:>12}: {best[2]:6d} tokens in {best[0]:7.2f} s = {results[name][0]:7.1f} tokens/s   "
               f"({best[1]:7.2f} CPU s = {results[name][1]:7.1f} tokens per CPU-second; load average "
               f"{load:.2f} -> {os.getloadavg()[0]:.2f})")
-    rates = {name: max(rate, rates[name]) for name, rate in matmul_rates(device).items()}  # better of before/after
+    rates = {name: max(rate, rates[name]) for name, rate in matmul_rates(device, model.dtype).items()}  # better of before/after
     rate = max(rates.values())
     mean_context = prompt_len + results["ours"][2] / (args.prompts * args.n) / 2
     flops = flops_per_token(model, mean_context)

@@ -350,3 +350,26 @@ def test_bench_attention_rate_calls_generates_attention(tok, arch):
         rate = attention_rate(tiny(tok, arch), prompts=2, n=3, prompt_len=5, new_tokens=8, stride=4)
     assert 0 < rate < float("inf")
     assert len(calls) == 2 * 2 * 2, "two timed passes x two steps (t = 0, 4) x two layers"
+
+
+@pytest.mark.skipif(not onednn.AVAILABLE, reason="oneDNN linear layers are used on x86 CPUs only")
+def test_packed_linears_in_bf16(tiny_llama_dir):
+    """A bf16 model on the CPU samples through oneDNN's bf16 GEMM too: LoRA deltas merged in bf16, products as the
+    modules' up to bf16 rounding, and sample() runs on it."""
+    m, tokenizer = model.load_model(str(tiny_llama_dir), dtype=torch.bfloat16)
+    m = model.add_lora(m, r=4).to(torch.bfloat16)
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    m.eval()
+    with torch.no_grad():
+        packed = onednn.pack_linears(m)
+        q_proj = m.get_base_model().model.layers[0].self_attn.q_proj
+        assert q_proj in packed and len(packed) == sum(1 for x in m.modules() if hasattr(x, "lora_A")) + 1
+        for module, fn in packed.items():
+            x = torch.randn(7, module.in_features, dtype=torch.bfloat16)
+            assert fn(x).dtype == torch.bfloat16
+            torch.testing.assert_close(fn(x), module(x), atol=0.05, rtol=0.02)
+    out = generate.sample(m, tokenizer, ["Say hi."], n=2, max_new_tokens=6, temperature=0.7, seed=1)
+    assert len(out.texts[0]) == 2 and all(out.finish[0])
