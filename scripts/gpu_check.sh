@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The checks that need a GPU, in one go (about 10 minutes): the paper's path on toy copies of gemma-2-9b-it and
 # ArmoRM (the same toys tests/test_paper_path.py builds) on CUDA with bf16, nccl and flash-attn where installed,
-# on 1 GPU and under torchrun on every GPU; then the sampler and training benchmarks. One table at the end.
+# on 1 GPU and under torchrun on every GPU (offline, and online with FSDP2); then the sampler and training benchmarks. One table at the end.
 #
 #     bash scripts/gpu_check.sh                 # uses .venv/bin/python when present, else python
 #     PY=python OUT=/tmp/gpu_check bash scripts/gpu_check.sh
@@ -41,10 +41,13 @@ check() {  # check NAME COMMAND...: run it, keep its log, add a row
 TOY=(--preset paper --model "$OUT/gemma" --reward "hf:$OUT/armorm" --seed_prompts "$OUT/prompts.jsonl"
      --max_new_tokens 16 --max_prompt_tokens 64 --eval_max_new_tokens 16 --creator_max_new_tokens 32
      --max_heldout_prompts 8 --gen_batch_size 4)
-rm -rf "$OUT/one_gpu" "$OUT/all_gpus"
+rm -rf "$OUT/one_gpu" "$OUT/all_gpus" "$OUT/online"
 check paper_path_1_gpu $PY train_eva.py "${TOY[@]}" --run_dir "$OUT/one_gpu"
 check "paper_path_${GPUS}_gpus_fsdp2" $PY -m torch.distributed.run --standalone --nproc_per_node="$GPUS" train_eva.py \
     "${TOY[@]}" --run_dir "$OUT/all_gpus"
+check "online_${GPUS}_gpus_fsdp2" $PY -m torch.distributed.run --standalone --nproc_per_node="$GPUS" train_eva.py \
+    "${TOY[@]}" --online --online_steps 4 --online_prompts "$GPUS" --evolve_every 2 --save_every 2 \
+    --run_dir "$OUT/online"
 check paper_path_lora_qlora $PY train_eva.py "${TOY[@]}" --lora --no-fsdp --load_in_4bit --lr 5e-5 --run_dir "$OUT/qlora"
 check bench_generate $PY bench/bench_generate.py --device cuda --prompts 64 -n 4 --max_new_tokens 256
 check bench_train $PY bench/bench_train.py --device cuda
