@@ -198,7 +198,8 @@ def load_model(spec: str, *, device="cpu", dtype=None, load_in_4bit: bool = Fals
     device = torch.device(device)
     base, adapter = resolve(spec)
     tokenizer = load_tokenizer(spec)
-    kwargs = dict(dtype=dtype or default_dtype(device), device_map={"": device})  # straight onto the device: no host copy per rank
+    # device_map: straight onto the device, so ranks do not each hold a host copy on the way
+    kwargs = dict(dtype=dtype or default_dtype(device), device_map={"": device})
     if load_in_4bit:
         kwargs["quantization_config"] = four_bit_config(device)
     try:
@@ -222,7 +223,7 @@ def load_model(spec: str, *, device="cpu", dtype=None, load_in_4bit: bool = Fals
 
 
 def default_dtype(device: torch.device) -> torch.dtype:
-    """bf16 on a GPU (sampling, references); fp32 on a CPU, which has no fast bf16 matmul."""
+    """A model's dtype unless asked otherwise: bf16 on a GPU (sampling, references), fp32 on a CPU."""
     return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
 
 

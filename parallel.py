@@ -138,7 +138,8 @@ def fsdp_fill(sharded: torch.nn.Module, full: torch.nn.Module | None) -> None:
     for name, param in sharded.named_parameters():
         value = params[name].detach().to(param.device, param.dtype) if is_main() else \
             torch.empty(param.shape, dtype=param.dtype, device=param.device)
-        param.to_local().copy_(distribute_tensor(value, param.device_mesh, param.placements, src_data_rank=0).to_local())
+        shard = distribute_tensor(value, param.device_mesh, param.placements, src_data_rank=0)  # scattered from 0
+        param.to_local().copy_(shard.to_local())
     buffers = dict(full.named_buffers()) if is_main() else {}
     for name, buffer in sharded.named_buffers():  # rotary tables and the like: not in a checkpoint, not on meta
         if is_main():

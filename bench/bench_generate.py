@@ -211,7 +211,8 @@ def main() -> None:
         print(f"{name:>12}: {best[2]:6d} tokens in {best[0]:7.2f} s = {results[name][0]:7.1f} tokens/s   "
               f"({best[1]:7.2f} CPU s = {results[name][1]:7.1f} tokens per CPU-second; load average "
               f"{load:.2f} -> {os.getloadavg()[0]:.2f})")
-    rates = {name: max(rate, rates[name]) for name, rate in matmul_rates(device, model.dtype).items()}  # better of before/after
+    # the better of before and after the runs
+    rates = {name: max(rate, rates[name]) for name, rate in matmul_rates(device, model.dtype).items()}
     rate = max(rates.values())
     mean_context = prompt_len + results["ours"][2] / (args.prompts * args.n) / 2
     flops = flops_per_token(model, mean_context)
