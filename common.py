@@ -17,6 +17,7 @@ import prompts
 import reward
 import rundir
 import trainstate
+import vllm_sampler
 from config import Config
 from eval.ifeval import evaluate_ifeval
 from parallel import print0
@@ -27,6 +28,8 @@ def load_models(cfg: Config, run: rundir.Run, device):
     """(solver, fp32 masters or None, tokenizer, reward scorer, (creator model, tokenizer) or (None, None))."""
     policy, tokenizer = trainstate.load_solver(cfg, run, device)
     masters = trainstate.load_masters(cfg, run, device, policy)
+    if cfg.sampler == "vllm":
+        vllm_sampler.attach(policy, cfg)
     context = getattr(policy.config, "max_position_embeddings", None)
     if context and cfg.max_prompt_tokens + cfg.max_new_tokens > context:
         raise ValueError(f"--max_prompt_tokens {cfg.max_prompt_tokens} + --max_new_tokens {cfg.max_new_tokens} exceed "

@@ -24,6 +24,7 @@ import model
 import parallel
 import reward
 import tracking
+import vllm_sampler
 
 DESCRIPTION = "eva: evolving alignment via asymmetric self-play (Ye et al., arXiv 2411.00062), offline or --online."
 
@@ -56,6 +57,8 @@ class Config:
     max_new_tokens: int = 128  # longest response
     max_prompt_tokens: int = 512  # longer prompts are skipped and counted
     gen_batch_size: int = 32  # prompts per sampling batch (each expands to n_samples rows)
+    sampler: str = "eva"  # who samples the solver (rollouts, held-out answers, self-play rewrites): eva | vllm (CUDA)
+    vllm_gpu_memory: float = 0.5  # --sampler vllm: share of each GPU's memory for vLLM's weights and KV cache
     # --- the creator
     # (stored with the samples, counted as "informative", selected and drawn by, offline and online)
     info_metric: str = "gap"  # informativeness: gap | max_mean | variance | mean | inv_mean | best_second | uniform
@@ -143,7 +146,8 @@ PAPER_LOSS_SETTINGS = {
 # Fields with a fixed set of values: shown by --help, enforced by check_config (flags and --config files alike).
 CHOICES = dict(preset=tuple(PRESETS), loss=tuple(losses.LOSSES), info_metric=creator.METRICS,
                selection=("weighted", "greedy", "uniform"), evolve_kinds=("all", "depth", "breadth"),
-               optimizer=("adamw", "rmsprop"), online_algo=("rloo", "grpo"), grpo_aggregation=("token", "sequence"))
+               optimizer=("adamw", "rmsprop"), online_algo=("rloo", "grpo"), grpo_aggregation=("token", "sequence"),
+               sampler=("eva", "vllm"))
 
 
 def field_docs() -> dict[str, tuple[str, str]]:
@@ -268,6 +272,7 @@ def check_config(cfg: Config) -> None:
         ("evolved_fraction", 0 < cfg.evolved_fraction <= 1, "in (0, 1]"),
         ("endpoint_timeout", cfg.endpoint_timeout > 0, "> 0 seconds"),
         ("endpoint_retries", cfg.endpoint_retries >= 0, ">= 0"),
+        ("vllm_gpu_memory", 0 < cfg.vllm_gpu_memory < 1, "in (0, 1)"),
     ]
     ranges += [(name, getattr(cfg, name) >= 1, "at least 1") for name in (
         "max_new_tokens", "max_prompt_tokens", "gen_batch_size", "creator_max_new_tokens", "eval_max_new_tokens",
@@ -297,5 +302,7 @@ def check_config(cfg: Config) -> None:
         if cfg.grpo_iterations > 1 and cfg.online_algo != "grpo":
             raise ValueError("--grpo_iterations > 1 reuses samples off-policy, which only GRPO's clipped ratio "
                              "allows: add --online_algo grpo")
+    if cfg.sampler == "vllm":  # 4-bit, no GPU, no package: one line each
+        vllm_sampler.check(cfg)
     if cfg.fsdp and cfg.lora:
         raise ValueError("--fsdp shards full fine-tuning; LoRA and QLoRA train with DDP: add --no-lora or --no-fsdp")

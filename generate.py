@@ -337,7 +337,8 @@ def _decode_step(model, tokens: torch.Tensor, positions: torch.Tensor, masks, ca
 
 # ----------------------------------------------------------------------------- the sampler
 
-def _eos_ids(model, tokenizer) -> list[int]:
+def eos_ids(model, tokenizer) -> list[int]:
+    """The token ids that end a turn: the generation config's EOS ids and the tokenizer's."""
     ids = model.generation_config.eos_token_id if getattr(model, "generation_config", None) else None
     ids = [ids] if isinstance(ids, int) else list(ids or [])
     return sorted(set(ids) | ({tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()))
@@ -502,12 +503,12 @@ def _sample_batch(model, tokenizer, step, ids: list[list[int]], keys: list[int],
         config._attn_implementation = saved
 
 
-def _finish(tokenizer, rows: list[list[int]], s: _Sampling) -> tuple[list[str], list[list[int]], list[str]]:
+def finish_rows(tokenizer, rows: list[list[int]], eos, stop) -> tuple[list[str], list[list[int]], list[str]]:
     """(texts, token ids, finish reasons) of sampled rows: cut at EOS (dropped) or at a stop string."""
     texts, tokens, finish = [], [], []
     for row in rows:
-        end = next((k for k, x in enumerate(row) if x in s.eos), len(row))
-        text, kept, stopped = _cut_at_stop(tokenizer, row[:end], list(s.stop))
+        end = next((k for k, x in enumerate(row) if x in eos), len(row))
+        text, kept, stopped = _cut_at_stop(tokenizer, row[:end], list(stop))
         texts.append(text)
         tokens.append(kept)
         finish.append("stop" if stopped or end < len(row) else "length")
@@ -524,7 +525,8 @@ def sample(model, tokenizer, prompts: list[str], n: int = 1, *, max_new_tokens: 
     batch (up to float rounding of batched matmuls). A row ends at EOS (not returned), at max_new_tokens, or at a
     stop string: its text is cut before it, its token ids end with the token that completed it. Every sync_every
     steps (default: every step on a CPU, where it costs nothing; 8 on accelerators) stop strings are checked and
-    finished rows leave the batch. compile=True wraps the decode step in torch.compile (meant for GPUs)."""
+    finished rows leave the batch. compile=True wraps the decode step in torch.compile (meant for GPUs). A model
+    with a vLLM engine attached (vllm_sampler.attach) samples through it instead, with the same meaning."""
     embed = model.get_input_embeddings().weight
     sync_every = (1 if embed.device.type == "cpu" else 8) if sync_every is None else sync_every
     seeds = [seed * 1_000_003 + i for i in range(len(prompts))] if seeds is None else list(seeds)
@@ -538,8 +540,13 @@ def sample(model, tokenizer, prompts: list[str], n: int = 1, *, max_new_tokens: 
         raise ValueError(f"sample: {len(seeds)} seeds for {len(prompts)} prompts")
     if any(s == "" for s in stop or []):
         raise ValueError("sample: an empty stop string would stop every row at once")
+    if getattr(model, "vllm_engine", None) is not None:  # --sampler vllm: the same requests, sampled by vLLM
+        import vllm_sampler
+        return vllm_sampler.sample(model, tokenizer, prompts, n, max_new_tokens=max_new_tokens, temperature=temperature,
+                                   top_p=top_p, top_k=top_k, stop=list(stop or []), seeds=seeds, chat=chat,
+                                   progress=progress)
     settings = _Sampling(max_new_tokens, temperature, top_p, top_k, stop=tuple(stop or []),
-                         eos=tuple(_eos_ids(model, tokenizer)), sync_every=sync_every,
+                         eos=tuple(eos_ids(model, tokenizer)), sync_every=sync_every,
                          pad=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
     step = _decode_step if model.config.get_text_config().model_type in DECODE_FAMILIES else _model_step
     # the decode step changes shape every step (keys grow, rows leave), hence dynamic shapes, no CUDA graphs
@@ -562,7 +569,8 @@ def sample(model, tokenizer, prompts: list[str], n: int = 1, *, max_new_tokens: 
                 rows = _sample_batch(model, tokenizer, step, [ids[i] for i in batch],
                                      [_row_key(seeds[i], j) for i in batch for j in range(n)], n, settings)
                 for b, i in enumerate(batch):
-                    texts[i], tokens[i], finish[i] = _finish(tokenizer, rows[b * n:(b + 1) * n], settings)
+                    texts[i], tokens[i], finish[i] = finish_rows(tokenizer, rows[b * n:(b + 1) * n], settings.eos,
+                                                                  settings.stop)
     finally:
         model.train(training)
     return SampleOutput(texts=texts, token_ids=tokens, finish=finish)

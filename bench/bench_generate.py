@@ -4,6 +4,7 @@
     python bench/bench_generate.py --model google/gemma-2-2b-it --device cuda --prompts 64 --compile
     python bench/bench_generate.py --skip_hf --profile   # where our time goes, op by op
     python bench/bench_generate.py --dtype bf16          # both in bf16 (oneDNN's AMX kernels on CPUs that have them)
+    python bench/bench_generate.py --device cuda --vllm  # vLLM too (vllm_sampler.py: weight hand-over included)
 
 Both samplers answer the same prompts (the first --prompts of IFEval's input file when the shared data folder is
 there, a fixed list otherwise) with temperature 0.7, top-p 0.9, no top-k, n samples each, one batch of all rows.
@@ -145,14 +146,23 @@ def run_ours(model, tok, prompts, args) -> tuple[float, int]:
     return time.perf_counter() - start, time.process_time() - cpu, sum(len(s) for row in out.token_ids for s in row)
 
 
+def run_vllm(model, tok, prompts, args) -> tuple[float, int]:
+    """--sampler vllm's call: the same generate.sample, routed to the engine (which first takes the weights)."""
+    model.vllm_engine = args.engine
+    try:
+        return run_ours(model, tok, prompts, args)
+    finally:
+        del model.vllm_engine
+
+
 def run_hf(model, tok, prompts, args) -> tuple[float, int]:
-    from generate import _eos_ids, encode_prompt
+    from generate import eos_ids, encode_prompt
     ids = [encode_prompt(tok, p) for p in prompts]
     L = max(map(len, ids))
     inp = torch.tensor([[tok.pad_token_id] * (L - len(x)) + x for x in ids], device=model.device)  # [P, L]
     first = torch.tensor([L - len(x) for x in ids], device=model.device)  # [P] first real token of each row
     attn = torch.arange(L, device=model.device)[None] >= first[:, None]  # [P, L]
-    eos = _eos_ids(model, tok)
+    eos = eos_ids(model, tok)
     sync(model.device)
     start, cpu = time.perf_counter(), time.process_time()
     with torch.inference_mode():
@@ -181,6 +191,8 @@ def main() -> None:
     ap.add_argument("--compile", action="store_true", help="torch.compile our decode step (GPU)")
     ap.add_argument("--skip_hf", action="store_true", help="time ours only")
     ap.add_argument("--profile", action="store_true", help="also print torch.profiler's top ops of our timed run")
+    ap.add_argument("--vllm", action="store_true", help="also time vLLM as --sampler vllm runs it (CUDA, pip install "
+                                                         "vllm)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -196,6 +208,10 @@ def main() -> None:
           f"samples x {args.max_new_tokens} new tokens, temperature 0.7, top-p 0.9, dtype {model.dtype}")
     rates = matmul_rates(device, model.dtype)
     sides = {"ours": run_ours} if args.skip_hf else {"ours": run_ours, "hf generate": run_hf}
+    if args.vllm:
+        import vllm_sampler
+        args.engine = vllm_sampler.start(model_lib.resolve(args.model), gpu_memory=0.5, seed=0)
+        sides["vllm"] = run_vllm
     results = {}
     for name, fn in sides.items():
         warm = argparse.Namespace(**{**vars(args), "max_new_tokens": 4})
@@ -240,6 +256,10 @@ def main() -> None:
     if torch.get_num_threads() == 1:  # one thread: CPU time is what an otherwise idle core would take
         line += f" (per CPU-second {ours[1] / limit:.2f})"
     print(line)
+    if "vllm" in results:
+        print(f"vllm / hf generate = {results['vllm'][0] / results['hf generate'][0]:.2f}x, ours / vllm = "
+              f"{ours[0] / results['vllm'][0]:.2f}x" if "hf generate" in results else
+              f"ours / vllm = {ours[0] / results['vllm'][0]:.2f}x")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The checks that need a GPU, in one go (about 10 minutes): the paper's path on toy copies of gemma-2-9b-it and
 # ArmoRM (the same toys tests/test_paper_path.py builds) on CUDA with bf16, nccl and flash-attn where installed,
-# on 1 GPU and under torchrun on every GPU (offline, and online with FSDP2); then the sampler and training benchmarks. One table at the end.
+# on 1 GPU and under torchrun on every GPU (offline, and online with FSDP2); where vllm is installed, the same offline
+# and online runs with --sampler vllm and the loop's phases with each sampler; then the sampler benchmark (eva's
+# sampler, Hugging Face generate and vLLM side by side) and the training benchmark. One table at the end.
 #
 #     bash scripts/gpu_check.sh                 # uses .venv/bin/python when present, else python
 #     PY=python OUT=/tmp/gpu_check bash scripts/gpu_check.sh
@@ -13,6 +15,7 @@ mkdir -p "$OUT"
 GPUS=$($PY -c "import torch; print(torch.cuda.device_count())")
 [ "$GPUS" -ge 1 ] || { echo "error: no CUDA device visible to $PY" >&2; exit 1; }
 FLASH=$($PY -c "import importlib.util as u; print('yes' if u.find_spec('flash_attn') else 'no')")
+VLLM=$($PY -c "import importlib.util as u; print('yes' if u.find_spec('vllm') else 'no')")
 ROWS=()
 
 # toy models and prompts, built in code as the tests build them (nothing is downloaded)
@@ -49,11 +52,30 @@ check "online_${GPUS}_gpus_fsdp2" $PY -m torch.distributed.run --standalone --np
     "${TOY[@]}" --online --online_steps 4 --online_prompts "$GPUS" --evolve_every 2 --save_every 2 \
     --run_dir "$OUT/online"
 check paper_path_lora_qlora $PY train_eva.py "${TOY[@]}" --lora --no-fsdp --load_in_4bit --lr 5e-5 --run_dir "$OUT/qlora"
-check bench_generate $PY bench/bench_generate.py --device cuda --prompts 64 -n 4 --max_new_tokens 256
+if [ "$VLLM" = yes ]; then
+    rm -rf "$OUT/one_gpu_vllm" "$OUT/online_vllm"
+    check paper_path_1_gpu_vllm $PY train_eva.py "${TOY[@]}" --sampler vllm --run_dir "$OUT/one_gpu_vllm"
+    check "online_${GPUS}_gpus_vllm" $PY -m torch.distributed.run --standalone --nproc_per_node="$GPUS" train_eva.py \
+        "${TOY[@]}" --sampler vllm --lora --no-fsdp --lr 5e-5 --online --online_steps 4 --online_prompts "$GPUS" \
+        --evolve_every 2 --save_every 2 --run_dir "$OUT/online_vllm"
+    # the loop's phases, seconds with each sampler (iteration 0, then 1)
+    $PY - "$OUT/one_gpu/metrics.jsonl" "$OUT/one_gpu_vllm/metrics.jsonl" >"$OUT/phases.md" <<'EOF2'
+import json, sys
+runs = [{(r["iteration"], r["phase"]): r["seconds"] for r in map(json.loads, open(path)) if "seconds" in r}
+        for path in sys.argv[1:]]
+print("| iteration, phase | eva sampler (s) | vLLM (s) |\n|---|---|---|")
+for key in runs[0]:
+    print(f"| {key[0]}, {key[1]} | {runs[0][key]} | {runs[1].get(key, '-')} |")
+EOF2
+    BENCH_VLLM=--vllm
+fi
+check bench_generate $PY bench/bench_generate.py --device cuda --prompts 64 -n 4 --max_new_tokens 256 ${BENCH_VLLM:-}
 check bench_train $PY bench/bench_train.py --device cuda
 
 echo
-echo "GPUs: $GPUS x $($PY -c "import torch; print(torch.cuda.get_device_name(0))"); torch $($PY -c "import torch; print(torch.__version__)"); flash-attn installed: $FLASH"
+echo "GPUs: $GPUS x $($PY -c "import torch; print(torch.cuda.get_device_name(0))"); torch $($PY -c "import torch; print(torch.__version__)"); flash-attn installed: $FLASH; vllm installed: $VLLM"
 echo "| check | result | time | last line of its log ($OUT/<check>.log) |"
 echo "|---|---|---|---|"
 printf '%s\n' "${ROWS[@]}"
+[ -f "$OUT/phases.md" ] && { echo; cat "$OUT/phases.md"; }
+grep -h " / hf generate\|ours / vllm" "$OUT/bench_generate.log"

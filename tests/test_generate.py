@@ -58,7 +58,7 @@ def hf_greedy(model, tok, prompts, max_new_tokens, eos):
 @pytest.mark.parametrize("arch", ["llama", "gemma2", "qwen2", "mistral"])
 def test_greedy_matches_hf_generate(tok, arch):
     m = tiny(tok, arch)
-    eos = generate._eos_ids(m, tok)
+    eos = generate.eos_ids(m, tok)
     ref = hf_greedy(m, tok, PROMPTS, 16, eos)
     out = sample(m, tok, PROMPTS, n=2, max_new_tokens=16, temperature=0, sync_every=3)
     for i in range(len(PROMPTS)):
@@ -73,7 +73,7 @@ def test_gemma2_end_of_turn_ends_a_row(toy_gemma2_dir):
     step k leaves steps < k unchanged and makes step k emit <end_of_turn>."""
     m, t = model.load_model(str(toy_gemma2_dir))
     end_of_turn = t.convert_tokens_to_ids("<end_of_turn>")
-    assert end_of_turn != t.eos_token_id and end_of_turn in generate._eos_ids(m, t)
+    assert end_of_turn != t.eos_token_id and end_of_turn in generate.eos_ids(m, t)
     free = sample(m, t, PROMPTS[1:2], max_new_tokens=12, temperature=0)
     row = free.token_ids[0][0]
     assert len(row) == 12 and free.finish[0][0] == "length"
@@ -98,7 +98,7 @@ def test_eos_ends_one_row_not_the_others(tok, monkeypatch):
     eos_tok = first[1][0][4]  # make prompt 1 end early; the others may or may not contain this token
     cut = first[1][0].index(eos_tok)
     m.generation_config.eos_token_id = eos_tok
-    eos = generate._eos_ids(m, tok)
+    eos = generate.eos_ids(m, tok)
     ref = hf_greedy(m, tok, PROMPTS, 16, eos)
     rows_per_step = []
     real_step = generate._decode_step
@@ -129,7 +129,7 @@ def test_finished_rows_leaving_does_not_change_samples(tok):
 def test_bundled_greedy_matches_hf_generate(bundled):
     m, t = bundled
     prompts = ["What is the capital of France?", "Write one sentence about the sea, please, in a calm tone."]
-    eos = generate._eos_ids(m, t)
+    eos = generate.eos_ids(m, t)
     ref = hf_greedy(m, t, prompts, 20, eos)
     out = sample(m, t, prompts, max_new_tokens=20, temperature=0)
     assert [r[0] for r in out.token_ids] == ref
@@ -259,7 +259,7 @@ def test_lora_adapter_greedy_matches_hf(tok, tiny_llama_dir):
             if "lora_B" in name:
                 p.normal_(0, 0.5)  # a non-trivial adapter
     m.eval()
-    eos = generate._eos_ids(m, t)
+    eos = generate.eos_ids(m, t)
     assert sample(m, t, PROMPTS, max_new_tokens=8, temperature=0).token_ids == [[r] for r in
                                                                                hf_greedy(m, t, PROMPTS, 8, eos)]
 
@@ -292,7 +292,7 @@ def test_other_families_decode_through_the_model_forward(tok, monkeypatch):
     with our attention function, still token-exact."""
     m = tiny(tok, "qwen3")
     monkeypatch.setattr(generate, "_decode_step", lambda *a: pytest.fail("qwen3 is not a DECODE_FAMILIES model"))
-    ref = hf_greedy(m, tok, PROMPTS, 12, generate._eos_ids(m, tok))
+    ref = hf_greedy(m, tok, PROMPTS, 12, generate.eos_ids(m, tok))
     out = sample(m, tok, PROMPTS, n=2, max_new_tokens=12, temperature=0, sync_every=3)
     assert [r[0] for r in out.token_ids] == ref and [r[1] for r in out.token_ids] == ref
 

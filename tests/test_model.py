@@ -39,7 +39,7 @@ def test_saved_family_loads_and_samples_like_hf(tok, tmp_path, request, arch):
     m, t = model.load_model(str(folder))
     want = "eager" if m.config.model_type == "gemma2" else "sdpa"
     assert m.config._attn_implementation == want, f"{arch}: loaded with {m.config._attn_implementation}"
-    ref = hf_greedy(m, t, PROMPTS, 12, generate._eos_ids(m, t))
+    ref = hf_greedy(m, t, PROMPTS, 12, generate.eos_ids(m, t))
     out = sample(m, t, PROMPTS, n=2, max_new_tokens=12, temperature=0, sync_every=3)
     assert [r[0] for r in out.token_ids] == ref and [r[1] for r in out.token_ids] == ref, f"{arch}: greedy differs"
 
