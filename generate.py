@@ -21,6 +21,7 @@ import inspect
 from dataclasses import dataclass
 
 import torch
+from tqdm.auto import tqdm
 from transformers import AttentionInterface
 from transformers.cache_utils import Cache, CacheLayerMixin
 
@@ -525,8 +526,8 @@ def sample(model, tokenizer, prompts: list[str], n: int = 1, *, max_new_tokens: 
     batch (up to float rounding of batched matmuls). A row ends at EOS (not returned), at max_new_tokens, or at a
     stop string: its text is cut before it, its token ids end with the token that completed it. Every sync_every
     steps (default: every step on a CPU, where it costs nothing; 8 on accelerators) stop strings are checked and
-    finished rows leave the batch. compile=True wraps the decode step in torch.compile (meant for GPUs). A model
-    with a vLLM engine attached (vllm_sampler.attach) samples through it instead, with the same meaning."""
+    finished rows leave the batch. compile=True wraps the decode step in torch.compile (meant for GPUs).
+    model.sample_with, where set (vllm_sampler.use), answers instead."""
     embed = model.get_input_embeddings().weight
     sync_every = (1 if embed.device.type == "cpu" else 8) if sync_every is None else sync_every
     seeds = [seed * 1_000_003 + i for i in range(len(prompts))] if seeds is None else list(seeds)
@@ -540,11 +541,10 @@ def sample(model, tokenizer, prompts: list[str], n: int = 1, *, max_new_tokens: 
         raise ValueError(f"sample: {len(seeds)} seeds for {len(prompts)} prompts")
     if any(s == "" for s in stop or []):
         raise ValueError("sample: an empty stop string would stop every row at once")
-    if getattr(model, "vllm_engine", None) is not None:  # --sampler vllm: the same requests, sampled by vLLM
-        import vllm_sampler
-        return vllm_sampler.sample(model, tokenizer, prompts, n, max_new_tokens=max_new_tokens, temperature=temperature,
-                                   top_p=top_p, top_k=top_k, stop=list(stop or []), seeds=seeds, chat=chat,
-                                   progress=progress)
+    if getattr(model, "sample_with", None) is not None:  # a sampler of its own: --sampler vllm (vllm_sampler.use)
+        return model.sample_with(model, tokenizer, prompts, n, max_new_tokens=max_new_tokens, temperature=temperature,
+                                 top_p=top_p, top_k=top_k, stop=list(stop or []), seeds=seeds, chat=chat,
+                                 progress=progress)
     settings = _Sampling(max_new_tokens, temperature, top_p, top_k, stop=tuple(stop or []),
                          eos=tuple(eos_ids(model, tokenizer)), sync_every=sync_every,
                          pad=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
@@ -556,9 +556,7 @@ def sample(model, tokenizer, prompts: list[str], n: int = 1, *, max_new_tokens: 
         raise ValueError(f"sample: prompt {[len(x) for x in ids].index(0)} is empty after tokenisation")
     order = sorted(range(len(prompts)), key=lambda i: -len(ids[i]))  # similar lengths together: less padding
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-    if progress:
-        from tqdm.auto import tqdm
-        batches = tqdm(batches, desc="sample", unit="batch")
+    batches = tqdm(batches, desc="sample", unit="batch", disable=not progress)
     texts, tokens, finish = [None] * len(prompts), [None] * len(prompts), [None] * len(prompts)
     training = model.training
     model.eval()  # no dropout while sampling, even when called between training steps
@@ -580,11 +578,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description="Sample n responses per prompt from a model.")
     ap.add_argument("--model", default="default", help="'default', a hub id, a model folder or an adapter folder")
     ap.add_argument("--prompt", action="append", required=True, help="a user message; repeat for several")
-    ap.add_argument("-n", type=int, default=1)
-    ap.add_argument("--max_new_tokens", type=int, default=256)
-    ap.add_argument("--temperature", type=float, default=0.7)
-    ap.add_argument("--top_p", type=float, default=0.9)
-    ap.add_argument("--top_k", type=int, default=0)
+    for flag, kind, default in (("-n", int, 1), ("--max_new_tokens", int, 256), ("--temperature", float, 0.7),
+                                ("--top_p", float, 0.9), ("--top_k", int, 0)):
+        ap.add_argument(flag, type=kind, default=default)
     ap.add_argument("--stop", action="append", default=None, help="a stop string; repeat for several")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no_chat", action="store_true", help="send the prompt as raw text, no chat template")
@@ -598,9 +594,7 @@ def main() -> None:
                  temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, stop=args.stop, seed=args.seed,
                  chat=not args.no_chat, compile=args.compile)
     for prompt, texts in zip(args.prompt, out.texts):
-        print(f"### prompt: {prompt}")
-        for j, text in enumerate(texts):
-            print(f"--- sample {j}\n{text}")
+        print(f"### prompt: {prompt}" + "".join(f"\n--- sample {j}\n{text}" for j, text in enumerate(texts)))
 
 
 if __name__ == "__main__":

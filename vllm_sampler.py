@@ -10,7 +10,9 @@ would: the chat-formatted prompt ids, n samples from each prompt's seed, EOS and
 generate.finish_rows, so texts, token ids and "stop"/"length" mean what they mean with eva's sampler.
 
     vllm_sampler.attach(solver, cfg)        # after this, generate.sample(solver, ...) goes through vLLM
+    vllm_sampler.use(solver, llm)           # the same with an engine already started
 """
+import functools
 import importlib.util
 import os
 
@@ -48,7 +50,12 @@ def start(model_path: str, gpu_memory: float, seed: int):
 
 def attach(solver, cfg) -> None:
     """Route every generate.sample call on `solver` through a vLLM engine started from the solver's base model."""
-    solver.vllm_engine = start(model_lib.resolve(cfg.model), cfg.vllm_gpu_memory, cfg.seed)
+    use(solver, start(model_lib.resolve(cfg.model), cfg.vllm_gpu_memory, cfg.seed))
+
+
+def use(solver, llm) -> None:
+    """Route every generate.sample call on `solver` through the engine `llm` (generate.sample checks for it)."""
+    solver.sample_with = functools.partial(sample, llm)
 
 
 def hf_weights(model):
@@ -78,11 +85,11 @@ def load_weights(llm, model) -> None:
     llm.reset_prefix_cache()  # cached prefixes hold keys of the old weights
 
 
-def sample(model, tokenizer, prompts: list[str], n: int, *, max_new_tokens: int, temperature: float, top_p: float,
-           top_k: int, stop: list[str], seeds: list[int], chat: bool, progress: bool) -> generate.SampleOutput:
-    """generate.sample's answer from the engine attached to `model` (its arguments already checked there)."""
+def sample(llm, model, tokenizer, prompts: list[str], n: int, *, max_new_tokens: int, temperature: float,
+           top_p: float, top_k: int, stop: list[str], seeds: list[int], chat: bool,
+           progress: bool) -> generate.SampleOutput:
+    """generate.sample's answer from the engine `llm` with `model`'s current weights (arguments checked there)."""
     import vllm
-    llm = model.vllm_engine
     load_weights(llm, model)
     eos = generate.eos_ids(model, tokenizer)
     requests = [{"prompt_token_ids": generate.encode_prompt(tokenizer, p, chat)} for p in prompts]

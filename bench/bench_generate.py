@@ -148,11 +148,12 @@ def run_ours(model, tok, prompts, args) -> tuple[float, int]:
 
 def run_vllm(model, tok, prompts, args) -> tuple[float, int]:
     """--sampler vllm's call: the same generate.sample, routed to the engine (which first takes the weights)."""
-    model.vllm_engine = args.engine
+    import vllm_sampler
+    vllm_sampler.use(model, args.engine)
     try:
         return run_ours(model, tok, prompts, args)
     finally:
-        del model.vllm_engine
+        del model.sample_with
 
 
 def run_hf(model, tok, prompts, args) -> tuple[float, int]:

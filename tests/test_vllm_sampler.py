@@ -105,12 +105,12 @@ def test_engine_takes_the_merged_weights_and_answers_as_eva_does(tiny_llama_dir,
     base = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
     assert generate.sample(base, tok, PROMPTS, **kwargs).token_ids != expected.token_ids  # the adapter matters
 
-    solver.vllm_engine = EngineStandIn(tiny_llama_dir)
+    engine = EngineStandIn(tiny_llama_dir)
+    vllm_sampler.use(solver, engine)
     out = generate.sample(solver, tok, PROMPTS, **kwargs)
     assert out == expected  # texts, token ids (EOS dropped) and finish reasons
     assert {"stop", "length"} <= {f for fs in out.finish for f in fs}
 
-    engine = solver.vllm_engine
     merged = model.add_lora(AutoModelForCausalLM.from_pretrained(tiny_llama_dir), r=4, alpha=8)
     merged.load_state_dict(solver.state_dict())
     merged = merged.merge_and_unload().state_dict()
