@@ -1,6 +1,6 @@
 """oneDNN's GEMM for the linear layers of a model on an x86 CPU, where it runs faster than torch's default linear
 (bench/bench_generate.py and bench/bench_train.py print both): fp32, and bf16 for sampling a bf16 model (AMX where
-the CPU has it). Products differ by float rounding only.
+the CPU has it; bf16 needs AVX512 or AVX-NE-CONVERT). Products differ by float rounding only.
 
     with onednn.packed_linears(model): ...    # sampling: weights (LoRA merged in) reordered once, no gradients
     with onednn.trained_linears(model): ...   # training: forward and backward through oneDNN, weights as they are
@@ -14,6 +14,8 @@ import torch
 # on the x86 CPUs it was measured on; elsewhere the modules run as they are
 AVAILABLE = (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
              and torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"))
+# oneDNN's bf16 GEMM needs AVX512-BW/VL/DQ or AVX-NE-CONVERT; on other CPUs bf16 layers run as they are
+BF16 = AVAILABLE and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
 def _linear(x, weight, bias):
@@ -47,7 +49,7 @@ def pack_linears(model) -> dict:
     """{module: x -> module(x)} for the linear layers of a model on a CPU, with weights reordered once (per sample()
     call) for oneDNN's GEMM. A row's product does not depend on how many rows come with it (weights reordered
     for 128 rows; tests/test_generate.py checks it). Costs one more copy of the weights while sampling. Modules left
-    out (GPU, 4-bit, DoRA) are called as they are."""
+    out (GPU, 4-bit, DoRA; bf16 where the CPU lacks oneDNN's bf16 GEMM) are called as they are."""
     if not AVAILABLE:
         return {}
     packed, inside_lora = {}, set()
@@ -60,6 +62,8 @@ def pack_linears(model) -> dict:
         if found is None:
             continue
         weight, bias = found
+        if weight.dtype == torch.bfloat16 and not BF16:
+            continue
         reordered = torch.ops.mkldnn._reorder_linear_weight(weight, 128)
         packed[module] = (lambda w, b: lambda x: _linear(x, w, b))(reordered, bias)
     return packed

@@ -354,8 +354,8 @@ def test_bench_attention_rate_calls_generates_attention(tok, arch):
 
 @pytest.mark.skipif(not onednn.AVAILABLE, reason="oneDNN linear layers are used on x86 CPUs only")
 def test_packed_linears_in_bf16(tiny_llama_dir):
-    """A bf16 model on the CPU samples through oneDNN's bf16 GEMM too: LoRA deltas merged in bf16, products as the
-    modules' up to bf16 rounding, and sample() runs on it."""
+    """A bf16 model on the CPU samples through oneDNN's bf16 GEMM too where the CPU has it: LoRA deltas merged in
+    bf16, products as the modules' up to bf16 rounding; elsewhere its layers are left as they are. sample() runs."""
     m, tokenizer = model.load_model(str(tiny_llama_dir), dtype=torch.bfloat16)
     m = model.add_lora(m, r=4).to(torch.bfloat16)
     with torch.no_grad():
@@ -366,7 +366,10 @@ def test_packed_linears_in_bf16(tiny_llama_dir):
     with torch.no_grad():
         packed = onednn.pack_linears(m)
         q_proj = m.get_base_model().model.layers[0].self_attn.q_proj
-        assert q_proj in packed and len(packed) == sum(1 for x in m.modules() if hasattr(x, "lora_A")) + 1
+        if not onednn.BF16:  # e.g. an AVX2-only CPU: oneDNN refuses bf16 weights there
+            assert packed == {}
+        else:
+            assert q_proj in packed and len(packed) == sum(1 for x in m.modules() if hasattr(x, "lora_A")) + 1
         for module, fn in packed.items():
             x = torch.randn(7, module.in_features, dtype=torch.bfloat16)
             assert fn(x).dtype == torch.bfloat16
