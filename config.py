@@ -70,6 +70,11 @@ class Config:
     creator_max_new_tokens: int = 160  # longest rewrite
     creator_temperature: float = 0.7  # sampling temperature of the creator
     creator_candidates: int = 4  # rewrites sampled per link; the first that passes cleaning is kept
+    creator_learns: bool = False  # the creator is a second LoRA adapter, trained by RLOO on the solver (creator_rl.py)
+    creator_group: int = 4  # --creator_learns: rewrites per parent in the creator's RLOO round (its k, >= 2)
+    creator_lr: float = 1e-4  # --creator_learns: the creator adapter's learning rate (AdamW, constant)
+    copy_threshold: float = 0.6  # --creator_learns: a child this similar to its parent (3-gram Jaccard) is a near-copy
+    copy_penalty: float = 1.0  # --creator_learns: subtracted from a near-copy's creator reward (1: never above 0)
     endpoint_timeout: float = 120.0  # seconds per socket operation of a creator endpoint or judge call
     endpoint_retries: int = 4  # retries (exponential backoff) of a failed endpoint call before it counts as failed
     # --- the solver update
@@ -273,6 +278,10 @@ def check_config(cfg: Config) -> None:
         ("endpoint_timeout", cfg.endpoint_timeout > 0, "> 0 seconds"),
         ("endpoint_retries", cfg.endpoint_retries >= 0, ">= 0"),
         ("vllm_gpu_memory", 0 < cfg.vllm_gpu_memory < 1, "in (0, 1)"),
+        ("creator_group", cfg.creator_group >= 2, "at least 2 (RLOO compares each rewrite with its siblings)"),
+        ("creator_lr", cfg.creator_lr > 0, "> 0"),
+        ("copy_threshold", 0 < cfg.copy_threshold <= 1, "in (0, 1]"),
+        ("copy_penalty", cfg.copy_penalty >= 0, ">= 0"),
     ]
     ranges += [(name, getattr(cfg, name) >= 1, "at least 1") for name in (
         "max_new_tokens", "max_prompt_tokens", "gen_batch_size", "creator_max_new_tokens", "eval_max_new_tokens",
@@ -304,5 +313,12 @@ def check_config(cfg: Config) -> None:
                              "allows: add --online_algo grpo")
     if cfg.sampler == "vllm":  # 4-bit, no GPU, no package: one line each
         vllm_sampler.check(cfg)
+    if cfg.creator_learns:  # a second adapter on the solver's base, trained between the offline iterations
+        for holds, why in [(cfg.lora, "needs --lora (the creator is a second LoRA adapter on the solver's base)"),
+                           (cfg.creator == "self", f"needs --creator self, not {cfg.creator}"),
+                           (not cfg.online, "is offline only for now: drop --online"),
+                           (cfg.sampler == "eva", "samples with --sampler eva only")]:
+            if not holds:
+                raise ValueError(f"--creator_learns {why}")
     if cfg.fsdp and cfg.lora:
         raise ValueError("--fsdp shards full fine-tuning; LoRA and QLoRA train with DDP: add --no-lora or --no-fsdp")

@@ -282,7 +282,7 @@ def save_adapter(model, folder: str | Path, base_spec: str) -> None:
     folder = Path(folder)
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
+    model.save_pretrained(tmp, selected_adapters=["default"])  # the solver's own (not creator_rl's)
     (tmp / ADAPTER_BASE_FILE).write_text(json.dumps({"base": base_spec}))
     shutil.rmtree(folder, ignore_errors=True)
     os.rename(tmp, folder)

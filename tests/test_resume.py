@@ -24,14 +24,16 @@ from conftest import ROOT
 from test_train_eva import TINY_PROMPTS, write_prompts
 
 # Three optimizer steps per iteration (checkpoints after steps 1 and 2) and LoRA dropout, so the resumed update needs
-# the optimizer, the scheduler and the RNG state of the checkpoint to land on the same weights.
+# the optimizer, the scheduler and the RNG state of the checkpoint to land on the same weights. The creator learns
+# (creator_rl.py), so its phase is killed and resumed too.
 ARGS = ["--preset", "smoke", "--heldout_prompts", "", "--lr", "1e-3", "--top_p", "1.0", "--epochs", "3",
-        "--lora_dropout", "0.1"]
+        "--lora_dropout", "0.1", "--creator_learns"]
 # "0:train:2": after the step-2 checkpoint, where the learning rate already decays (a scheduler restarted at step 0
 # would not). The rest: iteration 1, each phase, outputs written but no marker.
-KILLS = ["0:train:2", "1:estimate", "1:select", "1:evolve", "1:generate", "1:pairs", "1:train"]
+KILLS = ["0:train:2", "1:estimate", "1:select", "1:creator", "1:evolve", "1:generate", "1:pairs", "1:train"]
 # What each phase writes; once its marker exists these files must never be written again.
-PHASE_FILES = {"estimate": ["samples.jsonl"], "select": ["selected.jsonl"], "evolve": ["evolved.jsonl"],
+PHASE_FILES = {"estimate": ["samples.jsonl"], "select": ["selected.jsonl"], "creator": ["creator_rollouts.jsonl"],
+               "evolve": ["evolved.jsonl"],
                "generate": ["evolved_samples.jsonl"], "pairs": ["pairs.jsonl"],
                "train": ["pool_next.jsonl", "adapter/adapter_model.safetensors"]}
 

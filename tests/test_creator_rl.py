@@ -1,0 +1,131 @@
+"""The learning creator (creator_rl.py): its reward on hand-made children, an RLOO step that moves only the creator's
+adapter, and its state resuming to the same next step. The killed-and-resumed loop with --creator_learns is in
+tests/test_resume.py.
+
+    python -m pytest tests/test_creator_rl.py -q
+"""
+import math
+
+import pytest
+import torch
+
+import config
+import creator_rl
+import model
+import rundir
+import trainstate
+
+PARENT = "Write a short poem about the sea at night."
+
+
+def reward_of(valid=True, rewards=(0.0, 1.0, 0.0, 1.0), child="Explain why the tides rise twice a day, for a child.",
+              **kw):
+    return creator_rl.creator_reward(valid, list(rewards), PARENT, child, **{"lo": 0.0, "hi": 1.0, **kw})
+
+
+def test_creator_reward_on_hand_made_children():
+    informative = reward_of()
+    assert informative["reward"] == pytest.approx(1.0) and not informative["near_copy"]  # gap 1, solved half the time
+    invalid = reward_of(valid=False)
+    assert invalid["reward"] == -1.0 and invalid["info"] is None
+    assert reward_of(rewards=(1, 1, 1, 1))["reward"] == 0.0  # all solved: nothing to learn
+    assert reward_of(rewards=(0, 0, 0, 0))["reward"] == 0.0  # never solved: nothing to learn either
+    near = reward_of(child=PARENT.replace("short ", ""))  # an informative near-copy of its parent
+    assert near["near_copy"] and near["similarity"] >= 0.6
+    assert near["reward"] == pytest.approx(1.0 - 1.0)  # i * u minus the copy penalty
+    mostly = reward_of(rewards=(1, 1, 1, 0))  # solved 3 times in 4: informative but too easy to be ideal
+    assert 0 < mostly["reward"] < informative["reward"]
+    assert mostly["uncertainty"] == pytest.approx(0.5) and mostly["success"] == pytest.approx(0.75)
+    assert invalid["reward"] < near["reward"] <= reward_of(rewards=(1, 1, 1, 1))["reward"] < informative["reward"]
+
+
+def test_creator_reward_scales_a_reward_model_range_and_skips_missing_rewards():
+    # a reward model's scores in [-4, 4]: a gap of 4 is half the range, a mean of 0 is success 1/2
+    r = reward_of(rewards=(-2.0, 2.0, float("nan")), lo=-4.0, hi=4.0)
+    assert r["info"] == pytest.approx(0.5) and r["success"] == pytest.approx(0.5)
+    assert r["reward"] == pytest.approx(0.5)
+    assert reward_of(rewards=(float("nan"), 1.0))["reward"] == 0.0  # one reward: no gap to credit
+    assert reward_of(rewards=(0, 1), copy_penalty=0.25, child=PARENT)["reward"] == pytest.approx(0.75)
+
+
+def creator_setup(tiny_llama_dir, seed: int = 0):
+    cfg = config.parse_config(["--preset", "smoke", "--creator_learns", "--lora_r", "4", "--creator_lr", "1e-2",
+                               "--seed", str(seed)])
+    m, tokenizer = model.load_model(str(tiny_llama_dir))
+    torch.manual_seed(0)
+    m = model.add_lora(m, r=4)
+    with torch.no_grad():  # a solver adapter that is not zero, so that leaving it alone is visible
+        for name, p in m.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    m.eval()
+    return cfg, m, tokenizer, creator_rl.attach(m, cfg)
+
+
+ASKED = [(None, "concretise", "Request: write a poem\nNew request:"), (None, "reasoning", "Request: add 2 and 3\nNew "
+                                                                                         "request:")]
+REWARDS = torch.tensor([[1.0, -1.0, 0.0, 0.5], [0.0, 0.0, 1.0, -1.0]])  # [P, k]
+
+
+def rollouts(tokenizer):
+    """Four rewrites per message, as token ids (different lengths)."""
+    return [[tokenizer(" " + "x y z" * (j + 1)).input_ids[:2 + j] for j in range(4)] for _ in ASKED]
+
+
+def weights(m, adapter: str | None) -> dict[str, torch.Tensor]:
+    """The LoRA weights of one adapter (None: the base's own weights)."""
+    if adapter is None:
+        return {n: p.detach().clone() for n, p in m.named_parameters() if "lora_" not in n}
+    return {n: p.detach().clone() for n, p in m.named_parameters() if f".{adapter}." in n}
+
+
+def test_creator_update_moves_only_the_creator_adapter(tiny_llama_dir, tmp_path):
+    cfg, m, tokenizer, learner = creator_setup(tiny_llama_dir)
+    before = {a: weights(m, a) for a in ("default", "creator", None)}
+    ids = tokenizer("Name three rivers.", return_tensors="pt").input_ids
+    with torch.no_grad():
+        solver_logits = m(ids).logits
+    stats = creator_rl._update(m, tokenizer, ASKED, rollouts(tokenizer), REWARDS, learner, cfg)
+    assert math.isfinite(stats["creator_loss"]) and stats["creator_grad_norm"] > 0
+    after = {a: weights(m, a) for a in ("default", "creator", None)}
+    assert any(not torch.equal(before["creator"][n], after["creator"][n]) for n in after["creator"])
+    for adapter in ("default", None):
+        assert all(torch.equal(before[adapter][n], after[adapter][n]) for n in after[adapter]), adapter
+    assert m.active_adapters == ["default"] and all(  # back to the solver, which answers as before
+        p.requires_grad == (".default." in n) for n, p in m.named_parameters())
+    with torch.no_grad():
+        torch.testing.assert_close(m(ids).logits, solver_logits, atol=0, rtol=0)
+    model.save_adapter(m, tmp_path / "adapter", "base")  # the solver's adapter folder holds the solver's only
+    saved = tmp_path / "adapter"
+    assert (saved / "adapter_model.safetensors").exists() and not (saved / "creator").exists()
+
+
+def test_creator_state_resumes_to_the_same_next_step(tiny_llama_dir, tmp_path):
+    """A creator updated once, saved, and restored into a fresh process's model takes the same second step as the
+    one that never stopped (adapter weights and AdamW's moments both come back)."""
+    run = rundir.Run(tmp_path / "run")
+    cfg, m, tokenizer, learner = creator_setup(tiny_llama_dir)
+    creator_rl._update(m, tokenizer, ASKED, rollouts(tokenizer), REWARDS, learner, cfg)
+    with creator_rl.speaking(m):
+        trainstate.save_checkpoint(run.iter_dir(1) / creator_rl.STATE_FILE, m, learner["optimizer"],
+                                   learner["scheduler"], 1)
+    run.mark(1, "creator", {})
+    creator_rl._update(m, tokenizer, ASKED, rollouts(tokenizer), REWARDS.flip(-1), learner, cfg)
+
+    _, fresh, _, fresh_learner = creator_setup(tiny_llama_dir, seed=1)  # another seed: another random creator A
+    creator_rl.load(fresh, fresh_learner, run, 1)
+    assert fresh_learner["at"] == 1 and fresh.active_adapters == ["default"]
+    creator_rl._update(fresh, tokenizer, ASKED, rollouts(tokenizer), REWARDS.flip(-1), fresh_learner, cfg)
+    uninterrupted, resumed = weights(m, "creator"), weights(fresh, "creator")
+    for n in uninterrupted:
+        torch.testing.assert_close(resumed[n], uninterrupted[n])
+    run.close()
+
+
+@pytest.mark.parametrize("flags, names", [
+    (["--no-lora"], "needs --lora"), (["--creator", "endpoint:http://x#m"], "needs --creator self"),
+    (["--online"], "offline only"), (["--creator_group", "1"], "--creator_group 1"),
+    (["--copy_threshold", "0"], "--copy_threshold 0")])
+def test_bad_creator_learns_settings_get_one_line(flags, names):
+    with pytest.raises(ValueError, match=names):
+        config.parse_config(["--creator_learns", *flags])
