@@ -5,15 +5,20 @@ tests/test_resume.py.
     python -m pytest tests/test_creator_rl.py -q
 """
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 import config
 import creator_rl
 import model
 import rundir
 import trainstate
+from conftest import ROOT
 
 PARENT = "Write a short poem about the sea at night."
 
@@ -129,3 +134,22 @@ def test_creator_state_resumes_to_the_same_next_step(tiny_llama_dir, tmp_path):
 def test_bad_creator_learns_settings_get_one_line(flags, names):
     with pytest.raises(ValueError, match=names):
         config.parse_config(["--creator_learns", *flags])
+
+
+def test_two_ranks_take_the_creator_step_of_one(tmp_path, tiny_llama_dir):
+    """Each rank computes its share of the messages' loss and the gradients are summed over ranks: 2 gloo ranks end
+    on the weights of 1 process."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    script = str(ROOT / "tests" / "creator_ranks.py")
+    runs = {1: [sys.executable, script], 2: [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                             "--nproc_per_node=2", script]}
+    procs = {n: subprocess.Popen([*cmd, str(tiny_llama_dir), str(tmp_path / f"{n}.safetensors")], env=env,
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for n, cmd in runs.items()}
+    for n, proc in procs.items():
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, f"{n} rank(s):\n{err[-4000:]}"
+    one, two = (load_file(tmp_path / f"{n}.safetensors") for n in (1, 2))
+    assert one.keys() == two.keys() and any("lora_B" in n and w.abs().sum() > 0 for n, w in one.items())
+    for name in one:  # the ranks' gradients add up in another order
+        err = ((two[name] - one[name]).norm() / one[name].norm().clamp(min=1e-12)).item()
+        assert err <= 1e-5, f"{name} differs by {err:.2e} (relative) between 1 and 2 ranks"

@@ -100,7 +100,7 @@ def losses_logged(run: Path) -> list[float]:
 
 
 def test_lora_ddp_two_ranks_equal_one(tmp_path, tiny_llama_dir):
-    args = common_args(tmp_path, tiny_llama_dir)
+    args = common_args(tmp_path, tiny_llama_dir, "--creator_learns")  # the learning creator's round runs sharded too
     one, two = launch_pair(tmp_path, args, args)
     # before any training, sampling and pairing depend on the seed alone, never on the number of ranks
     assert_same_files(one, two, ["iter_0/samples.jsonl", "iter_0/pairs.jsonl"])
@@ -108,7 +108,8 @@ def test_lora_ddp_two_ranks_equal_one(tmp_path, tiny_llama_dir):
     b = load_file(two / "iter_0" / "adapter" / "adapter_model.safetensors")
     assert any(v.abs().sum() > 0 for k, v in a.items() if "lora_B" in k), "the adapter never moved"
     assert_close_weights(a, b, "iter_0 adapter")
-    assert_mostly_same(one, two, ["iter_1/samples.jsonl", "iter_1/selected.jsonl", "iter_1/evolved.jsonl",
+    assert_mostly_same(one, two, ["iter_1/samples.jsonl", "iter_1/selected.jsonl", "iter_1/creator_rollouts.jsonl",
+                                  "iter_1/evolved.jsonl",
                                   "iter_1/evolved_samples.jsonl", "iter_1/pairs.jsonl"])
     if (one / "iter_1" / "pairs.jsonl").read_text() == (two / "iter_1" / "pairs.jsonl").read_text():
         a = load_file(one / "iter_1" / "adapter" / "adapter_model.safetensors")
