@@ -136,6 +136,27 @@ def evolution_section(run: Path) -> str:
     return "\n".join(text) + "\n"
 
 
+def creator_rows(run: Path) -> list[dict]:
+    """The learning creator's rounds (--creator_learns: each iteration's done_creator summary), oldest first."""
+    return [dict(iteration=int(f.parent.name.split("_")[1]), **json.loads(f.read_text()))
+            for f in sorted(run.glob("iter_*/done_creator"), key=lambda f: int(f.parent.name.split("_")[1]))]
+
+
+def creator_section(rounds: list[dict]) -> str:
+    """Is the learning creator writing valid, new children that the solver finds more informative than their
+    parents?"""
+    if not rounds:
+        return ""
+    text = ["", "## The learning creator's rounds", "",
+            "| iteration | rewrites | creator reward | valid | near-copies | children's reward (parents') | "
+            "children's info (parents') |", "|---|---|---|---|---|---|---|"]
+    for r in rounds:
+        text.append(f"| {r['iteration']} | {r['rewrites']} | {_fmt(r['creator_reward'])} | {_fmt(r['valid'], 2)} | "
+                    f"{_fmt(r['near_copy'], 2)} | {_fmt(r['child_reward'])} ({_fmt(r['parent_reward'])}) | "
+                    f"{_fmt(r['child_info'])} ({_fmt(r['parent_info'])}) |")
+    return "\n".join(text) + "\n"
+
+
 def info_metric(run: Path) -> str:
     """The run's --info_metric, as its config.json has it."""
     path = Path(run) / "config.json"
@@ -156,9 +177,11 @@ def write_report(run: Path, eva_iterations: int | None = None) -> str:
                      f"{_fmt(r['first_loss'], 4)} -> {_fmt(r['last_loss'], 4)} |")
     table = "\n".join(lines)
     accuracy = accuracy_table(start, end)
-    md = f"# eva run report: {run}\n\n{table}\n\n{accuracy}\n\n![report](report.png)\n" + evolution_section(run)
+    rounds = creator_rows(run)
+    md = (f"# eva run report: {run}\n\n{table}\n\n{accuracy}\n\n![report](report.png)\n" + creator_section(rounds)
+          + evolution_section(run))
     (run / "report.md").write_text(md)
-    plot(run, rows, start, end)
+    plot(run, rows, start, end, rounds)
     return table + ("\n\n" + accuracy if accuracy else "")
 
 
@@ -224,14 +247,14 @@ def write_online_report(run: Path, windows: int = 8) -> str:
     return table + ("\n\n" + accuracy if accuracy else "")
 
 
-def plot(run: Path, rows: list[dict], start: dict | None, end: dict | None) -> None:
+def plot(run: Path, rows: list[dict], start: dict | None, end: dict | None, rounds: list[dict] = ()) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     # A run killed between checkpoints logs the redone steps twice: keep the last record of each step.
     steps = list({(m["iteration"], m["step"]): m for m in _jsonl(run / "metrics.jsonl")
                   if "step" in m and "loss" in m}.values())
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    fig, axes = plt.subplots(1, 4 if rounds else 3, figsize=(17 if rounds else 13, 3.6))
     ax = axes[0]
     for t in sorted({m["iteration"] for m in steps}):
         ms = [m for m in steps if m["iteration"] == t]
@@ -251,6 +274,13 @@ def plot(run: Path, rows: list[dict], start: dict | None, end: dict | None) -> N
         ax.set_xticks(x, ["prompt-level", "instruction-level"])
         ax.legend()
     ax.set(title="held-out constraint accuracy", ylim=(0, 1))
+    if rounds:  # the learning creator: its reward, and its children's informativeness against their parents'
+        ax, its = axes[3], [r["iteration"] for r in rounds]
+        for key, label in (("creator_reward", "creator reward"), ("child_info", "children's info"),
+                           ("parent_info", "parents' info"), ("near_copy", "near-copy share")):
+            ax.plot(its, [r[key] for r in rounds], "o-", label=label)
+        ax.set(title="the learning creator", xlabel="iteration", xticks=its)
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(run / "report.png", dpi=110)
     plt.close(fig)

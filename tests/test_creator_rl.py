@@ -153,3 +153,20 @@ def test_two_ranks_take_the_creator_step_of_one(tmp_path, tiny_llama_dir):
     for name in one:  # the ranks' gradients add up in another order
         err = ((two[name] - one[name]).norm() / one[name].norm().clamp(min=1e-12)).item()
         assert err <= 1e-5, f"{name} differs by {err:.2e} (relative) between 1 and 2 ranks"
+
+
+def test_report_shows_the_creator_rounds(tmp_path):
+    import json
+
+    import report
+    for t, (reward, info) in enumerate([(-0.5, 0.1), (0.2, 0.4)], start=1):
+        folder = tmp_path / f"iter_{t}"
+        folder.mkdir()
+        summary = dict(rewrites=8, creator_reward=reward, valid=0.5, near_copy=0.25, child_reward=0.4,
+                       child_info=info, parent_reward=0.5, parent_info=0.3, seconds=1.0)
+        (folder / "done_creator").write_text(json.dumps(summary) + "\n")
+    report.write_report(tmp_path)
+    md = (tmp_path / "report.md").read_text()
+    assert "## The learning creator's rounds" in md
+    assert "| 2 | 8 | 0.200 | 0.50 | 0.25 | 0.400 (0.500) | 0.400 (0.300) |" in md
+    assert (tmp_path / "report.png").stat().st_size > 10_000
