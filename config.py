@@ -311,14 +311,13 @@ def check_config(cfg: Config) -> None:
         if cfg.grpo_iterations > 1 and cfg.online_algo != "grpo":
             raise ValueError("--grpo_iterations > 1 reuses samples off-policy, which only GRPO's clipped ratio "
                              "allows: add --online_algo grpo")
-    if cfg.sampler == "vllm":  # 4-bit, no GPU, no package: one line each
-        vllm_sampler.check(cfg)
-    if cfg.creator_learns:  # a second adapter on the solver's base, trained between the offline iterations
+    if cfg.creator_learns:  # a second adapter on the solver's base, trained before each creator round
         for holds, why in [(cfg.lora, "needs --lora (the creator is a second LoRA adapter on the solver's base)"),
                            (cfg.creator == "self", f"needs --creator self, not {cfg.creator}"),
-                           (not cfg.online, "is offline only for now: drop --online"),
                            (cfg.sampler == "eva", "samples with --sampler eva only")]:
             if not holds:
                 raise ValueError(f"--creator_learns {why}")
+    if cfg.sampler == "vllm":  # 4-bit, no GPU, no package: one line each
+        vllm_sampler.check(cfg)
     if cfg.fsdp and cfg.lora:
         raise ValueError("--fsdp shards full fine-tuning; LoRA and QLoRA train with DDP: add --no-lora or --no-fsdp")

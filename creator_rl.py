@@ -23,6 +23,7 @@ import cleaning
 import common
 import constraints
 import creator
+import files
 import generate
 import losses
 import model
@@ -105,10 +106,23 @@ def load(policy, learner: dict, run, t: int) -> None:
         return
     if last == -1:
         raise RuntimeError("creator_rl.load: a fresh creator cannot be restored once trained; restart the process")
+    load_state_dict(policy, learner, torch.load(run.iter_dir(last) / STATE_FILE, weights_only=False))
+
+
+def state_dict(policy, learner: dict) -> dict:
+    """The creator's state: its adapter's weights, its optimizer's state and the round it is at."""
     with speaking(policy):
-        trainstate.restore_checkpoint(run.iter_dir(last) / STATE_FILE, policy, learner["optimizer"],
-                                      learner["scheduler"], "[creator]")
-    learner["at"] = last
+        weights = {n: p.detach().cpu().clone() for n, p in policy.named_parameters() if p.requires_grad}
+    return dict(weights=weights, optimizer=learner["optimizer"].state_dict(), at=learner["at"])
+
+
+@torch.no_grad()
+def load_state_dict(policy, learner: dict, state: dict) -> None:
+    params = dict(policy.named_parameters())
+    for name, value in state["weights"].items():
+        params[name].copy_(value)
+    learner["optimizer"].load_state_dict(state["optimizer"])
+    learner["at"] = state["at"]
 
 
 def completer(policy, complete):
@@ -157,8 +171,10 @@ def _children(asked, texts: list[list[str]], pool: list[dict], cfg) -> list[dict
 
 
 def learn(policy, tokenizer, scorer, parents: list[dict], samples: list[dict], pool: list[dict], learner: dict, cfg,
-          run, t: int):
-    """One creator round on the selected parents (module docstring): (records per rewrite, summary, log line)."""
+          t: int, save_to=None):
+    """One creator round t on the selected parents (module docstring): (records per rewrite, summary, log line).
+    samples: the parents' scored samples (prompt_id, rewards, info), for the summary. save_to: a file for the
+    creator's state (rank 0 writes it atomically) before this returns."""
     asked = _messages(parents, cfg, t)
     k = cfg.creator_group
     with speaking(policy):
@@ -177,16 +193,23 @@ def learn(policy, tokenizer, scorer, parents: list[dict], samples: list[dict], p
                                 hi=hi, info_metric=cfg.info_metric, copy_threshold=cfg.copy_threshold,
                                 copy_penalty=cfg.copy_penalty))
     rewards_pk = torch.tensor([r["reward"] for r in records], dtype=torch.float32).view(len(asked), k)  # [P, k]
+    torch.manual_seed(parallel.stable_seed(cfg.seed, t, "creator update"))  # dropout's draws, the same on a rerun
     stats = _update(policy, tokenizer, asked, token_ids, rewards_pk, learner, cfg) if asked else {}
-    with speaking(policy):
-        trainstate.save_checkpoint(run.iter_dir(t) / STATE_FILE, policy, learner["optimizer"], learner["scheduler"],
-                                   t)
     learner["at"] = t
+    if save_to is not None:
+        if parallel.is_main():
+            files.write_atomic(save_to, state_dict(policy, learner))
+        parallel.barrier()
     summary = _summary(records, samples, parents, stats)
-    return records, summary, (
-        f"{len(asked)} parents x {k} rewrites: creator reward {summary['creator_reward']:.3f}, valid "
-        f"{100 * summary['valid']:.0f}%, near-copies {100 * summary['near_copy']:.0f}%, children's info "
-        f"{summary['child_info']:.3f} vs parents' {summary['parent_info']:.3f}")
+    return records, summary, describe(summary)
+
+
+def describe(summary: dict) -> str:
+    """A round's summary as one log line."""
+    fmt = lambda x, pattern="{:.3f}": "-" if x is None else pattern.format(x)  # noqa: E731
+    return (f"{summary['rewrites']} rewrites: creator reward {fmt(summary['creator_reward'])}, valid "
+            f"{fmt(summary['valid'], '{:.0%}')}, near-copies {fmt(summary['near_copy'], '{:.0%}')}, children's info "
+            f"{fmt(summary['child_info'])} vs parents' {fmt(summary['parent_info'])}")
 
 
 def _sample(policy, tokenizer, asked, mine: list[int], cfg, t: int) -> list[tuple[list[str], list[list[int]]]]:
@@ -242,10 +265,10 @@ def _summary(records: list[dict], samples: list[dict], parents: list[dict], stat
 
     def mean(values):
         values = [v for v in values if v is not None and np.isfinite(v)]
-        return float(np.mean(values)) if values else 0.0
+        return float(np.mean(values)) if values else None
     return dict(rewrites=len(records), creator_reward=mean([r["reward"] for r in records]),
                 valid=len(valid) / max(1, len(records)), near_copy=mean([float(r["near_copy"]) for r in valid]),
                 child_reward=mean([np.nanmean(common.as_floats(r["rewards"])) for r in valid]),
                 child_info=mean([r["info_raw"] for r in valid]),
-                parent_reward=mean([np.nanmean(common.as_floats(s["rewards"])) for s in parent_rows]),
+                parent_reward=mean([np.nanmean(common.as_floats(s["rewards"])) for s in parent_rows if s["rewards"]]),
                 parent_info=mean([s["info"] for s in parent_rows]), **stats)

@@ -25,6 +25,7 @@ import torch
 
 import common
 import creator
+import creator_rl
 import generate
 import losses
 import model
@@ -157,28 +158,34 @@ def stop_if_nonfinite(value: torch.Tensor, what: str, step: int) -> None:
 
 # ------------------------------------------------------------------------------------------------- the creator
 def creator_round(cfg, round_: int, step: int, pool: list[dict], info: dict, seen: dict, solver, tokenizer,
-                  creator_model, creator_tokenizer) -> dict:
-    """select among the prompts measured in the last evolve_every steps, evolve them; children join `pool`."""
+                  creator_model, creator_tokenizer, scorer=None, learner=None) -> dict:
+    """select among the prompts measured in the last evolve_every steps, evolve them; children join `pool`. With
+    --creator_learns the creator first takes its own RLOO round on these parents (creator_rl.learn)."""
     recent = [r for r in pool if seen.get(r["id"], 0) > step - cfg.evolve_every]
     values = np.array([info[r["id"]] or math.nan for r in recent])  # 0 (all rewards tied) is never selected
     chosen = creator.select(values, cfg.select_fraction, cfg.selection, parallel.stable_seed(cfg.seed, step,
                                                                                                "select"))
     parents = [recent[i] for i in chosen]
     t0 = time.time()
-    children, stats = [], dict(creator_calls=0, rejected={})
+    children, stats, learned = [], dict(creator_calls=0, rejected={}), {}
+    if parents and learner is not None:
+        measured = [{"prompt_id": r["id"], "rewards": [], "info": info[r["id"]]} for r in parents]
+        _, learned, _ = creator_rl.learn(solver, tokenizer, scorer, parents, measured, pool, learner, cfg, round_)
     if parents:
         complete = common.make_completer(cfg, round_, solver, tokenizer, creator_model, creator_tokenizer)
+        complete = complete if learner is None else creator_rl.completer(solver, complete)
         children, stats = creator.evolve_with(cfg, parents, complete, round_, pool)
         children = common.drop_long_prompts(children, tokenizer, cfg, "evolved prompts")
     pool.extend(children)
     return dict(step=step, phase="evolve", round=round_, recent=len(recent), parents=len(parents),
                 children=len(children), pool=len(pool), creator_calls=stats["creator_calls"],
-                rejected={k: v for k, v in stats["rejected"].items() if v}, seconds=round(time.time() - t0, 1))
+                rejected={k: v for k, v in stats["rejected"].items() if v}, seconds=round(time.time() - t0, 1),
+                **({"creator": learned} if learner is not None else {}))
 
 
 # ------------------------------------------------------------------------------------------------- the loop
 def train(cfg, run, solver, masters, tokenizer, scorer, pool: list[dict], device, creator_model=None,
-          creator_tokenizer=None) -> list[dict]:
+          creator_tokenizer=None, learner=None) -> list[dict]:
     """The online loop, resumable from online_state.pt; returns the final pool with each prompt's info."""
     trained = solver if masters is None else masters
     reference = None  # (model, context to run it in): the policy at the start of the run
@@ -200,6 +207,8 @@ def train(cfg, run, solver, masters, tokenizer, scorer, pool: list[dict], device
     if state is not None:
         start, pool, info, seen, rounds = (state[k] for k in ("step", "pool", "info", "seen", "rounds"))
         trainstate.copy_weights(trained, solver)
+        if learner is not None:
+            creator_rl.load_state_dict(solver, learner, state["creator"])
         print0(f"[online] resuming at step {start}/{cfg.online_steps}, pool {len(pool)}")
     policy = trainstate.wrap(trained, cfg)
     end_id = model.turn_end_id(tokenizer)
@@ -233,13 +242,15 @@ def train(cfg, run, solver, masters, tokenizer, scorer, pool: list[dict], device
         if cfg.evolve_every and step % cfg.evolve_every == 0 and step < cfg.online_steps:
             rounds += 1
             evolved = creator_round(cfg, rounds, step, pool, info, seen, solver, tokenizer, creator_model,
-                                    creator_tokenizer)
+                                    creator_tokenizer, scorer, learner)
             run.log(evolved)
             print0(f"[online] step {step}: creator round {rounds}: {evolved['parents']} of {evolved['recent']} "
                    f"recent prompts -> {evolved['children']} children, pool {len(pool)} ({evolved['seconds']:.0f} s)")
+            if evolved.get("creator"):
+                print0(f"[online] step {step}: the creator learned: {creator_rl.describe(evolved['creator'])}")
         if step % cfg.save_every == 0 or step == cfg.online_steps:
             trainstate.save_checkpoint(ckpt, trained, optimizer, scheduler, step, pool=pool, info=info, seen=seen,
-                                       rounds=rounds)
+                                       rounds=rounds, creator=learner and creator_rl.state_dict(solver, learner))
             rundir.fault("online", 0, step)  # test hook
     return [{**r, "info": info.get(r["id"]), "last_step": seen.get(r["id"])} for r in pool]
 
@@ -252,6 +263,7 @@ def run(cfg) -> None:
            f"{cfg.online_prompts} prompts, creator every {cfg.evolve_every} steps, world size "
            f"{parallel.world_size()}, device {device}")
     solver, masters, tokenizer, scorer, (creator_model, creator_tokenizer) = common.load_models(cfg, run_, device)
+    learner = creator_rl.attach(solver, cfg) if cfg.creator_learns else None  # the creator's adapter and optimizer
 
     common.evaluate_once(solver, tokenizer, heldout, cfg, run_, "start")
     pool = common.drop_long_prompts(seeds, tokenizer, cfg, "seed prompts")
@@ -259,7 +271,8 @@ def run(cfg) -> None:
         raise ValueError(f"--online_prompts {cfg.online_prompts}: only {len(pool)} seed prompts fit "
                          f"--max_prompt_tokens {cfg.max_prompt_tokens}")
     t0 = time.time()
-    final_pool = train(cfg, run_, solver, masters, tokenizer, scorer, pool, device, creator_model, creator_tokenizer)
+    final_pool = train(cfg, run_, solver, masters, tokenizer, scorer, pool, device, creator_model, creator_tokenizer,
+                       learner)
     run_.write_jsonl(run_.folder / "pool.jsonl", final_pool)
     trainstate.save_solver(solver, masters, tokenizer, cfg, run_.folder, device)
     print0(f"[online] trained {cfg.online_steps} steps, pool {len(final_pool)} ({time.time() - t0:.0f} s this run)")

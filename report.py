@@ -219,14 +219,16 @@ def write_online_report(run: Path, windows: int = 8) -> str:
     gen = sum(m["gen_seconds"] for m in steps)
     upd = sum(m["update_seconds"] for m in steps)
     accuracy = accuracy_table(start, end)
+    taught = [r for r in rounds if r.get("creator")]  # --creator_learns: the creator's own round in each
+    learned = [dict(iteration=f"{r['round']} (step {r['step']})", **r["creator"]) for r in taught]
     md = (f"# online eva run report: {run}\n\n{table}\n\nSeconds in sampling and scoring {gen:.0f}, in updates "
           f"{upd:.0f}.\n\n## Creator rounds\n\n" + "\n".join(creator_lines) +
-          f"\n\n{accuracy}\n\n![report](report.png)\n")
+          f"\n\n{accuracy}\n\n![report](report.png)\n" + creator_section(learned))
     (run / "report.md").write_text(md)
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    fig, axes = plt.subplots(1, 4 if learned else 3, figsize=(17 if learned else 13, 3.6))
     x = [m["step"] for m in steps]
     axes[0].plot(x, [m["reward"] for m in steps], alpha=0.4, label="per step")
     if steps:
@@ -241,10 +243,21 @@ def write_online_report(run: Path, windows: int = 8) -> str:
     if kl:
         axes[2].plot(*zip(*kl))
     axes[2].set(title="KL to the starting policy (per response)", xlabel="step")
+    if learned:
+        creator_panel(axes[3], [r["step"] for r in taught], learned, "step")
     fig.tight_layout()
     fig.savefig(run / "report.png", dpi=110)
     plt.close(fig)
     return table + ("\n\n" + accuracy if accuracy else "")
+
+
+def creator_panel(ax, x: list, rounds: list[dict], xlabel: str) -> None:
+    """The learning creator over its rounds: its reward, its children's informativeness against their parents'."""
+    for key, label in (("creator_reward", "creator reward"), ("child_info", "children's info"),
+                       ("parent_info", "parents' info"), ("near_copy", "near-copy share")):
+        ax.plot(x, [np.nan if r[key] is None else r[key] for r in rounds], "o-", label=label)
+    ax.set(title="the learning creator", xlabel=xlabel, xticks=x)
+    ax.legend(fontsize=7)
 
 
 def plot(run: Path, rows: list[dict], start: dict | None, end: dict | None, rounds: list[dict] = ()) -> None:
@@ -274,13 +287,8 @@ def plot(run: Path, rows: list[dict], start: dict | None, end: dict | None, roun
         ax.set_xticks(x, ["prompt-level", "instruction-level"])
         ax.legend()
     ax.set(title="held-out constraint accuracy", ylim=(0, 1))
-    if rounds:  # the learning creator: its reward, and its children's informativeness against their parents'
-        ax, its = axes[3], [r["iteration"] for r in rounds]
-        for key, label in (("creator_reward", "creator reward"), ("child_info", "children's info"),
-                           ("parent_info", "parents' info"), ("near_copy", "near-copy share")):
-            ax.plot(its, [r[key] for r in rounds], "o-", label=label)
-        ax.set(title="the learning creator", xlabel="iteration", xticks=its)
-        ax.legend(fontsize=7)
+    if rounds:
+        creator_panel(axes[3], [r["iteration"] for r in rounds], rounds, "iteration")
     fig.tight_layout()
     fig.savefig(run / "report.png", dpi=110)
     plt.close(fig)

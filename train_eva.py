@@ -157,7 +157,8 @@ def main(argv=None) -> None:
             if learner is not None:  # the creator's own RLOO round on rewrites of these parents (creator_rl.py)
                 creator_rl.load(policy, learner, run, t - 1)
                 phase(run, t, "creator", "creator_rollouts.jsonl", lambda: creator_rl.learn(
-                    policy, tokenizer, scorer, selected, samples, pool, learner, cfg, run, t))
+                    policy, tokenizer, scorer, selected, samples, pool, learner, cfg, t,
+                    save_to=run.iter_dir(t) / creator_rl.STATE_FILE))
                 creator_rl.load(policy, learner, run, t)
 
             def complete():  # the creator's `complete`: with its own adapter when it learns

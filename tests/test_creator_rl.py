@@ -15,9 +15,9 @@ from safetensors.torch import load_file
 
 import config
 import creator_rl
+import files
 import model
 import rundir
-import trainstate
 from conftest import ROOT
 
 PARENT = "Write a short poem about the sea at night."
@@ -111,9 +111,8 @@ def test_creator_state_resumes_to_the_same_next_step(tiny_llama_dir, tmp_path):
     run = rundir.Run(tmp_path / "run")
     cfg, m, tokenizer, learner = creator_setup(tiny_llama_dir)
     creator_rl._update(m, tokenizer, ASKED, rollouts(tokenizer), REWARDS, learner, cfg)
-    with creator_rl.speaking(m):
-        trainstate.save_checkpoint(run.iter_dir(1) / creator_rl.STATE_FILE, m, learner["optimizer"],
-                                   learner["scheduler"], 1)
+    learner["at"] = 1
+    files.write_atomic(run.iter_dir(1) / creator_rl.STATE_FILE, creator_rl.state_dict(m, learner))
     run.mark(1, "creator", {})
     creator_rl._update(m, tokenizer, ASKED, rollouts(tokenizer), REWARDS.flip(-1), learner, cfg)
 
@@ -129,7 +128,7 @@ def test_creator_state_resumes_to_the_same_next_step(tiny_llama_dir, tmp_path):
 
 @pytest.mark.parametrize("flags, names", [
     (["--no-lora"], "needs --lora"), (["--creator", "endpoint:http://x#m"], "needs --creator self"),
-    (["--online"], "offline only"), (["--creator_group", "1"], "--creator_group 1"),
+    (["--sampler", "vllm"], "--sampler eva only"), (["--creator_group", "1"], "--creator_group 1"),
     (["--copy_threshold", "0"], "--copy_threshold 0")])
 def test_bad_creator_learns_settings_get_one_line(flags, names):
     with pytest.raises(ValueError, match=names):

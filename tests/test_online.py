@@ -44,7 +44,7 @@ def test_loop_runs_evolves_and_writes_its_files(tmp_path, tiny_llama_dir):
     heldout = write_prompts(tmp_path / "heldout.jsonl", TINY_PROMPTS[:2])
     run = tmp_path / "run"
     train_eva.main(args_for(tmp_path, tiny_llama_dir, "--heldout_prompts", heldout, "--run_dir", str(run),
-                            "--online_algo", "grpo", "--online_kl", "0.04"))
+                            "--online_algo", "grpo", "--online_kl", "0.04", "--creator_learns"))
     for name in ["config.json", "metrics.jsonl", "online_state.pt", "pool.jsonl", "eval_start.json", "eval_end.json",
                  "report.md", "report.png", "adapter/adapter_config.json"]:
         assert (run / name).is_file(), f"missing {name}"
@@ -56,6 +56,8 @@ def test_loop_runs_evolves_and_writes_its_files(tmp_path, tiny_llama_dir):
     assert records[0]["kl"] == pytest.approx(0.0, abs=1e-5), "step 1's policy is the reference"
     rounds = [m for m in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if m.get("phase")]
     assert len(rounds) == 1 and rounds[0]["step"] == 2, "one creator round, after step 2 (none after the last)"
+    learned = rounds[0]["creator"]  # --creator_learns: the creator's own round came first, on the same parents
+    assert learned["rewrites"] == config.Config().creator_group * rounds[0]["parents"] and -1 <= learned["creator_reward"] <= 1
     pool = [json.loads(line) for line in (run / "pool.jsonl").read_text().splitlines()]
     children = [r for r in pool if r.get("parent") is not None]
     assert children and len(pool) == len(TINY_PROMPTS) + len(children) == rounds[0]["pool"]
@@ -68,6 +70,7 @@ def test_loop_runs_evolves_and_writes_its_files(tmp_path, tiny_llama_dir):
     adapter = load_file(run / "adapter" / "adapter_model.safetensors")
     assert any(v.abs().sum() > 0 for k, v in adapter.items() if "lora_B" in k), "the adapter never moved"
     assert "held-out" in (run / "report.md").read_text()
+    assert "| 1 (step 2) | 16 |" in (run / "report.md").read_text(), "the learning creator's round, reported"
 
 
 def test_draw_batch_takes_untried_first_then_by_info():
@@ -106,12 +109,13 @@ def finish(proc, code: int = 0) -> None:
 
 
 def test_resume_after_kill_equals_uninterrupted(tmp_path, tiny_llama_dir):
-    args = args_for(tmp_path, tiny_llama_dir, "--save_every", "1")
+    args = args_for(tmp_path, tiny_llama_dir, "--save_every", "1", "--creator_learns")
     whole = run_cli(tmp_path / "whole", [*args, "--run_dir", "run"])
     killed = run_cli(tmp_path / "killed", [*args, "--run_dir", "run"], kill_at="0:online:3")
     finish(killed, -9)  # SIGKILL right after the step-3 checkpoint, the creator round of step 2 inside it
     state = torch.load(tmp_path / "killed" / "run" / "online_state.pt", weights_only=False)
     assert state["step"] == 3 and len(state["pool"]) > len(TINY_PROMPTS)
+    assert state["creator"]["at"] == 1 and state["creator"]["weights"], "the learning creator's state is saved too"
     finish(run_cli(tmp_path / "killed", [*args, "--run_dir", "run"]))
     finish(whole)
     a, b = tmp_path / "whole" / "run", tmp_path / "killed" / "run"
