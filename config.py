@@ -72,6 +72,7 @@ class Config:
     creator_candidates: int = 4  # rewrites sampled per link; the first that passes cleaning is kept
     creator_learns: bool = False  # the creator is a second LoRA adapter, trained by RLOO on the solver (creator_rl.py)
     creator_group: int = 4  # --creator_learns: rewrites per parent in the creator's RLOO round (its k, >= 2)
+    creator_steps: int = 1  # --creator_learns: RLOO steps per creator round, each on fresh rewrites
     creator_lr: float = 1e-4  # --creator_learns: the creator adapter's learning rate (AdamW, constant)
     copy_threshold: float = 0.6  # --creator_learns: a child this similar to its parent (3-gram Jaccard) is a near-copy
     copy_penalty: float = 1.0  # --creator_learns: subtracted from a near-copy's creator reward (1: never above 0)
@@ -285,7 +286,7 @@ def check_config(cfg: Config) -> None:
     ]
     ranges += [(name, getattr(cfg, name) >= 1, "at least 1") for name in (
         "max_new_tokens", "max_prompt_tokens", "gen_batch_size", "creator_max_new_tokens", "eval_max_new_tokens",
-        "epochs", "batch_size", "micro_batch_size", "evolve_depth", "creator_candidates")]
+        "epochs", "batch_size", "micro_batch_size", "evolve_depth", "creator_candidates", "creator_steps")]
     ranges += [(name, getattr(cfg, name) >= 0, ">= 0") for name in (
         "eva_iterations", "pairs_per_iteration", "max_seed_prompts", "max_heldout_prompts")]
     for name, holds, requirement in ranges:

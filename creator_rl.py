@@ -11,6 +11,7 @@ Each offline iteration t > 0, between select and evolve (train_eva.py's "creator
             scored by the run's reward
   reward    creator_reward (below), per rewrite
   update    one RLOO step (losses.rloo_loss, no KL term) on the creator adapter; the solver's adapter is untouched
+  (rollouts to update again, creator_steps times in all, each on fresh rewrites of the same messages)
 The updated adapter then writes this iteration's children (evolve), and is saved with its optimizer to
 iter_<t>/creator_state.pt before the phase's marker, so a rerun resumes from it.
 """
@@ -172,18 +173,35 @@ def _children(asked, texts: list[list[str]], pool: list[dict], cfg) -> list[dict
 
 def learn(policy, tokenizer, scorer, parents: list[dict], samples: list[dict], pool: list[dict], learner: dict, cfg,
           t: int, save_to=None):
-    """One creator round t on the selected parents (module docstring): (records per rewrite, summary, log line).
-    samples: the parents' scored samples (prompt_id, rewards, info), for the summary. save_to: a file for the
-    creator's state (rank 0 writes it atomically) before this returns."""
+    """Creator round t on the selected parents (module docstring): creator_steps RLOO steps, each on fresh rewrites
+    of the same messages. Returns (records per rewrite, summary, log line). samples: the parents' scored samples
+    (prompt_id, rewards, info), for the summary. save_to: a file for the creator's state (rank 0 writes it
+    atomically) before this returns."""
     asked = _messages(parents, cfg, t)
+    records, stats, per_step = [], {}, []
+    for step in range(cfg.creator_steps if asked else 0):
+        batch, stats = _step(policy, tokenizer, scorer, asked, pool, learner, cfg, t, step)
+        records += batch
+        per_step.append(float(np.mean([r["reward"] for r in batch])))
+    learner["at"] = t
+    if save_to is not None:
+        if parallel.is_main():
+            files.write_atomic(save_to, state_dict(policy, learner))
+        parallel.barrier()
+    summary = dict(_summary(records, samples, parents, stats), reward_per_step=per_step)
+    return records, summary, describe(summary)
+
+
+def _step(policy, tokenizer, scorer, asked, pool: list[dict], learner: dict, cfg, t: int, step: int):
+    """One RLOO step: creator_group rewrites per message, judged and rewarded, then the update."""
     k = cfg.creator_group
     with speaking(policy):
-        out = parallel.sharded(lambda mine: _sample(policy, tokenizer, asked, mine, cfg, t), list(range(len(asked))),
-                               desc="creator rollouts")
+        out = parallel.sharded(lambda mine: _sample(policy, tokenizer, asked, mine, cfg, t, step),
+                               list(range(len(asked))), desc="creator rollouts")
     texts, token_ids = [o[0] for o in out], [o[1] for o in out]
-    records = _children(asked, texts, pool, cfg)
+    records = [dict(r, step=step) for r in _children(asked, texts, pool, cfg)]
     valid = [r for r in records if r["valid"]]
-    scored = common.sample_and_score(policy, tokenizer, scorer, valid, cfg, t, "creator") if valid else []
+    scored = common.sample_and_score(policy, tokenizer, scorer, valid, cfg, t, f"creator {step}") if valid else []
     for r, s in zip(valid, scored):
         r["rewards"], r["info_raw"] = s["rewards"], s["info"]  # info in the reward's units, as the parents' is
     every = [x for r in valid for x in common.as_floats(r["rewards"]) if np.isfinite(x)]
@@ -193,15 +211,8 @@ def learn(policy, tokenizer, scorer, parents: list[dict], samples: list[dict], p
                                 hi=hi, info_metric=cfg.info_metric, copy_threshold=cfg.copy_threshold,
                                 copy_penalty=cfg.copy_penalty))
     rewards_pk = torch.tensor([r["reward"] for r in records], dtype=torch.float32).view(len(asked), k)  # [P, k]
-    torch.manual_seed(parallel.stable_seed(cfg.seed, t, "creator update"))  # dropout's draws, the same on a rerun
-    stats = _update(policy, tokenizer, asked, token_ids, rewards_pk, learner, cfg) if asked else {}
-    learner["at"] = t
-    if save_to is not None:
-        if parallel.is_main():
-            files.write_atomic(save_to, state_dict(policy, learner))
-        parallel.barrier()
-    summary = _summary(records, samples, parents, stats)
-    return records, summary, describe(summary)
+    torch.manual_seed(parallel.stable_seed(cfg.seed, t, step, "creator update"))  # dropout: the same on a rerun
+    return records, _update(policy, tokenizer, asked, token_ids, rewards_pk, learner, cfg)
 
 
 def describe(summary: dict) -> str:
@@ -209,15 +220,17 @@ def describe(summary: dict) -> str:
     fmt = lambda x, pattern="{:.3f}": "-" if x is None else pattern.format(x)  # noqa: E731
     return (f"{summary['rewrites']} rewrites: creator reward {fmt(summary['creator_reward'])}, valid "
             f"{fmt(summary['valid'], '{:.0%}')}, near-copies {fmt(summary['near_copy'], '{:.0%}')}, children's info "
-            f"{fmt(summary['child_info'])} vs parents' {fmt(summary['parent_info'])}")
+            f"{fmt(summary['child_info'])} vs parents' {fmt(summary['parent_info'])}" + (
+                f"; creator reward per step {summary['reward_per_step'][0]:.3f} -> {summary['reward_per_step'][-1]:.3f}"
+                if len(summary.get("reward_per_step", [])) > 1 else ""))
 
 
-def _sample(policy, tokenizer, asked, mine: list[int], cfg, t: int) -> list[tuple[list[str], list[list[int]]]]:
+def _sample(policy, tokenizer, asked, mine: list[int], cfg, t: int, step: int) -> list[tuple[list, list]]:
     """creator_group rewrites per message of this rank's share: (texts, token ids) per message."""
     out = generate.sample(policy, tokenizer, [asked[i][2] for i in mine], n=cfg.creator_group,
                           max_new_tokens=cfg.creator_max_new_tokens, temperature=cfg.creator_temperature,
                           top_p=cfg.top_p, batch_size=cfg.gen_batch_size, stop=list(creator.STOP), chat=False,
-                          seeds=[parallel.stable_seed(cfg.seed, t, "creator rollout", i) for i in mine])
+                          seeds=[parallel.stable_seed(cfg.seed, t, step, "creator rollout", i) for i in mine])
     return [(list(texts), [list(ids) for ids in tokens]) for texts, tokens in zip(out.texts, out.token_ids)]
 
 

@@ -169,3 +169,24 @@ def test_report_shows_the_creator_rounds(tmp_path):
     assert "## The learning creator's rounds" in md
     assert "| 2 | 8 | 0.200 | 0.50 | 0.25 | 0.400 (0.500) | 0.400 (0.300) |" in md
     assert (tmp_path / "report.png").stat().st_size > 10_000
+
+
+def test_a_round_takes_creator_steps_on_fresh_rewrites_and_saves_its_state(tiny_llama_dir, tmp_path):
+    """learn() end to end on the tiny model with the rules reward: creator_steps steps, each on its own rewrites of
+    the same messages (the tiny model writes mostly invalid ones: reward -1), the state file written."""
+    import reward
+    from test_train_eva import TINY_PROMPTS
+    cfg, m, tokenizer, learner = creator_setup(tiny_llama_dir)
+    cfg.creator_steps, cfg.creator_max_new_tokens = 2, 12
+    parents = [dict(r) for r in TINY_PROMPTS[:3]]
+    samples = [{"prompt_id": r["id"], "rewards": [0.0, 1.0], "info": 1.0} for r in parents]
+    path = tmp_path / creator_rl.STATE_FILE
+    records, summary, line = creator_rl.learn(m, tokenizer, reward.load_reward("rules"), parents, samples, parents,
+                                              learner, cfg, 1, save_to=path)
+    assert len(records) == 2 * 3 * cfg.creator_group and {r["step"] for r in records} == {0, 1}
+    first, second = ([r["raw"] for r in records if r["step"] == s] for s in (0, 1))
+    assert first != second, "each step samples fresh rewrites"
+    assert all(r["reward"] == -1.0 for r in records if not r["valid"]) and summary["rewrites"] == len(records)
+    assert len(summary["reward_per_step"]) == 2 and "per step" in line and summary["parent_info"] == 1.0
+    saved = torch.load(path, weights_only=False)
+    assert saved["at"] == 1 and learner["at"] == 1 and saved["weights"]
