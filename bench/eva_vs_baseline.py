@@ -7,6 +7,7 @@ train_eva.py runs iteration 0 once (seed 0). For each seed its folder is copied 
 --iterations more iterations, one at a time:
   baseline  --no-evolve: the pool is re-sampled with the current solver, pairs from the seed prompts
   eva       estimate, select, evolve, then pairs from 80% evolved / 20% original prompts
+  eva_learns   (with --learning_creator) eva whose creator learns (--creator_learns: creator_rl.py)
 Both arms train on the same number of pairs (--pairs) for the same number of steps with the same settings; only
 --seed differs between seeds. After every iteration the solver answers the held-out prompts greedily (train_eva's
 eval_end.json, kept as eval_iter<k>.json); the table reports held-out accuracy and the win rate against the
@@ -35,7 +36,9 @@ import files  # noqa: E402
 import reward  # noqa: E402
 from eval.winrate import win_rate  # noqa: E402
 
-ARMS = ("baseline", "eva")
+ARMS = ("baseline", "eva", "eva_learns")  # eva_learns only with --learning_creator
+ARM_FLAGS = {"baseline": ["--no-evolve"], "eva": ["--evolve"], "eva_learns": ["--evolve", "--creator_learns"]}
+DIFFERENCES = (("eva", "baseline"), ("eva_learns", "eva"), ("eva_learns", "baseline"))  # per-seed a - b rows
 # Student's t quantile t_{0.975, df} for df = 1..10 (beyond: the normal 1.96 is within 10%).
 T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
 
@@ -77,11 +80,10 @@ def run_arm(out: Path, seed: int, arm: str, opts, threads: int) -> Path:
         for name in ("eval_end.json", "report.md", "report.png"):
             (tmp / name).unlink(missing_ok=True)
         tmp.rename(folder)
-    flag = "--evolve" if arm == "eva" else "--no-evolve"
     for k in range(1, opts.iterations + 1):
         if (folder / f"eval_iter{k}.json").exists():
             continue
-        train_eva(["--run_dir", str(folder), "--seed", str(seed), "--eva_iterations", str(k), flag,
+        train_eva(["--run_dir", str(folder), "--seed", str(seed), "--eva_iterations", str(k), *ARM_FLAGS[arm],
                    "--allow_config_change", *common_args(opts)], folder.with_suffix(".log"), threads)
         (folder / "eval_end.json").rename(folder / f"eval_iter{k}.json")  # the next resume evaluates afresh
     if opts.ifeval:
@@ -118,7 +120,7 @@ def measure(out: Path, seeds: list[int], heldout: dict, opts) -> dict:
         official = arm_ifeval(out / "iter0", 0, opts, os.cpu_count() or 1)
         row0.update(ifeval_prompt_level=official["prompt_level"], ifeval_instruction_level=official["instruction_level"])
     results = {"iter0": {0: {s: row0 for s in seeds}}}
-    for arm in ARMS:
+    for arm in arms(opts):
         results[arm] = {}
         for k in range(1, opts.iterations + 1):
             results[arm][k] = {}
@@ -178,14 +180,15 @@ def summarize(results: dict) -> str:
     lines.append("| 0 | shared | 1 | " + " | ".join(cells(rows0[:1])) + " |")
     for k in sorted(results["eva"]):
         seeds = sorted(results["eva"][k])
-        for arm in ARMS:
+        for arm in (a for a in ARMS if a in results):
             lines.append(f"| {k} | {arm} | {len(seeds)} | " + " | ".join(cells([results[arm][k][s] for s in seeds]))
                          + " |")
-        diff = []
-        for key, _ in keys:
-            pairs = [(value(results["eva"][k][s], key), value(results["baseline"][k][s], key)) for s in seeds]
-            diff.append(interval([a - b for a, b in pairs]) if all(a is not None for a, _ in pairs) else "-")
-        lines.append(f"| {k} | **eva - baseline** | {len(seeds)} | " + " | ".join(diff) + " |")
+        for a, b in (d for d in DIFFERENCES if d[0] in results and d[1] in results):
+            diff = []
+            for key, _ in keys:
+                pairs = [(value(results[a][k][s], key), value(results[b][k][s], key)) for s in seeds]
+                diff.append(interval([x - y for x, y in pairs]) if all(x is not None for x, _ in pairs) else "-")
+            lines.append(f"| {k} | **{a} - {b}** | {len(seeds)} | " + " | ".join(diff) + " |")
     return "\n".join(lines)
 
 
@@ -199,7 +202,7 @@ def plot(results: dict, path: Path) -> None:
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4))
     row0 = next(iter(results["iter0"][0].values()))
     for ax, (key, title) in zip(axes, panels):
-        for a, arm in enumerate(ARMS):
+        for a, arm in enumerate(a for a in ARMS if a in results):
             ks = [k for k in sorted(results[arm]) if value(next(iter(results[arm][k].values())), key) is not None]
             per_seed = [[value(results[arm][k][s], key) for k in ks] for s in sorted(results[arm][ks[0]])] if ks else []
             x0 = [0] if value(row0, key) is not None else []
@@ -217,6 +220,11 @@ def plot(results: dict, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def arms(opts, names=ARMS) -> list[str]:
+    """The arms to run: all of them with --learning_creator, else those without "eva_learns"."""
+    return [a for a in names if opts.learning_creator or a != "eva_learns"]
 
 
 def add_common_args(parser: argparse.ArgumentParser) -> None:
@@ -267,11 +275,13 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, default=3, help="iterations after the shared iteration 0")
     parser.add_argument("--loss", default="dpo", help="the preference loss of both arms")
     parser.add_argument("--pairs", type=int, default=48, help="training pairs per iteration, the same in both arms")
+    parser.add_argument("--learning_creator", action="store_true", help="a third arm: eva with --creator_learns "
+                        "(creator flags such as --creator_steps go in --train_args; the other arms ignore them)")
     opts, out, heldout = parse(parser)
     start, cores = time.time(), os.cpu_count() or 1
     iteration_zero(out, opts, cores)
     threads = max(1, cores // opts.workers)
-    jobs = [(run_arm, out, s, arm, opts, threads) for s in opts.seeds for arm in ARMS]
+    jobs = [(run_arm, out, s, arm, opts, threads) for s in opts.seeds for arm in arms(opts)]
     if opts.ifeval:  # after seed 0's arms: the first seed is complete first
         jobs.insert(2, (arm_ifeval, out / "iter0", 0, opts, threads))
     run_jobs(jobs, opts.workers)

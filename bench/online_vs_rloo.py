@@ -8,6 +8,7 @@ says otherwise), differing only in the creator:
   rloo  --evolve_every 0: every step draws from the seed prompts (untried first, then by their info)
   eva   the creator evolves the most informative recent prompts every evolve_every steps; 80% of a step's prompts
         come from the evolved ones once there are any
+  eva_learns   (with --learning_creator) eva whose creator learns (--creator_learns: creator_rl.py)
 Both take online_steps steps of online_prompts prompts x k responses. Each final solver answers the held-out prompts
 (greedy, --eval_max_new_tokens) and, with --ifeval, that IFEval-format file (every prompt the rules can score,
 greedy), as does the starting model once. The table has each arm's mean ± sd over seeds and the per-seed
@@ -32,7 +33,9 @@ import files  # noqa: E402
 import reward  # noqa: E402
 from eval.winrate import win_rate  # noqa: E402
 
-ARMS = ("rloo", "eva")
+ARMS = ("rloo", "eva", "eva_learns")  # eva_learns only with --learning_creator
+ARM_FLAGS = {"rloo": ["--evolve_every", "0"], "eva": [], "eva_learns": ["--creator_learns"]}
+DIFFERENCES = (("eva", "rloo"), ("eva_learns", "eva"), ("eva_learns", "rloo"))  # per-seed a - b rows
 
 
 def run_arm(out: Path, seed: int, arm: str, opts, threads: int) -> Path:
@@ -40,10 +43,9 @@ def run_arm(out: Path, seed: int, arm: str, opts, threads: int) -> Path:
     folder = out / f"seed{seed}" / arm
     if not (folder / "eval_end.json").exists():
         folder.parent.mkdir(parents=True, exist_ok=True)
-        extra = ["--evolve_every", "0"] if arm == "rloo" else []
         compare.train_eva(["--preset", "online", "--online", "--run_dir", str(folder), "--seed", str(seed),
                            "--max_heldout_prompts", "0", "--eval_max_new_tokens", str(opts.eval_max_new_tokens),
-                           *opts.train_args, *extra], folder.with_suffix(".log"), threads)
+                           *opts.train_args, *ARM_FLAGS[arm]], folder.with_suffix(".log"), threads)
     if opts.ifeval:
         compare.official_ifeval(folder / "adapter", folder / "ifeval.json", opts, threads)
     return folder
@@ -76,7 +78,7 @@ def measure(out: Path, heldout: dict, opts) -> dict:
         results["start"].update(ifeval_prompt_level=official["prompt_level"],
                                 ifeval_instruction_level=official["instruction_level"],
                                 ifeval_average=(official["prompt_level"] + official["instruction_level"]) / 2)
-    for arm in ARMS:
+    for arm in compare.arms(opts, ARMS):
         results[arm] = {s: row_of(out / f"seed{s}" / arm, heldout, start_rewards, opts) for s in opts.seeds}
     return results
 
@@ -93,14 +95,15 @@ def summarize(results: dict) -> str:
              "|---|---|" + "---|" * (len(keys) + 2)]
     lines.append("| start | - | " + " | ".join(f"{results['start'][k]:.3f}" if k in results["start"] else "-"
                                                  for k, _ in keys) + " | - | - |")
-    for arm in ARMS:
+    for arm in (a for a in ARMS if a in results):
         rows = [results[arm][s] for s in seeds]
         cells = [f"{np.mean([r[k] for r in rows]):.3f} ± {np.std([r[k] for r in rows], ddof=1) if len(rows) > 1 else 0:.3f}"
                  for k, _ in keys]
         lines.append(f"| {arm} | {len(seeds)} | " + " | ".join(cells) +
                      f" | {np.mean([r['evolved_drawn'] for r in rows]):.0f} | {np.mean([r['pool'] for r in rows]):.0f} |")
-    diff = [compare.interval([results["eva"][s][k] - results["rloo"][s][k] for s in seeds]) for k, _ in keys]
-    lines.append(f"| **eva - rloo** | {len(seeds)} | " + " | ".join(diff) + " | | |")
+    for a, b in (d for d in DIFFERENCES if d[0] in results and d[1] in results):
+        diff = [compare.interval([results[a][s][k] - results[b][s][k] for s in seeds]) for k, _ in keys]
+        lines.append(f"| **{a} - {b}** | {len(seeds)} | " + " | ".join(diff) + " | | |")
     return "\n".join(lines)
 
 
@@ -111,7 +114,7 @@ def plot(results: dict, path: Path) -> None:
     seeds = sorted(results["eva"])
     keys = [(k, label) for k, label in KEYS if k in results["eva"][seeds[0]] and k != "win_rate_vs_start"]
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 3.6))
-    for a, arm in enumerate(ARMS):
+    for a, arm in enumerate(a for a in ARMS if a in results):
         curves = np.array([results[arm][s]["rewards"] for s in seeds])  # [seeds, steps]
         width = max(1, curves.shape[1] // 6)
         smooth = np.array([np.convolve(c, np.ones(width) / width, mode="valid") for c in curves])
@@ -120,7 +123,7 @@ def plot(results: dict, path: Path) -> None:
         left.fill_between(x, smooth.min(0), smooth.max(0), color=f"C{a}", alpha=0.2)
         for j, (k, _) in enumerate(keys):
             values = [results[arm][s][k] for s in seeds]
-            xb = j * 3 + a
+            xb = j * 4 + a
             right.bar(xb, np.mean(values), color=f"C{a}", label=arm if j == 0 else None)
             right.scatter([xb] * len(values), values, color="k", s=10, zorder=3)
     left.set(title=f"training reward (running mean of {width} steps; band: seed range)", xlabel="step",
@@ -128,9 +131,9 @@ def plot(results: dict, path: Path) -> None:
     left.legend(fontsize=7)
     for j, (k, _) in enumerate(keys):
         if k in results["start"]:
-            right.hlines(results["start"][k], j * 3 - 0.4, j * 3 + 1.4, color="gray", ls="--",
+            right.hlines(results["start"][k], j * 4 - 0.4, j * 4 + 2.4, color="gray", ls="--",
                          label="start" if j == 0 else None)
-    right.set_xticks([j * 3 + 0.5 for j in range(len(keys))], [label for _, label in keys], fontsize=7)
+    right.set_xticks([j * 4 + 1 for j in range(len(keys))], [label for _, label in keys], fontsize=7)
     right.set(title="final solvers (dots: seeds)")
     right.legend(fontsize=7)
     fig.tight_layout()
@@ -141,10 +144,12 @@ def plot(results: dict, path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     compare.add_common_args(parser)
+    parser.add_argument("--learning_creator", action="store_true", help="a third arm: online eva with "
+                        "--creator_learns (creator flags such as --creator_steps go in --train_args)")
     parser.add_argument("--start_model", default="default", help="the model the runs start from (for its IFEval)")
     opts, out, heldout = compare.parse(parser)
     start, threads = time.time(), max(1, (os.cpu_count() or 1) // opts.workers)
-    jobs = [(run_arm, out, s, arm, opts, threads) for s in opts.seeds for arm in ARMS]
+    jobs = [(run_arm, out, s, arm, opts, threads) for s in opts.seeds for arm in compare.arms(opts, ARMS)]
     if opts.ifeval:  # after the first seed's runs
         jobs.insert(2, (compare.official_ifeval, opts.start_model, out / "start_ifeval.json", opts, threads))
     compare.run_jobs(jobs, opts.workers)

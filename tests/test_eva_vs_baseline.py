@@ -1,4 +1,4 @@
-"""Smoke version of the eva-vs-baseline benchmark: both arms from one iteration-0 run, several iterations, tiny model."""
+"""Smoke version of the eva-vs-baseline benchmark: the arms from one iteration-0 run, several iterations, tiny model."""
 import importlib.util
 import json
 import subprocess
@@ -21,6 +21,7 @@ def test_arms_share_iteration_zero_train_equally_and_are_scored_every_iteration(
     out = tmp_path / "compare"
     subprocess.run([sys.executable, str(ROOT / "bench" / "eva_vs_baseline.py"), "--out", str(out), "--seeds", "0", "1",
                     "--iterations", "2", "--workers", "2", "--pairs", "4", "--eval_max_new_tokens", "8",
+                    "--learning_creator",
                     "--ifeval", heldout, "--ifeval_max_new_tokens", "8",
                     "--train_args", "--preset", "smoke", "--model", str(tiny_llama_dir),
                     "--seed_prompts", prompts, "--heldout_prompts", heldout, "--lr", "1e-3"],
@@ -28,8 +29,8 @@ def test_arms_share_iteration_zero_train_equally_and_are_scored_every_iteration(
     results = json.loads((out / "results.json").read_text())
     for k in ("1", "2"):
         for s in ("0", "1"):
-            base, eva = results["baseline"][k][s], results["eva"][k][s]
-            assert base["pairs"] == eva["pairs"] == 4, "both arms train on --pairs pairs"
+            base, eva, learns = results["baseline"][k][s], results["eva"][k][s], results["eva_learns"][k][s]
+            assert base["pairs"] == eva["pairs"] == learns["pairs"] == 4, "every arm trains on --pairs pairs"
             assert base["evolved_pairs"] == 0
             assert 0 <= eva["win_rate_vs_iter0"] <= 1
     assert "ifeval_prompt_level" in results["eva"]["2"]["0"] and "ifeval_prompt_level" not in results["eva"]["1"]["0"]
@@ -40,12 +41,14 @@ def test_arms_share_iteration_zero_train_equally_and_are_scored_every_iteration(
             assert (folder / "iter_0" / "adapter" / "adapter_model.safetensors").read_bytes() == base_adapter
             assert (folder / "eval_iter1.json").exists() and (folder / "eval_iter2.json").exists()
         assert (out / f"seed{s}" / "eva" / "iter_2" / "evolved.jsonl").exists()
+        assert (out / f"seed{s}" / "eva_learns" / "iter_2" / "done_creator").exists()
+        assert not (out / f"seed{s}" / "eva" / "iter_2" / "done_creator").exists()
         assert not (out / f"seed{s}" / "baseline" / "iter_2" / "evolved.jsonl").exists()
     # the seeds really differ: their eva arms evolved different children
     evolved = [(out / f"seed{s}" / "eva" / "iter_1" / "evolved.jsonl").read_text() for s in (0, 1)]
     assert evolved[0] != evolved[1]
     table = (out / "results.md").read_text()
-    assert table.count("eva - baseline") == 2 and "IFEval avg" in table
+    assert table.count("eva - baseline") == 2 and table.count("eva_learns - eva") == 2 and "IFEval avg" in table
     assert (out / "results.png").stat().st_size > 0
 
 
