@@ -4,16 +4,16 @@ from. One copy of the base in memory; the creator starts as the base model itsel
 
     python train_eva.py --preset smoke --creator_learns --run_dir runs/learns    # the offline loop, a few minutes
 
-Each offline iteration t > 0, between select and evolve (train_eva.py's "creator" phase):
+A creator round (offline: each iteration t > 0 between select and evolve, train_eva.py's "creator" phase; online:
+before each creator round's evolve) takes creator_steps steps of:
   rollouts  per selected parent, one creator message (a method drawn per parent, as evolve draws them) and
-            creator_group (k) rewrites sampled from the creator adapter
+            creator_group (k) fresh rewrites sampled from the creator adapter
   judge     each rewrite is cleaned as evolve cleans a link; a valid one gets n_samples answers from the solver,
             scored by the run's reward
   reward    creator_reward (below), per rewrite
   update    one RLOO step (losses.rloo_loss, no KL term) on the creator adapter; the solver's adapter is untouched
-  (rollouts to update again, creator_steps times in all, each on fresh rewrites of the same messages)
-The updated adapter then writes this iteration's children (evolve), and is saved with its optimizer to
-iter_<t>/creator_state.pt before the phase's marker, so a rerun resumes from it.
+The updated adapter then writes the round's children (evolve). Its state is saved with its optimizer (offline:
+iter_<t>/creator_state.pt before the phase's marker; online: in online_state.pt), so a rerun resumes from it.
 """
 import contextlib
 
@@ -28,9 +28,9 @@ import files
 import generate
 import losses
 import model
-import online
 import parallel
 import reward
+import solver
 import trainstate
 
 ADAPTER = "creator"  # the creator's adapter; the solver's is peft's "default"
@@ -249,9 +249,9 @@ def _update(policy, tokenizer, asked, token_ids, rewards_pk: torch.Tensor, learn
         loss_sum = 0.0
         for s in range(0, len(mine), cfg.micro_batch_size):
             ps = mine[s:s + cfg.micro_batch_size]
-            batch = online.collate([rows[p * k + j] for p in ps for j in range(k)], device)
+            batch = solver.collate_responses([rows[p * k + j] for p in ps for j in range(k)], device)
             with model.packed_training(policy), trainstate.autocast(device):
-                logps = online.token_logps(policy, batch, cfg)  # [b*k, R]
+                logps = solver.response_logps(policy, batch, cfg)  # [b*k, R]
                 loss, _ = losses.rloo_loss(logps, batch["response_mask"], rewards_pk[ps].to(device), beta=0.0,
                                            counts=counts)
             loss.backward()

@@ -75,22 +75,6 @@ def encode(tokenizer, prompt: str, text: str, finish: str, cfg, end_id: int) -> 
             solver_lib.encode_response(tokenizer, text, finish, cfg, end_id))
 
 
-def collate(rows: list[tuple[list[int], list[int]]], device) -> dict:
-    """(prompt ids, response ids) rows packed into one row (solver.pack), plus response_mask [B, R]: which of the
-    R = longest-response columns hold a response token."""
-    batch = solver_lib.pack(rows, device)
-    mask = torch.zeros((len(rows), max(len(r) for _, r in rows)), dtype=torch.bool, device=device)  # [B, R]
-    mask[batch["row"], batch["col"]] = True
-    return dict(batch, response_mask=mask)
-
-
-def token_logps(model_, batch: dict, cfg) -> torch.Tensor:
-    """[B, R] log-probs of each row's response tokens (0 past its end) under model_, from one packed forward; call it
-    inside model.packed_training."""
-    flat = solver_lib.packed_token_logps(model_, batch, cfg)  # [K]
-    return flat.new_zeros(batch["response_mask"].shape).index_put((batch["row"], batch["col"]), flat)
-
-
 def filled_rewards(samples: list[dict]) -> torch.Tensor:
     """[P, k] rewards; a reward that could not be computed (null) is replaced by the mean of its prompt's others."""
     rows = []
@@ -114,15 +98,15 @@ def policy_update(policy, trained, reference, params, optimizer, scheduler, rows
     per_rank = rewards_pk.shape[0] // world
     mine = range(me * per_rank, (me + 1) * per_rank)  # this rank's prompts
     micro = [list(mine[s:s + cfg.micro_batch_size]) for s in range(0, per_rank, cfg.micro_batch_size)]
-    batches = [collate([rows[p * k + j] for p in ps for j in range(k)], device) for ps in micro]
+    batches = [solver_lib.collate_responses([rows[p * k + j] for p in ps for j in range(k)], device) for ps in micro]
     refs, olds = [None] * len(batches), [None] * len(batches)  # the reference's and the sampler's log-probs
     with torch.no_grad(), trainstate.autocast(device):
         if reference is not None:
             with reference[1](), model.packed_training(reference[0]):
-                refs = [token_logps(reference[0], b, cfg) for b in batches]
+                refs = [solver_lib.response_logps(reference[0], b, cfg) for b in batches]
         if cfg.grpo_iterations > 1:  # later iterations are off-policy: their ratio is to the sampling policy
             with model.packed_training(trained):
-                olds = [token_logps(trained, b, cfg) for b in batches]
+                olds = [solver_lib.response_logps(trained, b, cfg) for b in batches]
     kls, clipped = [], []
     for it in range(cfg.grpo_iterations):
         loss_sum = 0.0
@@ -130,7 +114,7 @@ def policy_update(policy, trained, reference, params, optimizer, scheduler, rows
             # packed_training around forward and backward: checkpointed layers run their forward again in backward
             with trainstate.accumulating(policy, m + 1 == len(micro)), model.packed_training(trained):
                 with trainstate.autocast(device):
-                    logps = token_logps(policy, batch, cfg)  # [b*k, R]
+                    logps = solver_lib.response_logps(policy, batch, cfg)  # [b*k, R]
                     loss, stats = algo.fn(logps, batch["response_mask"], rewards_pk[ps].to(device), ref_logps=refs[m],
                                           old_logps=olds[m], counts=counts, **settings)
                 stop_if_nonfinite(loss, f"the {cfg.online_algo} loss", step)

@@ -80,6 +80,22 @@ def packed_token_logps(policy, batch: dict, cfg: Config) -> torch.Tensor:
     return losses.target_logps(logits, batch["target"], cfg.vocab_chunk or None)
 
 
+def collate_responses(rows: list[tuple[list[int], list[int]]], device) -> dict:
+    """(prompt ids, response ids) rows packed into one row (pack), plus response_mask [B, R]: which of the
+    R = longest-response columns hold a response token. For the RL losses (online.py, creator_rl.py)."""
+    batch = pack(rows, device)
+    mask = torch.zeros((len(rows), max(len(r) for _, r in rows)), dtype=torch.bool, device=device)  # [B, R]
+    mask[batch["row"], batch["col"]] = True
+    return dict(batch, response_mask=mask)
+
+
+def response_logps(model_, batch: dict, cfg) -> torch.Tensor:
+    """[B, R] log-probs of each row's response tokens (0 past its end) under model_, from one packed forward; call it
+    inside model.packed_training."""
+    flat = packed_token_logps(model_, batch, cfg)  # [K]
+    return flat.new_zeros(batch["response_mask"].shape).index_put((batch["row"], batch["col"]), flat)
+
+
 def forward_logps(policy, batch: dict, cfg: Config) -> tuple[losses.SeqLogps, losses.SeqLogps]:
     """Per-sequence log-probs of the chosen and rejected halves of a collated batch (see packed_token_logps)."""
     logps = losses.packed_sequence_logps(packed_token_logps(policy, batch, cfg), batch["row"], batch["rows"])

@@ -21,6 +21,7 @@ from test_train_eva import TINY_PROMPTS, write_prompts
 import config
 import model
 import online
+import solver as solver_lib
 import train_eva
 
 # 4 steps of 4 prompts x 2 samples of 16 tokens (shorter ones all tie under TINY_PROMPTS); a creator round after
@@ -184,10 +185,10 @@ def test_packed_token_logps_equal_a_plain_forward_per_response(tiny_llama_dir):
     policy, _ = model.load_model(str(tiny_llama_dir))
     rows = [([5, 6, 7], [8, 9]), ([10, 11], [12, 13, 14, 15]), ([3], [4])]
     cfg = config.parse_config(["--preset", "smoke", "--vocab_chunk", "7"])
-    batch = online.collate(rows, "cpu")
+    batch = solver_lib.collate_responses(rows, "cpu")
     assert batch["response_mask"].sum(-1).tolist() == [2, 4, 1]
     with model.packed_training(policy):
-        got = online.token_logps(policy, batch, cfg)  # [3, 4]
+        got = solver_lib.response_logps(policy, batch, cfg)  # [3, 4]
         got.sum().backward()
     assert got.shape == (3, 4)
     for b, (prompt, response) in enumerate(rows):
