@@ -13,8 +13,10 @@ Both arms train on the same number of pairs (--pairs) for the same number of ste
 eval_end.json, kept as eval_iter<k>.json); the table reports held-out accuracy and the win rate against the
 iteration-0 solver's answers under the rules reward (ties 1/2). With --ifeval, iteration 0 and each arm's last
 iteration also answer that IFEval-format file (every prompt the rules can score, greedy). Per iteration the
-per-seed eva-minus-baseline difference gets a 95% t interval. --workers runs that many jobs side by side, each with
-its share of the cores. Every job is a resumable run, so rerunning the command continues where it stopped. Writes
+per-seed eva-minus-baseline difference gets a 95% t interval; a second table sets each evolving arm's children
+against their parents (mean solver reward and informativeness, near-copy share). --workers runs that many jobs side
+by side, each with its share of the cores. Every job is a resumable run, so rerunning the command continues where
+it stopped; --summarize tabulates what has finished without starting a job. Writes
 <out>/results.json, <out>/results.md and <out>/results.png.
 """
 import argparse
@@ -32,6 +34,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import cleaning  # noqa: E402
+import constraints  # noqa: E402
 import files  # noqa: E402
 import reward  # noqa: E402
 from eval.winrate import win_rate  # noqa: E402
@@ -114,11 +118,12 @@ def held_out(folder: Path, name: str, heldout: dict) -> tuple[dict, list[float]]
 
 
 def measure(out: Path, seeds: list[int], heldout: dict, opts) -> dict:
-    """results[arm][k][seed] = row of metrics (iteration 0 is arm "iter0", k 0, under every seed)."""
+    """results[arm][k][seed] = row of metrics (iteration 0 is arm "iter0", k 0, under every seed). A run not yet
+    evaluated after iteration k is left out (--summarize reads a command still under way); IFEval is scored
+    where missing unless --summarize."""
     row0, rewards0 = held_out(out / "iter0", "eval_end.json", heldout)
     if opts.ifeval:
-        official = arm_ifeval(out / "iter0", 0, opts, os.cpu_count() or 1)
-        row0.update(ifeval_prompt_level=official["prompt_level"], ifeval_instruction_level=official["instruction_level"])
+        row0.update(ifeval(out / "iter0", 0, opts))
     results = {"iter0": {0: {s: row0 for s in seeds}}}
     for arm in arms(opts):
         results[arm] = {}
@@ -126,16 +131,50 @@ def measure(out: Path, seeds: list[int], heldout: dict, opts) -> dict:
             results[arm][k] = {}
             for s in seeds:
                 folder = out / f"seed{s}" / arm
+                if not (folder / f"eval_iter{k}.json").exists():
+                    continue
                 row, rewards = held_out(folder, f"eval_iter{k}.json", heldout)
                 row["win_rate_vs_iter0"] = win_rate(rewards, rewards0, n_boot=1000, seed=0)["win_rate"]
                 pairs = files.read_jsonl(folder / f"iter_{k}" / "pairs.jsonl")
                 row.update(pairs=len(pairs), evolved_pairs=sum(p["source"] == "evolved" for p in pairs))
+                if arm != "baseline":
+                    row.update(children_vs_parents(folder / f"iter_{k}"))
                 if opts.ifeval and k == opts.iterations:
-                    official = arm_ifeval(folder, k, opts, os.cpu_count() or 1)
-                    row.update(ifeval_prompt_level=official["prompt_level"],
-                               ifeval_instruction_level=official["instruction_level"])
+                    row.update(ifeval(folder, k, opts))
                 results[arm][k][s] = row
     return results
+
+
+def ifeval(folder: Path, k: int, opts) -> dict:
+    """The IFEval accuracies of a run folder's solver after iteration k ({} under --summarize when not scored)."""
+    if opts.summarize and not (folder / f"ifeval_iter{k}.json").exists():
+        return {}
+    official = arm_ifeval(folder, k, opts, os.cpu_count() or 1)
+    return dict(ifeval_prompt_level=official["prompt_level"], ifeval_instruction_level=official["instruction_level"])
+
+
+def children_vs_parents(iter_dir: Path) -> dict:
+    """Is the pool getting harder and more informative? The evolved children's mean solver reward and info (scored
+    in the generate phase) against their selected parents' (the estimate phase; selected for high info on those
+    same samples, so biased upward) and the whole pool's, and the share of rewritten tasks that are near-copies of
+    their parent's task (3-gram Jaccard >= 0.6, creator_rl's default copy_threshold; children from the constraint
+    step keep the task by design and are not counted)."""
+    estimate = files.read_jsonl(iter_dir / "samples.jsonl")
+    scored = {r["prompt_id"]: r for r in estimate + files.read_jsonl(iter_dir / "evolved_samples.jsonl")}
+    parents, children = files.read_jsonl(iter_dir / "selected.jsonl"), files.read_jsonl(iter_dir / "evolved.jsonl")
+    tasks = {r["id"]: constraints.split_task(r) or r["prompt"] for r in parents + children}
+
+    def mean(records, key):
+        values = [float(np.mean(scored[r["id"]]["rewards"]) if key == "rewards" else scored[r["id"]][key])
+                  for r in records if r["id"] in scored]
+        return float(np.mean(values)) if values else None
+
+    rewritten = [r for r in children if r["method"] != "add_constraints" and r["parent"] in tasks]
+    copies = [cleaning.similarity(tasks[r["parent"]], tasks[r["id"]]) >= 0.6 for r in rewritten]
+    return dict(child_info=mean(children, "info"), parent_info=mean(parents, "info"),
+                pool_info=float(np.mean([r["info"] for r in estimate])),
+                child_reward=mean(children, "rewards"), parent_reward=mean(parents, "rewards"),
+                near_copy=float(np.mean(copies)) if copies else None)
 
 
 def metrics(results: dict) -> list[tuple[str, str]]:
@@ -178,9 +217,12 @@ def summarize(results: dict) -> str:
 
     rows0 = list(results["iter0"][0].values())
     lines.append("| 0 | shared | 1 | " + " | ".join(cells(rows0[:1])) + " |")
+    present = [a for a in ARMS if a in results]
     for k in sorted(results["eva"]):
-        seeds = sorted(results["eva"][k])
-        for arm in (a for a in ARMS if a in results):
+        seeds = sorted(set.intersection(*(set(results[a][k]) for a in present)))  # under --summarize: the finished
+        if not seeds:
+            continue
+        for arm in present:
             lines.append(f"| {k} | {arm} | {len(seeds)} | " + " | ".join(cells([results[arm][k][s] for s in seeds]))
                          + " |")
         for a, b in (d for d in DIFFERENCES if d[0] in results and d[1] in results):
@@ -189,6 +231,23 @@ def summarize(results: dict) -> str:
                 pairs = [(value(results[a][k][s], key), value(results[b][k][s], key)) for s in seeds]
                 diff.append(interval([x - y for x, y in pairs]) if all(x is not None for x, _ in pairs) else "-")
             lines.append(f"| {k} | **{a} - {b}** | {len(seeds)} | " + " | ".join(diff) + " |")
+    return "\n".join(lines)
+
+
+def evolution_table(results: dict) -> str:
+    """Per evolving arm and iteration (mean over seeds): the children against their parents (children_vs_parents)."""
+    lines = ["| iteration | arm | seeds | children's info | parents' info | pool's info | children's reward "
+             "(parents') | near-copies |", "|---|---|---|---|---|---|---|---|"]
+    for arm in (a for a in ARMS if a in results and a != "baseline"):
+        for k, rows in sorted(results[arm].items()):
+            rows = [r for r in rows.values() if r.get("child_info") is not None]
+            if rows:
+                m = {key: np.mean([r[key] for r in rows if r.get(key) is not None] or [np.nan])
+                     for key in ("child_info", "parent_info", "pool_info", "child_reward", "parent_reward",
+                                 "near_copy")}
+                lines.append(f"| {k} | {arm} | {len(rows)} | {m['child_info']:.3f} | {m['parent_info']:.3f} | "
+                             f"{m['pool_info']:.3f} | "
+                             f"{m['child_reward']:.3f} ({m['parent_reward']:.3f}) | {m['near_copy']:.0%} |")
     return "\n".join(lines)
 
 
@@ -203,15 +262,16 @@ def plot(results: dict, path: Path) -> None:
     row0 = next(iter(results["iter0"][0].values()))
     for ax, (key, title) in zip(axes, panels):
         for a, arm in enumerate(a for a in ARMS if a in results):
-            ks = [k for k in sorted(results[arm]) if value(next(iter(results[arm][k].values())), key) is not None]
-            per_seed = [[value(results[arm][k][s], key) for k in ks] for s in sorted(results[arm][ks[0]])] if ks else []
+            ks, means = [], []
+            for k in sorted(results[arm]):
+                ys = [y for y in (value(r, key) for r in results[arm][k].values()) if y is not None]
+                if ys:
+                    ks.append(k), means.append(np.mean(ys))
+                    ax.scatter([k] * len(ys), ys, color=f"C{a}", s=10, alpha=0.5)
             x0 = [0] if value(row0, key) is not None else []
             y0 = [value(row0, key)] if x0 else []
             if ks:
-                mean = np.mean(per_seed, axis=0)
-                ax.plot(x0 + ks, y0 + list(mean), "-o", color=f"C{a}", label=arm)
-                for ys in per_seed:
-                    ax.scatter(ks, ys, color=f"C{a}", s=10, alpha=0.5)
+                ax.plot(x0 + ks, y0 + means, "-o", color=f"C{a}", label=arm)
         if key == "ifeval_average":
             ax.axhline(0.299, color="gray", ls="--", lw=1, label="published SmolLM2-135M-Instruct")
         ax.set(title=title, xlabel="iteration")
@@ -277,16 +337,20 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=48, help="training pairs per iteration, the same in both arms")
     parser.add_argument("--learning_creator", action="store_true", help="a third arm: eva with --creator_learns "
                         "(creator flags such as --creator_steps go in --train_args; the other arms ignore them)")
+    parser.add_argument("--summarize", action="store_true", help="start no job: tabulate what has finished so far "
+                        "(a command still under way, or one stopped between sessions)")
     opts, out, heldout = parse(parser)
     start, cores = time.time(), os.cpu_count() or 1
-    iteration_zero(out, opts, cores)
+    if not opts.summarize:
+        iteration_zero(out, opts, cores)
     threads = max(1, cores // opts.workers)
     jobs = [(run_arm, out, s, arm, opts, threads) for s in opts.seeds for arm in arms(opts)]
     if opts.ifeval:  # after seed 0's arms: the first seed is complete first
         jobs.insert(2, (arm_ifeval, out / "iter0", 0, opts, threads))
-    run_jobs(jobs, opts.workers)
+    if not opts.summarize:
+        run_jobs(jobs, opts.workers)
     results = measure(out, opts.seeds, heldout, opts)
-    write_results(out, results, summarize(results), plot, start)
+    write_results(out, results, summarize(results) + "\n\n" + evolution_table(results), plot, start)
 
 
 if __name__ == "__main__":

@@ -49,6 +49,7 @@ def test_arms_share_iteration_zero_train_equally_and_are_scored_every_iteration(
     assert evolved[0] != evolved[1]
     table = (out / "results.md").read_text()
     assert table.count("eva - baseline") == 2 and table.count("eva_learns - eva") == 2 and "IFEval avg" in table
+    assert "| 2 | eva_learns | 2 |" in table and "children's info" in table
     assert (out / "results.png").stat().st_size > 0
 
 
@@ -69,6 +70,10 @@ def test_table_has_the_per_seed_difference_with_a_t_interval():
     assert cells[3] == "+0.050 [+0.050, +0.050]", cells
     assert cells[4] == "-0.050 [-0.685, +0.585]", cells
     assert cells[5] == "+0.150 [-0.485, +0.785]", cells
+    # under --summarize a seed not yet finished by every arm is left out of that iteration's rows
+    results["eva_learns"] = {1: {0: row(0.5, 0.3)}}
+    table = bench.summarize(results)
+    assert "| 1 | eva_learns | 1 |" in table and "| 1 | **eva - baseline** | 1 | +0.050 |" in table, table
 
 
 def test_online_comparison_runs_both_arms_with_equal_rollouts(tmp_path, tiny_llama_dir):
@@ -96,3 +101,32 @@ def test_online_comparison_runs_both_arms_with_equal_rollouts(tmp_path, tiny_lla
     table = (out / "results.md").read_text()
     assert "eva - rloo" in table and "| start |" in table
     assert (out / "results.png").stat().st_size > 0
+
+
+def test_children_are_set_against_their_parents_and_the_pool(tmp_path):
+    """Hand-made iteration: two parents, a near-copy child, a new task, a constraint-step child, a grandchild."""
+    bench = load_bench()
+    files = bench.files
+    parent_a = dict(id="a", prompt="Write a poem about the sea. Use no commas.", task="Write a poem about the sea.")
+    parent_b = dict(id="b", prompt="Explain how tides work.", task="Explain how tides work.")
+    other = dict(id="c", prompt="List three fruits.")
+    children = [dict(id="a.1", parent="a", method="deepen", task="Write a poem about the sea!"),  # near-copy
+                dict(id="a.2", parent="a.1", method="shift_in_domain", task="Describe a desert market at dawn."),
+                dict(id="b.1", parent="b", method="add_constraints", task="Explain how tides work.")]
+    for c in children:
+        c["prompt"] = c["task"]
+    files.write_jsonl(tmp_path / "selected.jsonl", [parent_a, parent_b])
+    files.write_jsonl(tmp_path / "evolved.jsonl", children)
+    files.write_jsonl(tmp_path / "samples.jsonl", [
+        dict(prompt_id="a", rewards=[0.0, 1.0], info=1.0), dict(prompt_id="b", rewards=[0.5, 1.0], info=0.5),
+        dict(prompt_id="c", rewards=[1.0, 1.0], info=0.0)])
+    files.write_jsonl(tmp_path / "evolved_samples.jsonl", [
+        dict(prompt_id="a.1", rewards=[0.0, 0.5], info=0.5), dict(prompt_id="a.2", rewards=[1.0, 1.0], info=0.0),
+        dict(prompt_id="b.1", rewards=[0.0, 0.25], info=0.25)])
+    row = bench.children_vs_parents(tmp_path)
+    assert row["parent_info"] == 0.75 and row["pool_info"] == 0.5 and row["child_info"] == 0.25
+    assert row["parent_reward"] == (0.5 + 0.75) / 2 and row["child_reward"] == (0.25 + 1.0 + 0.125) / 3
+    assert row["near_copy"] == 0.5, "of the two rewritten tasks, a.1 copies a; b.1 (constraint step) is not counted"
+    results = {"iter0": {0: {0: {}}}, "baseline": {1: {0: {}}}, "eva": {1: {0: row, 1: dict(row, near_copy=0.0)}}}
+    table = bench.evolution_table(results)
+    assert "| 1 | eva | 2 | 0.250 | 0.750 | 0.500 | 0.458 (0.625) | 25% |" in table, table
