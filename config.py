@@ -70,7 +70,7 @@ class Config:
     creator_max_new_tokens: int = 160  # longest rewrite
     creator_temperature: float = 0.7  # sampling temperature of the creator
     creator_candidates: int = 4  # rewrites sampled per link; the first that passes cleaning is kept
-    creator_learns: bool = False  # the creator is a second LoRA adapter, trained by RLOO on the solver (creator_rl.py)
+    creator_learns: bool = False  # the creator is a LoRA adapter trained by RLOO on the solver's signal (creator_rl.py)
     creator_group: int = 4  # --creator_learns: rewrites per parent in the creator's RLOO round (its k, >= 2)
     creator_steps: int = 1  # --creator_learns: RLOO steps per creator round, each on fresh rewrites
     creator_lr: float = 1e-4  # --creator_learns: the creator adapter's learning rate (AdamW, constant)
@@ -312,9 +312,11 @@ def check_config(cfg: Config) -> None:
         if cfg.grpo_iterations > 1 and cfg.online_algo != "grpo":
             raise ValueError("--grpo_iterations > 1 reuses samples off-policy, which only GRPO's clipped ratio "
                              "allows: add --online_algo grpo")
-    if cfg.creator_learns:  # a second adapter on the solver's base, trained before each creator round
-        for holds, why in [(cfg.lora, "needs --lora (the creator is a second LoRA adapter on the solver's base)"),
-                           (cfg.creator == "self", f"needs --creator self, not {cfg.creator}"),
+    if cfg.creator_learns:  # a LoRA adapter on the solver's base (or the creator's), trained before each creator round
+        for holds, why in [(cfg.lora or cfg.creator != "self", "needs --lora (the creator is a second LoRA adapter on "
+                                                                "the solver's base) or a --creator model of its own"),
+                           (not cfg.creator.startswith("endpoint:"), "needs a local creator (self or a model), "
+                                                                     "not an endpoint"),
                            (cfg.sampler == "eva", "samples with --sampler eva only")]:
             if not holds:
                 raise ValueError(f"--creator_learns {why}")

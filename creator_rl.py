@@ -1,6 +1,7 @@
 """The learning creator (--creator_learns): the creator is a second LoRA adapter ("creator") on the solver's base,
 trained with RLOO on the solver's learning signal, so that it learns to write prompts this solver can still learn
-from. One copy of the base in memory; the creator starts as the base model itself (its adapter's B = 0).
+from. One copy of the base in memory; the creator starts as the base model itself (its adapter's B = 0). With
+--creator <model> the adapter sits on that model's own base instead.
 
     python train_eva.py --preset smoke --creator_learns --run_dir runs/learns    # the offline loop, a few minutes
 
@@ -76,30 +77,40 @@ def creator_reward(valid: bool, rewards: list[float], parent: str, child: str, *
 
 # ------------------------------------------------------------------------------------------------- the adapter
 @contextlib.contextmanager
-def speaking(policy):
-    """Inside, the model is the creator (its adapter active and trainable, the solver's frozen); after, the solver."""
-    policy.set_adapter(ADAPTER)
+def speaking(learner: dict):
+    """Inside, the creator's model speaks with its adapter active and trainable; on the solver's base the solver's
+    adapter is frozen meanwhile and active again after."""
+    m = learner["model"]
+    m.set_adapter(ADAPTER)
     try:
-        yield policy
+        yield m
     finally:
-        policy.set_adapter("default")
+        if learner["shared"]:
+            m.set_adapter("default")
 
 
-def attach(policy, cfg) -> dict:
-    """Add the creator's adapter (the solver's LoRA settings, B = 0) beside the solver's, and its optimizer: the
-    learner's state {optimizer, scheduler, at (the iteration whose state is loaded; -1 = fresh)}."""
-    from peft import LoraConfig
+def attach(policy, tokenizer, cfg, creator_model=None, creator_tokenizer=None) -> dict:
+    """Add the creator's adapter (the solver's LoRA settings, B = 0) beside the solver's, or on creator_model's own
+    base, and its optimizer: the learner {model, tokenizer, shared (the solver's base), optimizer, scheduler, at (the
+    iteration whose state is loaded; -1 = fresh)}."""
+    from peft import LoraConfig, get_peft_model
     torch.manual_seed(parallel.stable_seed(cfg.seed, "creator adapter"))  # A is random: the same on every rank
-    policy.add_adapter(ADAPTER, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                                           target_modules="all-linear", task_type="CAUSAL_LM"))
-    with speaking(policy):
-        params = [p for p in policy.parameters() if p.requires_grad]
+    lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                      target_modules="all-linear", task_type="CAUSAL_LM")
+    if creator_model is None:
+        policy.add_adapter(ADAPTER, lora)
+        learner = dict(model=policy, tokenizer=tokenizer, shared=True)
+    else:  # peft wraps the creator's modules in place: creator_model itself now speaks through the adapter
+        learner = dict(model=get_peft_model(creator_model, lora, adapter_name=ADAPTER).eval(),
+                       tokenizer=creator_tokenizer, shared=False)
+    with speaking(learner) as m:
+        params = [p for p in m.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=cfg.creator_lr, weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)  # a constant rate
-    return dict(optimizer=optimizer, scheduler=scheduler, at=-1)
+    return dict(learner, optimizer=optimizer, scheduler=scheduler, at=-1)
 
 
-def load(policy, learner: dict, run, t: int) -> None:
+def load(learner: dict, run, t: int) -> None:
     """Bring the creator to its state after the last iteration <= t whose creator phase is done (fresh: none)."""
     done = [s for s in range(1, t + 1) if run.done(s, "creator") and (run.iter_dir(s) / STATE_FILE).exists()]
     last = done[-1] if done else -1
@@ -107,29 +118,29 @@ def load(policy, learner: dict, run, t: int) -> None:
         return
     if last == -1:
         raise RuntimeError("creator_rl.load: a fresh creator cannot be restored once trained; restart the process")
-    load_state_dict(policy, learner, torch.load(run.iter_dir(last) / STATE_FILE, weights_only=False))
+    load_state_dict(learner, torch.load(run.iter_dir(last) / STATE_FILE, weights_only=False))
 
 
-def state_dict(policy, learner: dict) -> dict:
+def state_dict(learner: dict) -> dict:
     """The creator's state: its adapter's weights, its optimizer's state and the round it is at."""
-    with speaking(policy):
-        weights = {n: p.detach().cpu().clone() for n, p in policy.named_parameters() if p.requires_grad}
+    with speaking(learner) as m:
+        weights = {n: p.detach().cpu().clone() for n, p in m.named_parameters() if p.requires_grad}
     return dict(weights=weights, optimizer=learner["optimizer"].state_dict(), at=learner["at"])
 
 
 @torch.no_grad()
-def load_state_dict(policy, learner: dict, state: dict) -> None:
-    params = dict(policy.named_parameters())
+def load_state_dict(learner: dict, state: dict) -> None:
+    params = dict(learner["model"].named_parameters())
     for name, value in state["weights"].items():
         params[name].copy_(value)
     learner["optimizer"].load_state_dict(state["optimizer"])
     learner["at"] = state["at"]
 
 
-def completer(policy, complete):
+def completer(learner: dict, complete):
     """evolve's `complete` with the creator's adapter active around each call."""
     def speak(messages):
-        with speaking(policy):
+        with speaking(learner):
             return complete(messages)
     return speak
 
@@ -186,17 +197,18 @@ def learn(policy, tokenizer, scorer, parents: list[dict], samples: list[dict], p
     learner["at"] = t
     if save_to is not None:
         if parallel.is_main():
-            files.write_atomic(save_to, state_dict(policy, learner))
+            files.write_atomic(save_to, state_dict(learner))
         parallel.barrier()
     summary = dict(_summary(records, samples, parents, stats), reward_per_step=per_step)
     return records, summary, describe(summary)
 
 
 def _step(policy, tokenizer, scorer, asked, pool: list[dict], learner: dict, cfg, t: int, step: int):
-    """One RLOO step: creator_group rewrites per message, judged and rewarded, then the update."""
+    """One RLOO step: creator_group rewrites per message from the creator, judged by the solver (policy) and
+    rewarded, then the update."""
     k = cfg.creator_group
-    with speaking(policy):
-        out = parallel.sharded(lambda mine: _sample(policy, tokenizer, asked, mine, cfg, t, step),
+    with speaking(learner):
+        out = parallel.sharded(lambda mine: _sample(learner, asked, mine, cfg, t, step),
                                list(range(len(asked))), desc="creator rollouts")
     texts, token_ids = [o[0] for o in out], [o[1] for o in out]
     records = [dict(r, step=step) for r in _children(asked, texts, pool, cfg)]
@@ -212,7 +224,7 @@ def _step(policy, tokenizer, scorer, asked, pool: list[dict], learner: dict, cfg
                                 copy_penalty=cfg.copy_penalty))
     rewards_pk = torch.tensor([r["reward"] for r in records], dtype=torch.float32).view(len(asked), k)  # [P, k]
     torch.manual_seed(parallel.stable_seed(cfg.seed, t, step, "creator update"))  # dropout: the same on a rerun
-    return records, _update(policy, tokenizer, asked, token_ids, rewards_pk, learner, cfg)
+    return records, _update(learner, asked, token_ids, rewards_pk, cfg)
 
 
 def describe(summary: dict) -> str:
@@ -225,25 +237,26 @@ def describe(summary: dict) -> str:
                 if len(summary.get("reward_per_step", [])) > 1 else ""))
 
 
-def _sample(policy, tokenizer, asked, mine: list[int], cfg, t: int, step: int) -> list[tuple[list, list]]:
+def _sample(learner: dict, asked, mine: list[int], cfg, t: int, step: int) -> list[tuple[list, list]]:
     """creator_group rewrites per message of this rank's share: (texts, token ids) per message."""
-    out = generate.sample(policy, tokenizer, [asked[i][2] for i in mine], n=cfg.creator_group,
+    out = generate.sample(learner["model"], learner["tokenizer"], [asked[i][2] for i in mine], n=cfg.creator_group,
                           max_new_tokens=cfg.creator_max_new_tokens, temperature=cfg.creator_temperature,
                           top_p=cfg.top_p, batch_size=cfg.gen_batch_size, stop=list(creator.STOP), chat=False,
                           seeds=[parallel.stable_seed(cfg.seed, t, step, "creator rollout", i) for i in mine])
     return [(list(texts), [list(ids) for ids in tokens]) for texts, tokens in zip(out.texts, out.token_ids)]
 
 
-def _update(policy, tokenizer, asked, token_ids, rewards_pk: torch.Tensor, learner: dict, cfg) -> dict:
+def _update(learner: dict, asked, token_ids, rewards_pk: torch.Tensor, cfg) -> dict:
     """One RLOO step on the creator's adapter. Each rank takes its share of the messages; the gradients are summed
     over ranks (each share's loss is divided by the whole batch's count), so every rank takes the same step."""
     k, world, me = cfg.creator_group, parallel.world_size(), parallel.rank()
+    policy, tokenizer = learner["model"], learner["tokenizer"]
     device = policy.get_input_embeddings().weight.device
     rows = [(generate.encode_prompt(tokenizer, message, chat=False), token_ids[p][j] or [tokenizer.eos_token_id])
             for p, (_, _, message) in enumerate(asked) for j in range(k)]
     counts = (len(rows), sum(len(r) for _, r in rows))
     mine = list(range(me, len(asked), world))
-    with speaking(policy):
+    with speaking(learner):
         params = [p for p in policy.parameters() if p.requires_grad]
         policy.train()
         loss_sum = 0.0

@@ -157,7 +157,7 @@ def creator_round(cfg, round_: int, step: int, pool: list[dict], info: dict, see
         _, learned, _ = creator_rl.learn(solver, tokenizer, scorer, parents, measured, pool, learner, cfg, round_)
     if parents:
         complete = common.make_completer(cfg, round_, solver, tokenizer, creator_model, creator_tokenizer)
-        complete = complete if learner is None else creator_rl.completer(solver, complete)
+        complete = complete if learner is None else creator_rl.completer(learner, complete)
         children, stats = creator.evolve_with(cfg, parents, complete, round_, pool)
         children = common.drop_long_prompts(children, tokenizer, cfg, "evolved prompts")
     pool.extend(children)
@@ -192,7 +192,7 @@ def train(cfg, run, solver, masters, tokenizer, scorer, pool: list[dict], device
         start, pool, info, seen, rounds = (state[k] for k in ("step", "pool", "info", "seen", "rounds"))
         trainstate.copy_weights(trained, solver)
         if learner is not None:
-            creator_rl.load_state_dict(solver, learner, state["creator"])
+            creator_rl.load_state_dict(learner, state["creator"])
         print0(f"[online] resuming at step {start}/{cfg.online_steps}, pool {len(pool)}")
     policy = trainstate.wrap(trained, cfg)
     end_id = model.turn_end_id(tokenizer)
@@ -234,7 +234,7 @@ def train(cfg, run, solver, masters, tokenizer, scorer, pool: list[dict], device
                 print0(f"[online] step {step}: the creator learned: {creator_rl.describe(evolved['creator'])}")
         if step % cfg.save_every == 0 or step == cfg.online_steps:
             trainstate.save_checkpoint(ckpt, trained, optimizer, scheduler, step, pool=pool, info=info, seen=seen,
-                                       rounds=rounds, creator=learner and creator_rl.state_dict(solver, learner))
+                                       rounds=rounds, creator=learner and creator_rl.state_dict(learner))
             rundir.fault("online", 0, step)  # test hook
     return [{**r, "info": info.get(r["id"]), "last_step": seen.get(r["id"])} for r in pool]
 
@@ -247,7 +247,9 @@ def run(cfg) -> None:
            f"{cfg.online_prompts} prompts, creator every {cfg.evolve_every} steps, world size "
            f"{parallel.world_size()}, device {device}")
     solver, masters, tokenizer, scorer, (creator_model, creator_tokenizer) = common.load_models(cfg, run_, device)
-    learner = creator_rl.attach(solver, cfg) if cfg.creator_learns else None  # the creator's adapter and optimizer
+    learner = None  # --creator_learns: the creator's adapter and optimizer
+    if cfg.creator_learns:
+        learner = creator_rl.attach(solver, tokenizer, cfg, creator_model, creator_tokenizer)
 
     common.evaluate_once(solver, tokenizer, heldout, cfg, run_, "start")
     pool = common.drop_long_prompts(seeds, tokenizer, cfg, "seed prompts")

@@ -135,7 +135,7 @@ def main(argv=None) -> None:
     print0(f"eva: {len(seeds)} seed prompts, {len(heldout)} held-out, solver {cfg.model}, reward {cfg.reward}, "
            f"loss {cfg.loss}, world size {parallel.world_size()}, device {device}")
     policy, masters, tokenizer, scorer, creator_lm = common.load_models(cfg, run, device)
-    learner = creator_rl.attach(policy, cfg) if cfg.creator_learns else None  # the creator's adapter and optimizer
+    learner = creator_rl.attach(policy, tokenizer, cfg, *creator_lm) if cfg.creator_learns else None  # its adapter
     common.evaluate_once(policy, tokenizer, heldout, cfg, run, "start")
     pool = common.drop_long_prompts(seeds, tokenizer, cfg, "seed prompts")
     if not pool:
@@ -155,15 +155,15 @@ def main(argv=None) -> None:
             selected = phase(run, t, "select", "selected.jsonl", lambda: select_parents(pool, samples, cfg, t),
                              timed=False)
             if learner is not None:  # the creator's own RLOO round on rewrites of these parents (creator_rl.py)
-                creator_rl.load(policy, learner, run, t - 1)
+                creator_rl.load(learner, run, t - 1)
                 phase(run, t, "creator", "creator_rollouts.jsonl", lambda: creator_rl.learn(
                     policy, tokenizer, scorer, selected, samples, pool, learner, cfg, t,
                     save_to=run.iter_dir(t) / creator_rl.STATE_FILE))
-                creator_rl.load(policy, learner, run, t)
+                creator_rl.load(learner, run, t)
 
             def complete():  # the creator's `complete`: with its own adapter when it learns
                 made = common.make_completer(cfg, t, policy, tokenizer, *creator_lm)
-                return made if learner is None else creator_rl.completer(policy, made)
+                return made if learner is None else creator_rl.completer(learner, made)
             evolved = phase(run, t, "evolve", "evolved.jsonl",
                             lambda: evolve_prompts(selected, pool, complete(), tokenizer, cfg, t))
             evolved_samples = phase(run, t, "generate", "evolved_samples.jsonl",

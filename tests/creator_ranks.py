@@ -22,11 +22,11 @@ def main() -> None:
     source, out = Path(sys.argv[1]), Path(sys.argv[2])
     parallel.init()
     cfg, m, tokenizer, learner = cases.creator_setup(source)
-    with creator_rl.speaking(m):  # SGD: the weights move by the summed gradient itself (Adam's first step is its sign)
+    with creator_rl.speaking(learner):  # SGD: the weights move by the summed gradient itself (Adam's first step is its sign)
         learner["optimizer"] = torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=1.0)
     learner["scheduler"] = torch.optim.lr_scheduler.LambdaLR(learner["optimizer"], lambda step: 1.0)
     for rewards in (cases.REWARDS, cases.REWARDS.flip(-1)):
-        creator_rl._update(m, tokenizer, cases.ASKED, cases.rollouts(tokenizer), rewards, learner, cfg)
+        creator_rl._update(learner, cases.ASKED, cases.rollouts(tokenizer), rewards, cfg)
     if parallel.is_main():
         save_file({n: w.contiguous() for n, w in cases.weights(m, creator_rl.ADAPTER).items()}, out)
     parallel.barrier()

@@ -53,7 +53,9 @@ def test_creator_reward_scales_a_reward_model_range_and_skips_missing_rewards():
     assert reward_of(rewards=(0, 1), copy_penalty=0.25, child=PARENT)["reward"] == pytest.approx(0.75)
 
 
-def creator_setup(tiny_llama_dir, seed: int = 0):
+def creator_setup(tiny_llama_dir, seed: int = 0, own_base: bool = False):
+    """(cfg, solver with a non-zero adapter, tokenizer, learner): the creator's adapter on the solver's base, or on a
+    model of its own (own_base: a second copy of the tiny model, as --creator <folder> loads it)."""
     cfg = config.parse_config(["--preset", "smoke", "--creator_learns", "--lora_r", "4", "--creator_lr", "1e-2",
                                "--seed", str(seed)])
     m, tokenizer = model.load_model(str(tiny_llama_dir))
@@ -64,7 +66,8 @@ def creator_setup(tiny_llama_dir, seed: int = 0):
             if "lora_B" in name:
                 p.normal_(0, 0.1)
     m.eval()
-    return cfg, m, tokenizer, creator_rl.attach(m, cfg)
+    creator_lm = model.load_model(str(tiny_llama_dir)) if own_base else (None, None)
+    return cfg, m, tokenizer, creator_rl.attach(m, tokenizer, cfg, *creator_lm)
 
 
 ASKED = [(None, "concretise", "Request: write a poem\nNew request:"), (None, "reasoning", "Request: add 2 and 3\nNew "
@@ -90,7 +93,7 @@ def test_creator_update_moves_only_the_creator_adapter(tiny_llama_dir, tmp_path)
     ids = tokenizer("Name three rivers.", return_tensors="pt").input_ids
     with torch.no_grad():
         solver_logits = m(ids).logits
-    stats = creator_rl._update(m, tokenizer, ASKED, rollouts(tokenizer), REWARDS, learner, cfg)
+    stats = creator_rl._update(learner, ASKED, rollouts(tokenizer), REWARDS, cfg)
     assert math.isfinite(stats["creator_loss"]) and stats["creator_grad_norm"] > 0
     after = {a: weights(m, a) for a in ("default", "creator", None)}
     assert any(not torch.equal(before["creator"][n], after["creator"][n]) for n in after["creator"])
@@ -105,21 +108,46 @@ def test_creator_update_moves_only_the_creator_adapter(tiny_llama_dir, tmp_path)
     assert (saved / "adapter_model.safetensors").exists() and not (saved / "creator").exists()
 
 
+def test_a_creator_of_its_own_base_learns_apart_from_the_solver(tiny_llama_dir, tmp_path):
+    """--creator <model> --creator_learns: the adapter sits on the creator's own base; an update moves that adapter
+    only (the solver and the creator's base as they were), the creator model itself now speaks through it, and its
+    state comes back into a fresh learner."""
+    assert config.parse_config(["--creator_learns", "--creator", str(tiny_llama_dir), "--no-lora"]).creator_learns
+    cfg, m, tokenizer, learner = creator_setup(tiny_llama_dir, own_base=True)
+    own = learner["model"]
+    assert own is not m and not learner["shared"] and "creator" not in m.peft_config
+    solver_before, base_before = weights(m, None) | weights(m, "default"), weights(own, None)
+    ids = tokenizer("Name three rivers.", return_tensors="pt").input_ids
+    with torch.no_grad():
+        creator_logits = own(ids).logits
+    creator_rl._update(learner, ASKED, rollouts(tokenizer), REWARDS, cfg)
+    assert all(torch.equal(solver_before[n], p) for n, p in (weights(m, None) | weights(m, "default")).items())
+    assert all(torch.equal(base_before[n], p) for n, p in weights(own, None).items())
+    with torch.no_grad():  # the base model object answers through the trained adapter (what evolve's completer calls)
+        assert not torch.equal(own.get_base_model()(ids).logits, creator_logits)
+    state = creator_rl.state_dict(learner)
+    assert state["weights"] and all(".creator." in n for n in state["weights"])
+    _, _, _, fresh = creator_setup(tiny_llama_dir, seed=1, own_base=True)
+    creator_rl.load_state_dict(fresh, state)
+    for n, w in weights(fresh["model"], "creator").items():
+        torch.testing.assert_close(w, weights(own, "creator")[n], atol=0, rtol=0)
+
+
 def test_creator_state_resumes_to_the_same_next_step(tiny_llama_dir, tmp_path):
     """A creator updated once, saved, and restored into a fresh process's model takes the same second step as the
     one that never stopped (adapter weights and AdamW's moments both come back)."""
     run = rundir.Run(tmp_path / "run")
     cfg, m, tokenizer, learner = creator_setup(tiny_llama_dir)
-    creator_rl._update(m, tokenizer, ASKED, rollouts(tokenizer), REWARDS, learner, cfg)
+    creator_rl._update(learner, ASKED, rollouts(tokenizer), REWARDS, cfg)
     learner["at"] = 1
-    files.write_atomic(run.iter_dir(1) / creator_rl.STATE_FILE, creator_rl.state_dict(m, learner))
+    files.write_atomic(run.iter_dir(1) / creator_rl.STATE_FILE, creator_rl.state_dict(learner))
     run.mark(1, "creator", {})
-    creator_rl._update(m, tokenizer, ASKED, rollouts(tokenizer), REWARDS.flip(-1), learner, cfg)
+    creator_rl._update(learner, ASKED, rollouts(tokenizer), REWARDS.flip(-1), cfg)
 
     _, fresh, _, fresh_learner = creator_setup(tiny_llama_dir, seed=1)  # another seed: another random creator A
-    creator_rl.load(fresh, fresh_learner, run, 1)
+    creator_rl.load(fresh_learner, run, 1)
     assert fresh_learner["at"] == 1 and fresh.active_adapters == ["default"]
-    creator_rl._update(fresh, tokenizer, ASKED, rollouts(tokenizer), REWARDS.flip(-1), fresh_learner, cfg)
+    creator_rl._update(fresh_learner, ASKED, rollouts(tokenizer), REWARDS.flip(-1), cfg)
     uninterrupted, resumed = weights(m, "creator"), weights(fresh, "creator")
     for n in uninterrupted:
         torch.testing.assert_close(resumed[n], uninterrupted[n])
@@ -127,7 +155,7 @@ def test_creator_state_resumes_to_the_same_next_step(tiny_llama_dir, tmp_path):
 
 
 @pytest.mark.parametrize("flags, names", [
-    (["--no-lora"], "needs --lora"), (["--creator", "endpoint:http://x#m"], "needs --creator self"),
+    (["--no-lora"], "needs --lora"), (["--creator", "endpoint:http://x#m"], "not an endpoint"),
     (["--sampler", "vllm"], "--sampler eva only"), (["--creator_group", "1"], "--creator_group 1"),
     (["--copy_threshold", "0"], "--copy_threshold 0")])
 def test_bad_creator_learns_settings_get_one_line(flags, names):

@@ -3,6 +3,7 @@ import importlib.util
 import json
 import subprocess
 import sys
+from types import SimpleNamespace
 
 from conftest import ROOT
 from test_train_eva import TINY_PROMPTS, write_prompts
@@ -21,7 +22,6 @@ def test_arms_share_iteration_zero_train_equally_and_are_scored_every_iteration(
     out = tmp_path / "compare"
     subprocess.run([sys.executable, str(ROOT / "bench" / "eva_vs_baseline.py"), "--out", str(out), "--seeds", "0", "1",
                     "--iterations", "2", "--workers", "2", "--pairs", "4", "--eval_max_new_tokens", "8",
-                    "--learning_creator",
                     "--ifeval", heldout, "--ifeval_max_new_tokens", "8",
                     "--train_args", "--preset", "smoke", "--model", str(tiny_llama_dir),
                     "--seed_prompts", prompts, "--heldout_prompts", heldout, "--lr", "1e-3"],
@@ -29,8 +29,8 @@ def test_arms_share_iteration_zero_train_equally_and_are_scored_every_iteration(
     results = json.loads((out / "results.json").read_text())
     for k in ("1", "2"):
         for s in ("0", "1"):
-            base, eva, learns = results["baseline"][k][s], results["eva"][k][s], results["eva_learns"][k][s]
-            assert base["pairs"] == eva["pairs"] == learns["pairs"] == 4, "every arm trains on --pairs pairs"
+            base, eva = results["baseline"][k][s], results["eva"][k][s]
+            assert base["pairs"] == eva["pairs"] == 4, "every arm trains on --pairs pairs"
             assert base["evolved_pairs"] == 0
             assert 0 <= eva["win_rate_vs_iter0"] <= 1
     assert "ifeval_prompt_level" in results["eva"]["2"]["0"] and "ifeval_prompt_level" not in results["eva"]["1"]["0"]
@@ -41,16 +41,23 @@ def test_arms_share_iteration_zero_train_equally_and_are_scored_every_iteration(
             assert (folder / "iter_0" / "adapter" / "adapter_model.safetensors").read_bytes() == base_adapter
             assert (folder / "eval_iter1.json").exists() and (folder / "eval_iter2.json").exists()
         assert (out / f"seed{s}" / "eva" / "iter_2" / "evolved.jsonl").exists()
-        assert (out / f"seed{s}" / "eva_learns" / "iter_2" / "done_creator").exists()
         assert not (out / f"seed{s}" / "eva" / "iter_2" / "done_creator").exists()
         assert not (out / f"seed{s}" / "baseline" / "iter_2" / "evolved.jsonl").exists()
     # the seeds really differ: their eva arms evolved different children
     evolved = [(out / f"seed{s}" / "eva" / "iter_1" / "evolved.jsonl").read_text() for s in (0, 1)]
     assert evolved[0] != evolved[1]
     table = (out / "results.md").read_text()
-    assert table.count("eva - baseline") == 2 and table.count("eva_learns - eva") == 2 and "IFEval avg" in table
-    assert "| 2 | eva_learns | 2 |" in table and "children's info" in table
+    assert table.count("eva - baseline") == 2 and "eva_learns" not in table and "IFEval avg" in table
+    assert "| 2 | eva | 2 |" in table and "children's info" in table
     assert (out / "results.png").stat().st_size > 0
+
+
+def test_the_learning_creator_is_a_third_arm_on_request():
+    """--learning_creator adds eva_learns: eva's flags and --creator_learns (its runs are tests/test_creator_rl's)."""
+    bench = load_bench()
+    assert bench.arms(SimpleNamespace(learning_creator=False)) == ["baseline", "eva"]
+    assert bench.arms(SimpleNamespace(learning_creator=True)) == ["baseline", "eva", "eva_learns"]
+    assert bench.ARM_FLAGS["eva_learns"] == [*bench.ARM_FLAGS["eva"], "--creator_learns"]
 
 
 def test_table_has_the_per_seed_difference_with_a_t_interval():

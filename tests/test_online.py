@@ -110,7 +110,8 @@ def finish(proc, code: int = 0) -> None:
 
 
 def test_resume_after_kill_equals_uninterrupted(tmp_path, tiny_llama_dir):
-    args = args_for(tmp_path, tiny_llama_dir, "--save_every", "1", "--creator_learns")
+    # the learning creator on a base of its own (--creator <folder>): its adapter and optimizer resume too
+    args = args_for(tmp_path, tiny_llama_dir, "--save_every", "1", "--creator_learns", "--creator", str(tiny_llama_dir))
     whole = run_cli(tmp_path / "whole", [*args, "--run_dir", "run"])
     killed = run_cli(tmp_path / "killed", [*args, "--run_dir", "run"], kill_at="0:online:3")
     finish(killed, -9)  # SIGKILL right after the step-3 checkpoint, the creator round of step 2 inside it
