@@ -250,26 +250,26 @@ def _update(learner: dict, asked, token_ids, rewards_pk: torch.Tensor, cfg) -> d
     """One RLOO step on the creator's adapter. Each rank takes its share of the messages; the gradients are summed
     over ranks (each share's loss is divided by the whole batch's count), so every rank takes the same step."""
     k, world, me = cfg.creator_group, parallel.world_size(), parallel.rank()
-    policy, tokenizer = learner["model"], learner["tokenizer"]
-    device = policy.get_input_embeddings().weight.device
+    creator_lm, tokenizer = learner["model"], learner["tokenizer"]
+    device = creator_lm.get_input_embeddings().weight.device
     rows = [(generate.encode_prompt(tokenizer, message, chat=False), token_ids[p][j] or [tokenizer.eos_token_id])
             for p, (_, _, message) in enumerate(asked) for j in range(k)]
     counts = (len(rows), sum(len(r) for _, r in rows))
     mine = list(range(me, len(asked), world))
     with speaking(learner):
-        params = [p for p in policy.parameters() if p.requires_grad]
-        policy.train()
+        params = [p for p in creator_lm.parameters() if p.requires_grad]
+        creator_lm.train()
         loss_sum = 0.0
         for s in range(0, len(mine), cfg.micro_batch_size):
             ps = mine[s:s + cfg.micro_batch_size]
             batch = solver.collate_responses([rows[p * k + j] for p in ps for j in range(k)], device)
-            with model.packed_training(policy), trainstate.autocast(device):
-                logps = solver.response_logps(policy, batch, cfg)  # [b*k, R]
+            with model.packed_training(creator_lm), trainstate.autocast(device):
+                logps = solver.response_logps(creator_lm, batch, cfg)  # [b*k, R]
                 loss, _ = losses.rloo_loss(logps, batch["response_mask"], rewards_pk[ps].to(device), beta=0.0,
                                            counts=counts)
             loss.backward()
             loss_sum += loss.item()
-        policy.eval()
+        creator_lm.eval()
         for p in params:  # a rank without messages adds zeros
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
