@@ -194,6 +194,7 @@ def train(cfg, run, solver, masters, tokenizer, scorer, pool: list[dict], device
         if learner is not None:
             creator_rl.load_state_dict(learner, state["creator"])
         print0(f"[online] resuming at step {start}/{cfg.online_steps}, pool {len(pool)}")
+    run.forget(lambda r: "iteration" not in r and r.get("step", 0) > start)  # a killed run's steps after `start`
     policy = trainstate.wrap(trained, cfg)
     end_id = model.turn_end_id(tokenizer)
     bar = parallel.progress(range(start, cfg.online_steps), desc="online", initial=start, total=cfg.online_steps)

@@ -46,6 +46,18 @@ class Run:
                 f.write(json.dumps(record) + "\n")
             tracking.log(self.trackers, record, self.folder)
 
+    def forget(self, stale) -> None:
+        """Drop the metrics.jsonl records for which stale(record) is true, and any line a kill tore: on a resume,
+        those the killed run logged after the checkpoint it resumes from, which the resumed run logs again. (A
+        tracker keeps what it was sent.)"""
+        path = self.folder / "metrics.jsonl"
+        if not parallel.is_main() or not path.exists():
+            return
+        lines = path.read_text().splitlines()
+        kept = [line for line in lines if _parses(line) and not stale(json.loads(line))]
+        if len(kept) < len(lines):
+            files.write_atomic(path, "".join(line + "\n" for line in kept))
+
     def close(self) -> None:
         """The end of the run: every tracker flushed and finished."""
         tracking.finish(self.trackers)
@@ -59,6 +71,13 @@ class Run:
     def write_jsonl(self, path: Path, records: list[dict]) -> None:
         if parallel.is_main():
             files.write_jsonl(path, records)
+
+
+def _parses(line: str) -> bool:
+    try:
+        return isinstance(json.loads(line), dict)
+    except ValueError:
+        return False
 
 
 def open_run(cfg) -> Run:

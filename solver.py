@@ -145,6 +145,7 @@ def train(solver, masters, tokenizer, pairs: list[dict], cfg: Config, run: rundi
     # neither an earlier iteration nor a restart changes the draws.
     torch.manual_seed(parallel.stable_seed(cfg.seed, t, "train"))
     start_step = resume(folder, trained, optimizer, scheduler, cfg, t, total_steps)
+    run.forget(lambda r: r.get("iteration") == t and "phase" not in r and r.get("step", 0) > start_step)
     policy = trainstate.wrap(trained, cfg)
     settings = loss_settings(cfg)
     world, per_rank = parallel.world_size(), cfg.batch_size // parallel.world_size()

@@ -118,9 +118,15 @@ def test_resume_after_kill_equals_uninterrupted(tmp_path, tiny_llama_dir):
     state = torch.load(tmp_path / "killed" / "run" / "online_state.pt", weights_only=False)
     assert state["step"] == 3 and len(state["pool"]) > len(TINY_PROMPTS)
     assert state["creator"]["at"] == 1 and state["creator"]["weights"], "the learning creator's state is saved too"
+    # as if the kill had come later, after step 4 and a creator round were logged but before their checkpoint, and
+    # had torn its last line: the resume must drop them, not log step 4 twice
+    with open(tmp_path / "killed" / "run" / "metrics.jsonl", "a") as f:
+        f.write('{"step": 4, "reward": 99.0}\n{"step": 4, "phase": "creator", "round": 9}\n{"step": 5, "rew')
     finish(run_cli(tmp_path / "killed", [*args, "--run_dir", "run"]))
     finish(whole)
     a, b = tmp_path / "whole" / "run", tmp_path / "killed" / "run"
+    records = lambda run: [(m.get("step"), m.get("phase")) for m in map(json.loads, (run / "metrics.jsonl").open())]
+    assert records(b) == records(a), "each step and creator round logged once, as in the uninterrupted run"
     assert (a / "pool.jsonl").read_text() == (b / "pool.jsonl").read_text()
     wa, wb = (load_file(x / "adapter" / "adapter_model.safetensors") for x in (a, b))
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)

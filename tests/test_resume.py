@@ -86,6 +86,10 @@ def tear_outputs(folder: Path, point: str) -> None:
     if phase == "train":
         assert (iter_dir / "train_state.pt").is_file(), f"{point}: killed before any checkpoint"
         (iter_dir / "train_state.pt.tmp").write_bytes(b"\x00half a checkpoint")
+        # and as if it had logged one more step before it died, the last line torn: the resume must drop both
+        step = torch.load(iter_dir / "train_state.pt", weights_only=False)["step"] + 1
+        with open(folder / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(dict(iteration=int(t), step=step, loss=99.0, lr=1.0)) + '\n{"iteration": 1, "st')
         return
     for name in PHASE_FILES[phase]:
         path = iter_dir / name
@@ -134,6 +138,8 @@ def test_killed_in_every_phase_resumes_to_the_same_run(tmp_path, tiny_llama_dir,
 
     # Every phase finished exactly once (a killed phase never logged; a finished one never ran again), and the
     # training steps after each resume have the uninterrupted run's losses and learning rates.
+    logged = lambda f: sorted((m["iteration"], m["step"]) for m in metrics(f) if "loss" in m)
+    assert logged(folder) == logged(uninterrupted), "a step logged twice, or a killed run's step kept"
     phases = [(m["iteration"], m["phase"]) for m in metrics(folder) if "phase" in m]
     assert sorted(phases) == sorted((m["iteration"], m["phase"]) for m in metrics(uninterrupted) if "phase" in m)
     assert len(phases) == len(set(phases)), f"a phase was logged twice: {phases}"
