@@ -53,8 +53,14 @@ class Run:
         path = self.folder / "metrics.jsonl"
         if not parallel.is_main() or not path.exists():
             return
-        lines = path.read_text().splitlines()
-        kept = [line for line in lines if _parses(line) and not stale(json.loads(line))]
+        lines, kept = path.read_text().splitlines(), []
+        for line in lines:
+            try:
+                record = json.loads(line)
+            except ValueError:  # a line a kill tore
+                continue
+            if not stale(record):
+                kept.append(line)
         if len(kept) < len(lines):
             files.write_atomic(path, "".join(line + "\n" for line in kept))
 
@@ -71,13 +77,6 @@ class Run:
     def write_jsonl(self, path: Path, records: list[dict]) -> None:
         if parallel.is_main():
             files.write_jsonl(path, records)
-
-
-def _parses(line: str) -> bool:
-    try:
-        return isinstance(json.loads(line), dict)
-    except ValueError:
-        return False
 
 
 def open_run(cfg) -> Run:
