@@ -134,9 +134,10 @@ PRESETS = {
                   epochs=2, batch_size=64, micro_batch_size=1, warmup_ratio=0.1, eval_max_new_tokens=2048,
                   creator_max_new_tokens=1024, gradient_checkpointing=True, vocab_chunk=32768,
                   seed_prompts="HuggingFaceH4/ultrafeedback_binarized:train_prefs"),
-    # online eva on the CPU: the bundled SmolLM2-135M-Instruct, rule rewards, RLOO; info = max - mean, as online eva
+    # online eva on the CPU: the bundled SmolLM2-135M-Instruct, rule rewards, RLOO; info = max - mean, as online eva;
+    # rollouts as long as the answers that are scored (48-token rollouts lost held-out accuracy: docs/online.md)
     "online": dict(online=True, info_metric="max_mean", max_seed_prompts=64, n_samples=4, online_prompts=8,
-                   micro_batch_size=4, online_steps=24, evolve_every=6, max_new_tokens=48, eval_max_new_tokens=96,
+                   micro_batch_size=4, online_steps=24, evolve_every=6, max_new_tokens=96, eval_max_new_tokens=96,
                    creator_max_new_tokens=96, max_heldout_prompts=32, evolve_depth=2, lr=2e-4, save_every=4),
 }
 # Per-loss settings applied by --preset paper together with --loss; each one's source in docs/scale.md.

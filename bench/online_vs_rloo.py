@@ -12,7 +12,8 @@ says otherwise), differing only in the creator:
 Both take online_steps steps of online_prompts prompts x k responses. Each final solver answers the held-out prompts
 (greedy, --eval_max_new_tokens) and, with --ifeval, that IFEval-format file (every prompt the rules can score,
 greedy), as does the starting model once. The table has each arm's mean ± sd over seeds and the per-seed
-eva-minus-rloo difference with a 95% t interval; the plot the reward curves and the final scores. Resumable like
+eva-minus-rloo difference with a 95% t interval; a second table sets each creator round's children against their
+parents; the plot the reward curves and the final scores. Resumable like
 bench/eva_vs_baseline.py; writes <out>/results.json, results.md and results.png.
 """
 import argparse
@@ -28,6 +29,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
+import cleaning  # noqa: E402
+import constraints  # noqa: E402
 import eva_vs_baseline as compare  # noqa: E402  (its job runner, IFEval job and interval)
 import files  # noqa: E402
 import reward  # noqa: E402
@@ -60,11 +63,40 @@ def row_of(folder: Path, heldout: dict, start_rewards: list[float] | None, opts)
                evolved_drawn=sum(m["evolved"] for m in steps.values()), pool=steps[max(steps)]["pool"])
     if start_rewards is not None:
         row["win_rate_vs_start"] = win_rate(rewards, start_rewards, n_boot=1000, seed=0)["win_rate"]
+    row["rounds"] = children_vs_parents(folder)
     if opts.ifeval:
         official = json.loads((folder / "ifeval.json").read_text())
         row.update(ifeval_prompt_level=official["prompt_level"], ifeval_instruction_level=official["instruction_level"],
                    ifeval_average=(official["prompt_level"] + official["instruction_level"]) / 2)
     return row
+
+
+def children_vs_parents(folder: Path) -> dict:
+    """{round: numbers} from the final pool.jsonl: is the pool getting more informative? A child's and a parent's info
+    is that of their last draw (a child never drawn has none), the seed prompts' is the baseline; near-copies are
+    rewritten tasks at 3-gram Jaccard >= 0.6 to their parent's (creator_rl's copy_threshold; constraint-only
+    children keep the task by design and are not counted). With --creator_learns, the creator's own mean reward."""
+    pool = files.read_jsonl(folder / "pool.jsonl")
+    by_id = {r["id"]: r for r in pool}
+    learned = {m["round"]: m["creator"] for m in files.read_jsonl(folder / "metrics.jsonl") if m.get("creator")}
+
+    def mean(values):
+        values = [v for v in values if v is not None]
+        return float(np.mean(values)) if values else None
+    seed_info = mean([r["info"] for r in pool if r.get("parent") is None])
+    rounds = {}
+    for t in sorted({r["iteration"] for r in pool if r.get("parent") is not None}):
+        children = [r for r in pool if r.get("parent") is not None and r["iteration"] == t]
+        parents = {r["parent"]: by_id[r["parent"]] for r in children if r["parent"] in by_id}
+        task = lambda r: constraints.split_task(r) or r["prompt"]  # noqa: E731
+        copies = [cleaning.similarity(task(parents[r["parent"]]), task(r)) >= 0.6 for r in children
+                  if r.get("method") != "add_constraints" and r["parent"] in parents]
+        rounds[t] = dict(children=len(children), drawn=sum(r.get("last_step") is not None for r in children),
+                         child_info=mean([r["info"] for r in children]),
+                         parent_info=mean([r["info"] for r in parents.values()]), seed_info=seed_info,
+                         near_copy=mean([float(c) for c in copies]),
+                         creator_reward=learned.get(t, {}).get("creator_reward"))
+    return rounds
 
 
 def measure(out: Path, heldout: dict, opts) -> dict:
@@ -104,6 +136,27 @@ def summarize(results: dict) -> str:
     for a, b in (d for d in DIFFERENCES if d[0] in results and d[1] in results):
         diff = [compare.interval([results[a][s][k] - results[b][s][k] for s in seeds]) for k, _ in keys]
         lines.append(f"| **{a} - {b}** | {len(seeds)} | " + " | ".join(diff) + " | | |")
+    return "\n".join(lines)
+
+
+def evolution_table(results: dict) -> str:
+    """Per evolving arm and creator round (mean over seeds): the children against their parents and the seed pool."""
+    lines = ["| round | arm | seeds | children (drawn) | children's info | parents' info | seed prompts' info | "
+             "near-copies | creator's reward |", "|---|---|---|---|---|---|---|---|---|"]
+
+    def mean(rows, key, form):
+        values = [r[key] for r in rows if r.get(key) is not None]
+        return format(float(np.mean(values)), form) if values else "-"
+    for arm in (a for a in ARMS if a in results and a != "rloo"):
+        by_round = {}
+        for row in results[arm].values():
+            for t, numbers in row["rounds"].items():
+                by_round.setdefault(int(t), []).append(numbers)
+        for t, rows in sorted(by_round.items()):
+            lines.append(f"| {t} | {arm} | {len(rows)} | {mean(rows, 'children', '.0f')} ({mean(rows, 'drawn', '.0f')})"
+                         f" | {mean(rows, 'child_info', '.3f')} | {mean(rows, 'parent_info', '.3f')} | "
+                         f"{mean(rows, 'seed_info', '.3f')} | {mean(rows, 'near_copy', '.0%')} | "
+                         f"{mean(rows, 'creator_reward', '.3f')} |")
     return "\n".join(lines)
 
 
@@ -154,7 +207,7 @@ def main() -> None:
         jobs.insert(2, (compare.official_ifeval, opts.start_model, out / "start_ifeval.json", opts, threads))
     compare.run_jobs(jobs, opts.workers)
     results = measure(out, heldout, opts)
-    compare.write_results(out, results, summarize(results), plot, start)
+    compare.write_results(out, results, summarize(results) + "\n\n" + evolution_table(results), plot, start)
 
 
 if __name__ == "__main__":

@@ -105,9 +105,45 @@ def test_online_comparison_runs_both_arms_with_equal_rollouts(tmp_path, tiny_lla
     assert "ifeval_average" in results["start"]
     config = json.loads((out / "seed1" / "rloo" / "config.json").read_text())
     assert config["online"] and config["evolve_every"] == 0 and config["seed"] == 1
+    for s in ("0", "1"):  # one creator round (at step 2 of 4); its children are the pool's growth
+        assert results["rloo"][s]["rounds"] == {}
+        assert sum(r["children"] for r in results["eva"][s]["rounds"].values()) == results["eva"][s]["pool"] - len(TINY_PROMPTS)
     table = (out / "results.md").read_text()
-    assert "eva - rloo" in table and "| start |" in table
+    assert "eva - rloo" in table and "| start |" in table and "children's info" in table
     assert (out / "results.png").stat().st_size > 0
+
+
+def test_online_rounds_set_children_against_their_parents(tmp_path):
+    """A hand-made final pool: a near-copy child, a new task, a constraint-step child, a child never drawn."""
+    spec = importlib.util.spec_from_file_location("online_vs_rloo", ROOT / "bench" / "online_vs_rloo.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    pool = [dict(id="a", prompt="Write a poem about the sea.", parent=None, info=0.8, last_step=6),
+            dict(id="b", prompt="Explain how tides work.", parent=None, info=0.4, last_step=5),
+            dict(id="c", prompt="List three fruits.", parent=None, info=0.0, last_step=2),
+            dict(id="a.1", prompt="Write a poem about the sea!", parent="a", method="deepen", iteration=1,
+                 info=0.5, last_step=8),
+            dict(id="b.1", prompt="Describe a desert market at dawn.", parent="b", method="shift_in_domain",
+                 iteration=1, info=0.1, last_step=9),
+            dict(id="b.2", prompt="Explain how tides work. Use no commas.", parent="b", method="add_constraints",
+                 iteration=1, info=None, last_step=None),
+            dict(id="a.1.1", prompt="Write a sonnet about a storm at sea.", parent="a.1", method="deepen",
+                 iteration=2, info=None, last_step=None)]
+    bench.files.write_jsonl(tmp_path / "pool.jsonl", pool)
+    bench.files.write_jsonl(tmp_path / "metrics.jsonl", [dict(step=6, phase="evolve", round=1, creator=dict(
+        creator_reward=0.25)), dict(step=12, phase="evolve", round=2)])
+    rounds = bench.children_vs_parents(tmp_path)
+    one, two = rounds[1], rounds[2]
+    assert one["children"] == 3 and one["drawn"] == 2
+    assert abs(one["child_info"] - 0.3) < 1e-9, "the two drawn children; b.2 was never drawn"
+    assert abs(one["parent_info"] - 0.6) < 1e-9 and abs(one["seed_info"] - 0.4) < 1e-9
+    assert one["near_copy"] == 0.5, "a.1 copies a, b.1 does not; b.2 (constraint step) is not counted"
+    assert one["creator_reward"] == 0.25 and two["creator_reward"] is None
+    assert two["children"] == 1 and two["drawn"] == 0 and two["child_info"] is None and two["parent_info"] == 0.5
+    results = {"rloo": {0: {"rounds": {}}}, "eva": {0: {"rounds": rounds}, 1: {"rounds": {1: dict(one, near_copy=0.0)}}}}
+    table = bench.evolution_table(results)
+    assert "| 1 | eva | 2 | 3 (2) | 0.300 | 0.600 | 0.400 | 25% | 0.250 |" in table, table
+    assert "| 2 | eva | 1 | 1 (0) | - | 0.500 | 0.400 | 0% | - |" in table, table
 
 
 def test_children_are_set_against_their_parents_and_the_pool(tmp_path):
